@@ -1,0 +1,9 @@
+//! The `kubeswarm.dev/v1alpha1` API: types only, no runtime code. Doc comments become the
+//! `kubectl explain` text, and the CEL rules in the attributes become the CRDs'
+//! `x-kubernetes-validations`, so the API server itself refuses invalid objects.
+
+mod model_pool;
+mod swarm_job;
+
+pub use model_pool::*;
+pub use swarm_job::*;

@@ -1,0 +1,5 @@
+//! kubeswarm: a Kubernetes operator that runs agent swarms of open-weight LLMs on a
+//! company's own GPUs.
+
+pub mod api;
+pub mod crdgen;

@@ -21,7 +21,7 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: build
-build: ## Build the kubeswarm binary (release) into $(CARGO_TARGET_DIR)/release
+build: ## Build the kubeswarm binary (release build, in the shared target dir)
 	$(CARGO) build --release --locked --bin kubeswarm
 
 .PHONY: run

@@ -7,22 +7,31 @@ SHELL := bash
 include e2e/versions.env
 
 # One target directory outside the checkout, shared by every command and every clone, so
-# dependencies (kube, and later mistral.rs) compile once per machine.
+# dependencies (kube, mistral.rs) compile once per machine.
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/kubeswarm/target
 export KUBESWARM_CACHE ?= $(HOME)/.cache/kubeswarm
 
 CARGO ?= cargo
+# One profile and one feature set for tests, lint, benchmarks and `make run`, so mistral.rs
+# compiles once per kind (clippy checks it, everything else builds it) and the tests run
+# the worker as it ships. Every cargo command names --workspace: cargo unifies features
+# over the packages it selects, and `-p inference-worker` alone would turn off features
+# the operator's dependencies turn on (chrono's serde, ...) and rebuild mistral.rs.
+PROFILE := --release
+SELECT := --workspace
 HELM := $(KUBESWARM_CACHE)/tools/helm-$(HELM_VERSION)/helm
+MODEL := $(KUBESWARM_CACHE)/models/$(subst ==,-,$(SMOLLM2_WHEEL))/$(SMOLLM2_FILE)
+WORKER := $(CARGO_TARGET_DIR)/release/inference-worker
 CHART := charts/kubeswarm
 KUBE_VERSION := 1.33.0
 
 .PHONY: help
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  make %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: build
-build: ## Build the kubeswarm binary (release build, in the shared target dir)
-	$(CARGO) build --release --locked --bin kubeswarm
+build: ## Build the kubeswarm and inference-worker binaries (release, in the shared target dir)
+	$(CARGO) build $(PROFILE) --locked $(SELECT) --bins
 
 .PHONY: run
 run: ## Run the gallery SwarmJob locally on the embedded default model
@@ -30,24 +39,30 @@ run: ## Run the gallery SwarmJob locally on the embedded default model
 	@exit 2
 
 .PHONY: test
-test: lint $(HELM) ## Run every check: format, clippy, unit and API tests, CRD drift, chart
-	HELM=$(HELM) $(CARGO) test --locked --workspace --all-targets
+test: lint $(HELM) $(MODEL) ## Run every check: format, clippy, unit, API and worker tests, CRD drift, chart
+	HELM=$(HELM) KUBESWARM_TEST_MODEL=$(MODEL) $(CARGO) test $(PROFILE) --locked $(SELECT) --all-targets
 
 .PHONY: lint
 lint: $(HELM) ## Check formatting, clippy (warnings are errors) and the Helm chart
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+	$(CARGO) clippy $(PROFILE) --locked $(SELECT) --all-targets -- -D warnings
 	$(HELM) lint --strict $(CHART) --kube-version $(KUBE_VERSION)
 	$(HELM) lint --strict $(CHART) --kube-version $(KUBE_VERSION) -f $(CHART)/ci/all-features-values.yaml
 
 .PHONY: crds
 crds: ## Regenerate crds/ and the chart's copy from the Rust API types
-	$(CARGO) run --locked --quiet --bin kubeswarm -- crdgen --out crds --out $(CHART)/crds
+	$(CARGO) build $(PROFILE) --locked $(SELECT) --bins
+	$(CARGO_TARGET_DIR)/release/kubeswarm crdgen --out crds --out $(CHART)/crds
 
 .PHONY: bench
-bench: ## Run the benchmarks (worker against llama.cpp, engine against Python asyncio)
-	@echo "make bench: the benchmarks arrive with the inference worker (issue #3) and the swarm engine (issue #5)." >&2
-	@exit 2
+bench: bench-worker ## Run every benchmark
+
+.PHONY: bench-worker
+bench-worker: $(MODEL) ## The inference worker against llama.cpp's server: same file, same threads
+	$(CARGO) build $(PROFILE) --locked $(SELECT) --bins
+	python3 inference-worker/bench/against_llama_cpp.py --worker $(WORKER) \
+	  --llama-python "$$(e2e/install-tool llama-cpp-server)" --model $(MODEL) \
+	  --threads $$(nproc) --concurrency 1,4,10 --max-tokens 128
 
 .PHONY: e2e
 e2e: ## Run the end-to-end tests on a local control plane with Kueue and fake GPU nodes
@@ -57,6 +72,10 @@ e2e: ## Run the end-to-end tests on a local control plane with Kueue and fake GP
 # Built from the Go module proxy at the version pinned in e2e/versions.env, once per machine.
 $(HELM): e2e/versions.env e2e/install-tool
 	e2e/install-tool helm >/dev/null
+
+# The test model, from its PyPI wheel, checked against the pinned sha256.
+$(MODEL): e2e/versions.env e2e/fetch-model
+	e2e/fetch-model smollm2 >/dev/null
 
 .PHONY: fmt
 fmt: ## Format the Rust code

@@ -43,16 +43,37 @@ pub fn render() -> Result<Vec<CrdFile>, Error> {
         .into_iter()
         .map(|crd| {
             let name = crd.metadata.name.clone().unwrap_or_default();
-            let body = serde_yaml_ng::to_string(&crd).map_err(|source| Error::Serialize {
-                name: name.clone(),
-                source,
-            })?;
+            let body =
+                serde_yaml_ng::to_string(&sorted(&crd)).map_err(|source| Error::Serialize {
+                    name: name.clone(),
+                    source,
+                })?;
             Ok(CrdFile {
                 file_name: format!("{}_{}.yaml", crd.spec.group, crd.spec.names.plural),
                 yaml: format!("{HEADER}{body}"),
             })
         })
         .collect()
+}
+
+/// The CRD with every object's keys in order. Schema defaults are JSON values whose key
+/// order follows serde_json's `preserve_order` feature, which any crate in the build can
+/// turn on (mistral.rs does): without this the output would depend on what else is built.
+fn sorted(crd: &CustomResourceDefinition) -> serde_json::Value {
+    fn sort(value: serde_json::Value) -> serde_json::Value {
+        match value {
+            serde_json::Value::Object(map) => {
+                let mut entries: Vec<_> = map.into_iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(&b.0));
+                serde_json::Value::Object(entries.into_iter().map(|(k, v)| (k, sort(v))).collect())
+            }
+            serde_json::Value::Array(items) => {
+                serde_json::Value::Array(items.into_iter().map(sort).collect())
+            }
+            other => other,
+        }
+    }
+    sort(serde_json::to_value(crd).expect("a CRD serializes to JSON"))
 }
 
 /// Writes every CRD into `dir`, creating it when missing.

@@ -1,0 +1,499 @@
+//! The HTTP API. Chat completions go through mistral.rs server core's own request parsing,
+//! engine submission and streaming; this module adds what a pool worker needs on top:
+//! the served-name check, per-request limits, readiness while the model loads, draining on
+//! SIGTERM, and metrics.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use either::Either;
+use indexmap::IndexMap;
+use mistralrs_core::{ChatCompletionChunkResponse, Request, TokenizationRequest};
+use mistralrs_server_core::chat_completion::{
+    ChatCompletionResponder, create_streamer, handle_error, parse_request,
+    process_non_streaming_response,
+};
+use mistralrs_server_core::handler_core::{create_response_channel, send_request};
+use mistralrs_server_core::openai::ChatCompletionRequest;
+use mistralrs_server_core::types::SharedMistralRsState;
+use serde_json::{Value, json};
+
+use crate::metrics::{Metrics, Outcome};
+
+/// Request bodies above this are refused before parsing: a prompt this large is over any
+/// sensible --max-prompt-tokens anyway.
+const MAX_BODY_BYTES: usize = 16 << 20;
+
+pub struct Limits {
+    pub max_tokens_cap: usize,
+    pub max_prompt_tokens: usize,
+    pub max_n: usize,
+}
+
+pub struct AppState {
+    served_model_name: String,
+    limits: Limits,
+    engine: OnceLock<SharedMistralRsState>,
+    draining: AtomicBool,
+    metrics: Arc<Metrics>,
+    started: u64,
+}
+
+impl AppState {
+    pub fn new(served_model_name: String, limits: Limits, metrics: Arc<Metrics>) -> Self {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Self {
+            served_model_name,
+            limits,
+            engine: OnceLock::new(),
+            draining: AtomicBool::new(false),
+            metrics,
+            started,
+        }
+    }
+
+    /// The model is loaded: from now on /ready answers 200 and requests are served.
+    pub fn set_engine(&self, engine: SharedMistralRsState) {
+        // Set once by the loader; a second call would be a bug, and is ignored.
+        let _ = self.engine.set(engine);
+    }
+
+    /// SIGTERM: /ready turns 503 so the Service stops sending, and new requests are refused.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn in_flight(&self) -> i64 {
+        self.metrics.in_flight()
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// A request refused before it reaches the engine, answered as an OpenAI-style error.
+#[derive(Debug, PartialEq, Eq)]
+struct Refusal {
+    status: StatusCode,
+    param: Option<&'static str>,
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn invalid(param: &'static str, code: &'static str, message: String) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            param: Some(param),
+            code,
+            message,
+        }
+    }
+
+    fn unavailable(message: &str) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            param: None,
+            code: "unavailable",
+            message: message.to_owned(),
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let kind = if self.status.is_client_error() {
+            "invalid_request_error"
+        } else {
+            "server_error"
+        };
+        let body = json!({"error": {
+            "message": self.message, "type": kind, "param": self.param, "code": self.code,
+        }});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// Parses a request and applies the checks that need no engine: the served name, `n` and
+/// `max_tokens`. A request without `max_tokens` gets the cap, so no request generates
+/// without bound.
+fn admit(body: &[u8], served: &str, limits: &Limits) -> Result<ChatCompletionRequest, Refusal> {
+    let mut request: ChatCompletionRequest = serde_json::from_slice(body).map_err(|e| Refusal {
+        status: StatusCode::BAD_REQUEST,
+        param: None,
+        code: "invalid_json",
+        message: format!("the body is not a valid chat completion request: {e}"),
+    })?;
+    if request.model != served {
+        return Err(Refusal {
+            status: StatusCode::NOT_FOUND,
+            param: Some("model"),
+            code: "model_not_found",
+            message: format!(
+                "the model `{}` does not exist: this worker serves `{served}`",
+                request.model
+            ),
+        });
+    }
+    if request.n_choices == 0 || request.n_choices > limits.max_n {
+        return Err(Refusal::invalid(
+            "n",
+            "invalid_value",
+            format!("n must be between 1 and {}", limits.max_n),
+        ));
+    }
+    match request.max_tokens {
+        Some(0) => {
+            return Err(Refusal::invalid(
+                "max_tokens",
+                "invalid_value",
+                "max_tokens must be at least 1".into(),
+            ));
+        }
+        Some(n) if n > limits.max_tokens_cap => {
+            return Err(Refusal::invalid(
+                "max_tokens",
+                "invalid_value",
+                format!(
+                    "max_tokens is {n}, above this worker's cap of {}",
+                    limits.max_tokens_cap
+                ),
+            ));
+        }
+        Some(_) => {}
+        None => request.max_tokens = Some(limits.max_tokens_cap),
+    }
+    Ok(request)
+}
+
+fn check_prompt_length(tokens: usize, limits: &Limits) -> Result<(), Refusal> {
+    if tokens > limits.max_prompt_tokens {
+        return Err(Refusal::invalid(
+            "messages",
+            "context_length_exceeded",
+            format!(
+                "the prompt is {tokens} tokens, above this worker's limit of {}",
+                limits.max_prompt_tokens
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn ready(State(app): State<Arc<AppState>>) -> Response {
+    if app.draining.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else if app.engine.get().is_none() {
+        (StatusCode::SERVICE_UNAVAILABLE, "loading the model").into_response()
+    } else {
+        "ready".into_response()
+    }
+}
+
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn models(State(app): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": app.served_model_name, "object": "model", "created": app.started, "owned_by": "kubeswarm"}]
+    }))
+}
+
+async fn chat_completions(State(app): State<Arc<AppState>>, body: Bytes) -> Response {
+    let response = serve_chat(&app, body).await;
+    let status = response.status();
+    // Streams record their own outcome when they end; everything else is final here.
+    if !is_stream(&response) {
+        app.metrics.record_outcome(match status {
+            s if s.is_success() => Outcome::Ok,
+            StatusCode::SERVICE_UNAVAILABLE => Outcome::Unavailable,
+            s if s.is_client_error() => Outcome::ClientError,
+            _ => Outcome::ServerError,
+        });
+    }
+    response
+}
+
+fn is_stream(response: &Response) -> bool {
+    response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
+
+async fn serve_chat(app: &Arc<AppState>, body: Bytes) -> Response {
+    if app.draining.load(Ordering::SeqCst) {
+        return Refusal::unavailable("this worker is shutting down; retry on another replica")
+            .into_response();
+    }
+    let Some(engine) = app.engine.get().cloned() else {
+        return Refusal::unavailable("the model is still loading; retry when /ready answers 200")
+            .into_response();
+    };
+    let mut request = match admit(&body, &app.served_model_name, &app.limits) {
+        Ok(request) => request,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let counted = match prompt_tokens(&engine, &request).await {
+        Ok(tokens) => check_prompt_length(tokens, &app.limits),
+        Err(e) => Err(Refusal::invalid(
+            "messages",
+            "invalid_value",
+            format!("the messages cannot be tokenized: {e}"),
+        )),
+    };
+    if let Err(refusal) = counted {
+        return refusal.into_response();
+    }
+    // The engine serves one model; its server core routes `default` to it.
+    request.model = "default".to_owned();
+
+    let in_flight = app.metrics.enter();
+    let arrived = Instant::now();
+    let (tx, mut rx) = create_response_channel(None);
+    let (engine_request, streaming) = match parse_request(request, engine.clone(), tx).await {
+        Ok(parsed) => parsed,
+        Err(e) => return handle_error(engine, e.into()).into_response(),
+    };
+    if let Err(e) = send_request(&engine, engine_request).await {
+        return handle_error(engine, e.into()).into_response();
+    }
+    if streaming {
+        return stream(app, engine, rx, arrived, in_flight);
+    }
+    let mut responder = process_non_streaming_response(&mut rx, engine).await;
+    drop(in_flight);
+    if let ChatCompletionResponder::Json(response)
+    | ChatCompletionResponder::ModelError(_, response) = &mut responder
+    {
+        // The engine names its model by the path it loaded; clients know the pool's name.
+        response.model.clone_from(&app.served_model_name);
+        let usage = &response.usage;
+        app.metrics
+            .record_tokens(usage.prompt_tokens, usage.completion_tokens);
+        app.metrics
+            .observe_first_token(f64::from(usage.total_prompt_time_sec));
+        if usage.completion_tokens > 1 {
+            let per_token =
+                f64::from(usage.total_completion_time_sec) / (usage.completion_tokens - 1) as f64;
+            app.metrics.observe_inter_token(per_token);
+        }
+    }
+    responder.into_response()
+}
+
+fn stream(
+    app: &Arc<AppState>,
+    engine: SharedMistralRsState,
+    rx: tokio::sync::mpsc::Receiver<mistralrs_core::Response>,
+    arrived: Instant,
+    in_flight: crate::metrics::InFlight,
+) -> Response {
+    let last_token: Mutex<Option<Instant>> = Mutex::new(None);
+    let on_chunk_metrics = app.metrics.clone();
+    let served = app.served_model_name.clone();
+    let on_chunk = Box::new(move |mut chunk: ChatCompletionChunkResponse| {
+        let now = Instant::now();
+        let mut last = last_token.lock().unwrap_or_else(|e| e.into_inner());
+        match *last {
+            None => on_chunk_metrics.observe_first_token(now.duration_since(arrived).as_secs_f64()),
+            Some(previous) => {
+                on_chunk_metrics.observe_inter_token(now.duration_since(previous).as_secs_f64())
+            }
+        }
+        *last = Some(now);
+        chunk.model.clone_from(&served);
+        chunk
+    });
+    let on_done_metrics = app.metrics.clone();
+    // The guard lives in the callback, which lives as long as the stream: a client that
+    // hangs up mid-stream still leaves the in-flight count.
+    let in_flight = Mutex::new(Some(in_flight));
+    let on_done = Box::new(move |chunks: &[ChatCompletionChunkResponse]| {
+        if let Some(usage) = chunks.iter().rev().find_map(|c| c.usage.as_ref()) {
+            on_done_metrics.record_tokens(usage.prompt_tokens, usage.completion_tokens);
+        }
+        on_done_metrics.record_outcome(Outcome::Ok);
+        in_flight.lock().unwrap_or_else(|e| e.into_inner()).take();
+    });
+    create_streamer(rx, engine, Some(on_chunk), Some(on_done)).into_response()
+}
+
+/// The prompt's length in tokens, with the model's chat template applied, counted by the
+/// engine's own tokenizer.
+async fn prompt_tokens(
+    engine: &SharedMistralRsState,
+    request: &ChatCompletionRequest,
+) -> anyhow::Result<usize> {
+    let text = match &request.messages {
+        Either::Right(prompt) => Either::Right(prompt.clone()),
+        Either::Left(messages) => Either::Left(
+            messages
+                .iter()
+                .map(|m| {
+                    let content = serde_json::to_value(&m.content)
+                        .map(|v| text_of(&v))
+                        .unwrap_or_default();
+                    IndexMap::from([
+                        ("role".to_owned(), Either::Left(m.role.clone())),
+                        ("content".to_owned(), Either::Left(content)),
+                    ])
+                })
+                .collect(),
+        ),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let tokenize = Request::Tokenize(TokenizationRequest {
+        text,
+        tools: None,
+        add_generation_prompt: true,
+        add_special_tokens: true,
+        enable_thinking: None,
+        reasoning_effort: None,
+        response: tx,
+    });
+    engine.get_sender(None)?.send(tokenize).await?;
+    let tokens = rx
+        .recv()
+        .await
+        .ok_or_else(|| anyhow::anyhow!("the engine dropped the request"))??;
+    Ok(tokens.len())
+}
+
+/// The text of a message's content: a string, or the text parts of a list of parts.
+fn text_of(content: &Value) -> String {
+    match content {
+        Value::String(text) => text.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_tokens_cap: 512,
+        max_prompt_tokens: 100,
+        max_n: 2,
+    };
+
+    fn admit_json(body: Value) -> Result<ChatCompletionRequest, Refusal> {
+        admit(body.to_string().as_bytes(), "smol", &LIMITS)
+    }
+
+    fn chat(extra: Value) -> Value {
+        let mut body = json!({"model": "smol", "messages": [{"role": "user", "content": "hi"}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    }
+
+    #[test]
+    fn a_request_within_limits_is_admitted_and_gets_the_cap_as_max_tokens() {
+        let request = admit_json(chat(json!({}))).unwrap();
+        assert_eq!(request.max_tokens, Some(512));
+        let request = admit_json(chat(json!({"max_tokens": 512, "n": 2}))).unwrap();
+        assert_eq!((request.max_tokens, request.n_choices), (Some(512), 2));
+        // OpenAI's newer name for the same limit.
+        let request = admit_json(chat(json!({"max_completion_tokens": 7}))).unwrap();
+        assert_eq!(request.max_tokens, Some(7));
+    }
+
+    #[test]
+    fn malformed_json_is_a_400_naming_the_problem() {
+        let refusal = admit(b"{\"model\": \"smol\", \"messages\": [", "smol", &LIMITS).unwrap_err();
+        assert_eq!(refusal.status, StatusCode::BAD_REQUEST);
+        assert_eq!(refusal.code, "invalid_json");
+        assert!(refusal.message.contains("EOF"), "{}", refusal.message);
+        let refusal = admit_json(json!({"model": "smol"})).unwrap_err();
+        assert!(refusal.message.contains("messages"), "{}", refusal.message);
+    }
+
+    #[test]
+    fn another_model_name_is_a_404_naming_the_served_one() {
+        let refusal = admit_json(chat(json!({"model": "gpt-4o"}))).unwrap_err();
+        assert_eq!(refusal.status, StatusCode::NOT_FOUND);
+        assert_eq!(
+            (refusal.param, refusal.code),
+            (Some("model"), "model_not_found")
+        );
+        assert!(refusal.message.contains("`gpt-4o`") && refusal.message.contains("`smol`"));
+    }
+
+    #[test]
+    fn n_and_max_tokens_outside_the_limits_are_400s_naming_the_field() {
+        for (extra, param, message) in [
+            (json!({"n": 0}), "n", "n must be between 1 and 2"),
+            (json!({"n": 3}), "n", "n must be between 1 and 2"),
+            (
+                json!({"max_tokens": 0}),
+                "max_tokens",
+                "max_tokens must be at least 1",
+            ),
+            (
+                json!({"max_tokens": 513}),
+                "max_tokens",
+                "max_tokens is 513, above this worker's cap of 512",
+            ),
+        ] {
+            let refusal = admit_json(chat(extra)).unwrap_err();
+            assert_eq!(refusal.status, StatusCode::BAD_REQUEST);
+            assert_eq!(refusal.param, Some(param));
+            assert_eq!(refusal.message, message);
+        }
+    }
+
+    #[test]
+    fn a_prompt_over_the_limit_is_context_length_exceeded() {
+        assert_eq!(check_prompt_length(100, &LIMITS), Ok(()));
+        let refusal = check_prompt_length(101, &LIMITS).unwrap_err();
+        assert_eq!(refusal.code, "context_length_exceeded");
+        assert_eq!(
+            refusal.message,
+            "the prompt is 101 tokens, above this worker's limit of 100"
+        );
+    }
+
+    #[test]
+    fn refusals_are_openai_error_bodies() {
+        let response = Refusal::unavailable("loading").into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let response = check_prompt_length(101, &LIMITS)
+            .unwrap_err()
+            .into_response();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    }
+}

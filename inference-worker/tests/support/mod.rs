@@ -1,0 +1,178 @@
+//! A real `inference-worker` process on the real test model, and what tests ask of it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// How long the model may take to load, and a request to finish, before a test fails.
+pub const PATIENCE: Duration = Duration::from_secs(180);
+
+pub const SERVED: &str = "smol";
+
+/// The SmolLM2 GGUF file: `KUBESWARM_TEST_MODEL`, or fetched (once, then cached) by the
+/// project's own script, as `make test` and CI do.
+pub fn test_model() -> &'static Path {
+    static MODEL: OnceLock<PathBuf> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        if let Some(path) = std::env::var_os("KUBESWARM_TEST_MODEL") {
+            return PathBuf::from(path);
+        }
+        let script = repo_root().join("e2e/fetch-model");
+        let out = Command::new(&script)
+            .arg("smollm2")
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+        assert!(out.status.success(), "{} failed", script.display());
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+pub struct Worker {
+    child: Child,
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Worker {
+    /// Starts the worker on the test model on a free port, and returns once it listens
+    /// (the model is still loading then).
+    pub fn start(extra: &[&str]) -> Worker {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_inference-worker"))
+            .arg("--model-path")
+            .arg(test_model())
+            .args(["--served-model-name", SERVED, "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting inference-worker");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        // The worker logs its bound address; echo its log so a failing test shows it.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                println!("worker: {line}");
+                if line.contains("listening")
+                    && let Some(addr) = line.split("listen=").nth(1)
+                {
+                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(PATIENCE)
+            .expect("the worker logs the address it listens on");
+        Worker {
+            child,
+            base: format!("http://{addr}"),
+            http: client(),
+        }
+    }
+
+    /// Starts the worker and waits until `/ready` answers 200.
+    pub async fn ready(extra: &[&str]) -> Worker {
+        let worker = Worker::start(extra);
+        worker.wait_ready().await;
+        worker
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let status = self.get("/ready").await.status();
+            if status == reqwest::StatusCode::OK {
+                return;
+            }
+            assert!(Instant::now() < deadline, "/ready still {status}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn chat(&self, body: &Value) -> reqwest::Response {
+        self.post_json(body.clone()).send().await.unwrap()
+    }
+
+    pub fn post_json(&self, body: Value) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}/v1/chat/completions", self.base))
+            .json(&body)
+    }
+
+    pub fn post_raw(&self, body: &'static str) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}/v1/chat/completions", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+    }
+
+    /// The value of a metric line, e.g. `kubeswarm_worker_requests_total{outcome="ok"}`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.get("/metrics").await.text().await.unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |value| value.trim().parse().unwrap())
+    }
+
+    pub fn signal_term(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub async fn exit_status(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the worker did not exit");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client without pooled connections from earlier requests of another client.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(PATIENCE)
+        .build()
+        .unwrap()
+}
+
+pub fn chat_request(prompt: &str, max_tokens: u32) -> Value {
+    json!({
+        "model": SERVED,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+    })
+}

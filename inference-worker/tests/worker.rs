@@ -1,0 +1,376 @@
+//! The worker binary on SmolLM2-135M, over HTTP: what a ModelPool's clients and the kubelet's
+//! probes see.
+
+mod support;
+
+use std::process::Command;
+use std::time::Instant;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use support::{SERVED, Worker, chat_request, client, repo_root};
+
+#[tokio::test]
+async fn not_ready_while_loading_then_serves_a_chat_completion() {
+    let worker = Worker::start(&[]);
+    // The model takes seconds to load; the process listens before it starts.
+    assert_eq!(worker.get("/health").await.status(), StatusCode::OK);
+    let ready = worker.get("/ready").await;
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready.text().await.unwrap(), "loading the model");
+    let early = worker.chat(&chat_request("Hi", 8)).await;
+    assert_eq!(early.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let early: Value = early.json().await.unwrap();
+    assert_eq!(early["error"]["code"], "unavailable");
+
+    worker.wait_ready().await;
+    let models: Value = worker.get("/v1/models").await.json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], SERVED);
+
+    let response = worker
+        .chat(&chat_request("What is the capital of France?", 32))
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], SERVED, "the served name, not the model path");
+    let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!content.trim().is_empty(), "{body}");
+    let completion = body["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((1..=32).contains(&completion), "{body}");
+    assert!(
+        body["usage"]["prompt_tokens"].as_u64().unwrap() > 5,
+        "{body}"
+    );
+
+    assert_eq!(
+        worker
+            .metric(r#"kubeswarm_worker_requests_total{outcome="ok"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        worker
+            .metric(r#"kubeswarm_worker_requests_total{outcome="unavailable"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(
+        worker
+            .metric("kubeswarm_worker_completion_tokens_total")
+            .await,
+        completion as f64
+    );
+    assert_eq!(
+        worker
+            .metric("kubeswarm_worker_time_to_first_token_seconds_count")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn streams_chunks_and_ends_with_done() {
+    // The model as it is on disk, Q4_1 on candle's scalar kernels; the other tests run it
+    // re-encoded (the default).
+    let worker = Worker::ready(&["--cpu-requantize=off"]).await;
+    let mut request = chat_request("Name three colours.", 24);
+    request["stream"] = json!(true);
+    let response = worker.chat(&request).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let text = response.text().await.unwrap();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(chunks.len() > 2, "{text}");
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(!content.trim().is_empty(), "{text}");
+    for chunk in &chunks {
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        assert_eq!(chunk["model"], SERVED);
+    }
+    assert_eq!(
+        worker
+            .metric(r#"kubeswarm_worker_requests_total{outcome="ok"}"#)
+            .await,
+        1.0
+    );
+    assert!(
+        worker
+            .metric("kubeswarm_worker_inter_token_latency_seconds_count")
+            .await
+            >= 1.0
+    );
+}
+
+#[tokio::test]
+async fn ten_concurrent_requests_all_complete() {
+    let worker = Worker::ready(&[]).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..10 {
+        let (http, base) = (worker.http.clone(), worker.base.clone());
+        calls.spawn(async move {
+            let response = http
+                .post(format!("{base}/v1/chat/completions"))
+                .json(&chat_request(
+                    &format!("Write a haiku about the number {i}."),
+                    24,
+                ))
+                .send()
+                .await
+                .unwrap();
+            (response.status(), response.json::<Value>().await.unwrap())
+        });
+    }
+    let mut completed = 0;
+    while let Some(call) = calls.join_next().await {
+        let (status, body) = call.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let content = body["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(!content.trim().is_empty(), "{body}");
+        completed += 1;
+    }
+    assert_eq!(completed, 10);
+    assert_eq!(
+        worker
+            .metric(r#"kubeswarm_worker_requests_total{outcome="ok"}"#)
+            .await,
+        10.0
+    );
+    assert_eq!(
+        worker.metric("kubeswarm_worker_running_sequences").await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_openai_errors_and_the_worker_keeps_serving() {
+    let worker = Worker::ready(&["--max-prompt-tokens=64", "--max-tokens-cap=128"]).await;
+    let long_prompt = "Please summarise this sentence. ".repeat(40);
+    let cases: Vec<(&str, reqwest::RequestBuilder, StatusCode, &str)> = vec![
+        (
+            "malformed JSON",
+            worker.post_raw(r#"{"model": "smol", "messages": ["#),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "not a request",
+            worker.post_raw("[1, 2]"),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "unknown model",
+            worker.post_json(
+                json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}),
+            ),
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+        ),
+        (
+            "prompt over the limit",
+            worker.post_json(chat_request(&long_prompt, 8)),
+            StatusCode::BAD_REQUEST,
+            "context_length_exceeded",
+        ),
+        (
+            "max_tokens over the cap",
+            worker.post_json(chat_request("Hi", 129)),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+        (
+            "n over the limit",
+            worker.post_json(
+                json!({"model": SERVED, "messages": [{"role": "user", "content": "Hi"}], "n": 5}),
+            ),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+    ];
+    let refused = cases.len();
+    for (what, request, status, code) in cases {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), status, "{what}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{what}: {body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{what}");
+        assert!(
+            !body["error"]["message"].as_str().unwrap().is_empty(),
+            "{what}"
+        );
+    }
+    let response = worker.chat(&chat_request("Hi", 8)).await;
+    assert_eq!(response.status(), StatusCode::OK, "still serving");
+    assert_eq!(
+        worker
+            .metric(r#"kubeswarm_worker_requests_total{outcome="client_error"}"#)
+            .await,
+        refused as f64
+    );
+}
+
+#[tokio::test]
+async fn sigterm_lets_requests_in_flight_finish_and_refuses_new_ones() {
+    let mut worker = Worker::ready(&["--drain-timeout=120s"]).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        let (http, base) = (worker.http.clone(), worker.base.clone());
+        calls.spawn(async move {
+            let response = http
+                .post(format!("{base}/v1/chat/completions"))
+                .json(&chat_request(
+                    "Count from 1 to 500, one number per line.",
+                    300,
+                ))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let body: Value = response.json().await.unwrap();
+            (status, body, Instant::now())
+        });
+    }
+    let deadline = Instant::now() + support::PATIENCE;
+    while worker.metric("kubeswarm_worker_running_sequences").await < 3.0 {
+        assert!(Instant::now() < deadline, "the requests never started");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    worker.signal_term();
+    let signalled = Instant::now();
+
+    // A new connection is refused, or answered 503 if it raced the listener closing.
+    let deadline = Instant::now() + support::PATIENCE;
+    loop {
+        match client()
+            .post(format!("{}/v1/chat/completions", worker.base))
+            .json(&chat_request("Hi", 8))
+            .send()
+            .await
+        {
+            Err(e) if e.is_connect() => break,
+            Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "still accepting after SIGTERM: {other:?}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    while let Some(call) = calls.join_next().await {
+        let (status, body, finished) = call.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(finished > signalled, "the request was in flight at SIGTERM");
+        assert!(
+            !body["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .is_empty()
+        );
+    }
+    let status = worker.exit_status().await;
+    assert!(status.success(), "exit status {status}");
+}
+
+/// The worker's stderr and exit status when it cannot load `model`.
+fn failed_start(model: &std::path::Path, extra: &[&str]) -> (String, std::process::ExitStatus) {
+    let out = Command::new(env!("CARGO_BIN_EXE_inference-worker"))
+        .arg("--model-path")
+        .arg(model)
+        .args(["--served-model-name", SERVED, "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .output()
+        .unwrap();
+    (String::from_utf8(out.stderr).unwrap(), out.status)
+}
+
+#[test]
+fn a_model_that_cannot_load_ends_the_worker_with_one_line() {
+    let dir = std::env::temp_dir().join(format!("worker-bad-models-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A valid GGUF header naming an architecture mistral.rs 0.8.1 has no GGUF model for.
+    let mut gemma = b"GGUF".to_vec();
+    gemma.extend(3u32.to_le_bytes());
+    gemma.extend(0u64.to_le_bytes());
+    gemma.extend(1u64.to_le_bytes());
+    gemma.extend(20u64.to_le_bytes());
+    gemma.extend(b"general.architecture");
+    gemma.extend(8u32.to_le_bytes()); // a string value
+    gemma.extend(6u64.to_le_bytes());
+    gemma.extend(b"gemma3");
+    std::fs::write(dir.join("gemma.gguf"), gemma).unwrap();
+    std::fs::write(dir.join("notes.gguf"), "not a model").unwrap();
+
+    for (model, extra, expected) in [
+        (dir.join("missing.gguf"), &[][..], "does not exist"),
+        (
+            dir.join("gemma.gguf"),
+            &[],
+            "GGUF architecture `gemma3` is not supported by mistral.rs 0.8.1 (supported: llama,",
+        ),
+        (dir.join("notes.gguf"), &[], "is not a GGUF file"),
+        (dir.clone(), &[], "has no config.json"),
+        (
+            support::test_model().to_owned(),
+            &["--isq", "Q4K"],
+            "a GGUF model is already quantized: drop --isq",
+        ),
+    ] {
+        let (stderr, status) = failed_start(&model, extra);
+        assert!(!status.success(), "{}", model.display());
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The official OpenAI Python client, installed from PyPI, against the worker.
+#[tokio::test]
+async fn the_official_openai_python_client_completes_and_streams() {
+    let worker = Worker::ready(&[]).await;
+    let root = repo_root();
+    let python = Command::new(root.join("e2e/install-tool"))
+        .arg("openai-python")
+        .output()
+        .unwrap();
+    assert!(python.status.success(), "installing the openai client");
+    let python = String::from_utf8(python.stdout).unwrap();
+    let base = worker.base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python.trim())
+            .arg(root.join("inference-worker/tests/openai_client.py"))
+            .args([format!("{base}/v1"), SERVED.to_owned()])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for line in [
+        "completion: ok",
+        "stream: ok",
+        "unknown model: NotFoundError",
+    ] {
+        assert!(stdout.contains(line), "{stdout}\n{stderr}");
+    }
+}

@@ -50,16 +50,14 @@ lint: $(HELM) ## Check formatting, clippy (warnings are errors) and the Helm cha
 	$(HELM) lint --strict $(CHART) --kube-version $(KUBE_VERSION) -f $(CHART)/ci/all-features-values.yaml
 
 .PHONY: crds
-crds: ## Regenerate crds/ and the chart's copy from the Rust API types
-	$(CARGO) build $(PROFILE) --locked $(SELECT) --bins
+crds: build ## Regenerate crds/ and the chart's copy from the Rust API types
 	$(CARGO_TARGET_DIR)/release/kubeswarm crdgen --out crds --out $(CHART)/crds
 
 .PHONY: bench
 bench: bench-worker ## Run every benchmark
 
 .PHONY: bench-worker
-bench-worker: $(MODEL) ## The inference worker against llama.cpp's server: same file, same threads
-	$(CARGO) build $(PROFILE) --locked $(SELECT) --bins
+bench-worker: build $(MODEL) ## The inference worker against llama.cpp's server: same file, same threads
 	python3 inference-worker/bench/against_llama_cpp.py --worker $(WORKER) \
 	  --llama-python "$$(e2e/install-tool llama-cpp-server)" --model $(MODEL) \
 	  --threads $$(nproc) --concurrency 1,4,10 --max-tokens 128

@@ -8,7 +8,7 @@ use prometheus_client::encoding::{
 use prometheus_client::metrics::{
     counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
 };
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Outcome {
@@ -62,49 +62,49 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(max_seqs: u32) -> Self {
         let mut registry = Registry::with_prefix("kubeswarm_worker");
-        let requests = Family::<OutcomeLabels, Counter>::default();
-        registry.register(
+        let requests = registered(
+            &mut registry,
             "requests",
             "Chat completion requests by outcome",
-            requests.clone(),
+            Family::<OutcomeLabels, Counter>::default(),
         );
-        let prompt_tokens = Counter::default();
-        registry.register(
+        let prompt_tokens = registered(
+            &mut registry,
             "prompt_tokens",
             "Prompt tokens processed",
-            prompt_tokens.clone(),
+            Counter::default(),
         );
-        let completion_tokens = Counter::default();
-        registry.register(
+        let completion_tokens = registered(
+            &mut registry,
             "completion_tokens",
             "Completion tokens generated",
-            completion_tokens.clone(),
+            Counter::default(),
         );
-        let running = Gauge::default();
-        registry.register(
+        let running = registered(
+            &mut registry,
             "running_sequences",
             "Requests the engine decodes now",
-            running.clone(),
+            Gauge::default(),
         );
-        let waiting = Gauge::default();
-        registry.register(
+        let waiting = registered(
+            &mut registry,
             "waiting_sequences",
             "Requests queued behind the engine's concurrent sequence limit",
-            waiting.clone(),
+            Gauge::default(),
         );
-        // 10 ms to about 80 s: a cold prompt on a CPU worker is slow, a cached one on a GPU fast.
-        let time_to_first_token = Histogram::new(exponential(0.01, 2.0, 14));
-        registry.register(
+        let time_to_first_token = registered(
+            &mut registry,
             "time_to_first_token_seconds",
             "Time from a request's arrival to its first generated token",
-            time_to_first_token.clone(),
+            // 10 ms to about 80 s: a cold prompt on a CPU worker is slow, a cached one on a GPU fast.
+            Histogram::new(exponential(0.01, 2.0, 14)),
         );
-        // 1 ms to about 4 s per token.
-        let inter_token_latency = Histogram::new(exponential(0.001, 2.0, 13));
-        registry.register(
+        let inter_token_latency = registered(
+            &mut registry,
             "inter_token_latency_seconds",
             "Time between consecutive generated tokens of a request",
-            inter_token_latency.clone(),
+            // 1 ms to about 4 s per token.
+            Histogram::new(exponential(0.001, 2.0, 13)),
         );
         Self {
             registry,
@@ -175,6 +175,12 @@ impl Drop for InFlight {
         let now = self.metrics.in_flight.fetch_sub(1, Ordering::SeqCst) - 1;
         self.metrics.set_sequences(now);
     }
+}
+
+/// Registers `metric` and hands it back: the registry and the field share one metric.
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 fn exponential(start: f64, factor: f64, count: u16) -> impl Iterator<Item = f64> {

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::{SERVED, Worker, chat_request, client, repo_root};
+use support::{SERVED, Worker, answer, chat_request, client, repo_root};
 
 #[tokio::test]
 async fn not_ready_while_loading_then_serves_a_chat_completion() {
@@ -123,19 +123,10 @@ async fn ten_concurrent_requests_all_complete() {
     let worker = Worker::ready(&[]).await;
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..10 {
-        let (http, base) = (worker.http.clone(), worker.base.clone());
-        calls.spawn(async move {
-            let response = http
-                .post(format!("{base}/v1/chat/completions"))
-                .json(&chat_request(
-                    &format!("Write a haiku about the number {i}."),
-                    24,
-                ))
-                .send()
-                .await
-                .unwrap();
-            (response.status(), response.json::<Value>().await.unwrap())
-        });
+        calls.spawn(answer(worker.post_json(chat_request(
+            &format!("Write a haiku about the number {i}."),
+            24,
+        ))));
     }
     let mut completed = 0;
     while let Some(call) = calls.join_next().await {
@@ -231,19 +222,12 @@ async fn sigterm_lets_requests_in_flight_finish_and_refuses_new_ones() {
     let mut worker = Worker::ready(&["--drain-timeout=120s"]).await;
     let mut calls = tokio::task::JoinSet::new();
     for _ in 0..3 {
-        let (http, base) = (worker.http.clone(), worker.base.clone());
+        let request = worker.post_json(chat_request(
+            "Count from 1 to 500, one number per line.",
+            300,
+        ));
         calls.spawn(async move {
-            let response = http
-                .post(format!("{base}/v1/chat/completions"))
-                .json(&chat_request(
-                    "Count from 1 to 500, one number per line.",
-                    300,
-                ))
-                .send()
-                .await
-                .unwrap();
-            let status = response.status();
-            let body: Value = response.json().await.unwrap();
+            let (status, body) = answer(request).await;
             (status, body, Instant::now())
         });
     }

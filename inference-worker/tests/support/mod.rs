@@ -160,6 +160,13 @@ impl Drop for Worker {
     }
 }
 
+/// Sends a request and returns its status and JSON body; owns everything it needs, so it
+/// runs on a task of its own.
+pub async fn answer(request: reqwest::RequestBuilder) -> (reqwest::StatusCode, Value) {
+    let response = request.send().await.unwrap();
+    (response.status(), response.json().await.unwrap())
+}
+
 /// A client without pooled connections from earlier requests of another client.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()

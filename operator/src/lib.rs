@@ -3,3 +3,6 @@
 
 pub mod api;
 pub mod crdgen;
+pub mod local;
+pub mod swarm;
+pub mod telemetry;

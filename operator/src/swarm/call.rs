@@ -1,0 +1,292 @@
+//! One model call as the engine makes it: the job's budget checked first, the pool's
+//! replica chosen, a timeout, retries with jittered backoff on faults that may pass, and
+//! the tokens charged to the job and the pool.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_openai::error::OpenAIError;
+use async_openai::types::chat::{
+    ChatCompletionRequestMessage, CreateChatCompletionRequest, ResponseFormat,
+    ResponseFormatJsonSchema,
+};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::pool::{Answer, Pool};
+
+/// Why a call did not produce an answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CallError {
+    /// The replica refused the request (4xx): sending it again would not help.
+    #[error("{pool} refused the request ({status}): {message}")]
+    Rejected {
+        pool: String,
+        status: u16,
+        message: String,
+    },
+    /// Every attempt failed on something that might have passed (timeouts, refused
+    /// connections, 5xx, unreadable answers).
+    #[error("{pool}: {attempts} attempts failed, the last with: {last}")]
+    Exhausted {
+        pool: String,
+        attempts: u32,
+        last: String,
+    },
+    #[error("the job's token budget of {limit} tokens is spent")]
+    BudgetExceeded { limit: u64 },
+    #[error("the job's deadline has passed")]
+    DeadlineExceeded,
+}
+
+impl CallError {
+    /// Whether the error ends the whole job rather than one subagent.
+    pub fn stops_job(&self) -> bool {
+        matches!(self, Self::BudgetExceeded { .. } | Self::DeadlineExceeded)
+    }
+}
+
+/// Limits across every call of a job.
+#[derive(Debug)]
+pub struct Budget {
+    max_tokens: Option<u64>,
+    deadline: Option<Instant>,
+    spent: AtomicU64,
+}
+
+impl Budget {
+    /// `spent` carries over tokens recorded before a restart.
+    pub fn new(max_tokens: Option<u64>, deadline: Option<Instant>, spent: u64) -> Self {
+        Self {
+            max_tokens,
+            deadline,
+            spent: AtomicU64::new(spent),
+        }
+    }
+
+    pub fn spent(&self) -> u64 {
+        self.spent.load(Ordering::Relaxed)
+    }
+
+    /// Whether another call may start, and for how many tokens and how long at most.
+    fn admit(&self) -> Result<(Option<u64>, Option<Duration>), CallError> {
+        let left = match self.max_tokens {
+            Some(limit) => {
+                let spent = self.spent();
+                if spent >= limit {
+                    return Err(CallError::BudgetExceeded { limit });
+                }
+                Some(limit - spent)
+            }
+            None => None,
+        };
+        let time = match self.deadline {
+            Some(deadline) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(CallError::DeadlineExceeded);
+                }
+                Some(deadline - now)
+            }
+            None => None,
+        };
+        Ok((left, time))
+    }
+
+    fn charge(&self, tokens: u64) {
+        self.spent.fetch_add(tokens, Ordering::Relaxed);
+    }
+}
+
+/// Calls and tokens per pool, as the status and `usage.json` report them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub calls: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl Usage {
+    pub fn tokens(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+/// Usage of every pool a job called.
+#[derive(Debug, Default)]
+pub struct Ledger(Mutex<BTreeMap<String, Usage>>);
+
+impl Ledger {
+    pub fn from_snapshot(snapshot: BTreeMap<String, Usage>) -> Self {
+        Self(Mutex::new(snapshot))
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, Usage> {
+        self.0.lock().expect("ledger lock").clone()
+    }
+
+    fn record(&self, pool: &str, prompt: u64, completion: u64) {
+        let mut usage = self.0.lock().expect("ledger lock");
+        let entry = usage.entry(pool.to_owned()).or_default();
+        entry.calls += 1;
+        entry.prompt_tokens += prompt;
+        entry.completion_tokens += completion;
+    }
+}
+
+/// How calls are timed out and retried.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub timeout: Duration,
+    pub retries: u32,
+    /// First backoff; each retry doubles it up to `backoff_cap`, and the wait is drawn
+    /// uniformly below it ("full jitter") so retries of many subagents do not align.
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+}
+
+/// A request before the engine's limits are applied.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub messages: Vec<ChatCompletionRequestMessage>,
+    pub max_tokens: u32,
+    pub temperature: f32,
+    /// Constrains the answer to a JSON schema, named for the server's logs.
+    pub schema: Option<(&'static str, serde_json::Value)>,
+    /// Hash of the prompt prefix shared with other calls, for replica affinity.
+    pub affinity: Option<u64>,
+}
+
+/// A completed call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub content: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// HTTP calls made, the successful one included.
+    pub attempts: u32,
+}
+
+/// Makes calls on behalf of one job.
+pub struct Caller<'a> {
+    pub budget: &'a Budget,
+    pub ledger: &'a Ledger,
+    pub policy: Policy,
+}
+
+impl Caller<'_> {
+    /// One call with its retries. Every HTTP call that returned usage is charged, retried
+    /// or not, so the budget counts what the GPUs actually did.
+    pub async fn call(&self, pool: &Pool, prompt: &Prompt) -> Result<Reply, CallError> {
+        let mut attempts = 0;
+        loop {
+            let (tokens_left, time_left) = self.budget.admit()?;
+            attempts += 1;
+            let max_tokens = match tokens_left {
+                Some(left) => u64::from(prompt.max_tokens).min(left) as u32,
+                None => prompt.max_tokens,
+            };
+            let timeout = time_left.map_or(self.policy.timeout, |t| t.min(self.policy.timeout));
+            let request = request(pool.model(), prompt, max_tokens);
+            let failure = match pool.send(request, prompt.affinity, timeout).await {
+                Answer::Ok(response) => {
+                    let (prompt_tokens, completion_tokens) =
+                        response.usage.as_ref().map_or((0, 0), |u| {
+                            (u64::from(u.prompt_tokens), u64::from(u.completion_tokens))
+                        });
+                    self.budget.charge(prompt_tokens + completion_tokens);
+                    self.ledger
+                        .record(pool.name(), prompt_tokens, completion_tokens);
+                    match response
+                        .choices
+                        .into_iter()
+                        .next()
+                        .and_then(|c| c.message.content)
+                    {
+                        Some(content) => {
+                            return Ok(Reply {
+                                content,
+                                prompt_tokens,
+                                completion_tokens,
+                                attempts,
+                            });
+                        }
+                        None => "the answer had no message content".to_owned(),
+                    }
+                }
+                Answer::NoReplica => format!("pool {} has no ready replica", pool.name()),
+                Answer::TimedOut => {
+                    // When the job's deadline cut the call short, that is the error.
+                    self.budget.admit()?;
+                    format!("no answer within {:.1}s", timeout.as_secs_f64())
+                }
+                Answer::Err(OpenAIError::ApiError(api)) if api.status_code.is_client_error() => {
+                    return Err(CallError::Rejected {
+                        pool: pool.name().to_owned(),
+                        status: api.status_code.as_u16(),
+                        message: api.api_error.message,
+                    });
+                }
+                Answer::Err(err) => one_line(&err),
+            };
+            if attempts > self.policy.retries {
+                return Err(CallError::Exhausted {
+                    pool: pool.name().to_owned(),
+                    attempts,
+                    last: failure,
+                });
+            }
+            tracing::debug!(pool = pool.name(), attempts, %failure, "retrying model call");
+            tokio::time::sleep(self.backoff(attempts)).await;
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let ceiling = self
+            .policy
+            .backoff_base
+            .saturating_mul(2u32.saturating_pow(attempt - 1))
+            .min(self.policy.backoff_cap);
+        ceiling.mul_f64(rand::rng().random::<f64>())
+    }
+}
+
+fn request(model: &str, prompt: &Prompt, max_tokens: u32) -> CreateChatCompletionRequest {
+    CreateChatCompletionRequest {
+        model: model.to_owned(),
+        messages: prompt.messages.clone(),
+        max_completion_tokens: Some(max_tokens),
+        temperature: Some(prompt.temperature),
+        response_format: prompt
+            .schema
+            .as_ref()
+            .map(|(name, schema)| ResponseFormat::JsonSchema {
+                json_schema: ResponseFormatJsonSchema {
+                    description: None,
+                    name: (*name).to_owned(),
+                    schema: schema.clone(),
+                    strict: Some(true),
+                },
+            }),
+        ..Default::default()
+    }
+}
+
+/// An error and its causes on one line: reqwest hides the useful part (connection refused)
+/// in its source chain.
+fn one_line(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
+}

@@ -1,0 +1,191 @@
+//! Deterministic checks of an output, run before the gate model sees it.
+
+use regex::Regex;
+
+use crate::api::{OutputCheck, OutputCheckType};
+
+/// A check ready to run: regular expressions compiled once per job.
+#[derive(Debug, Clone)]
+pub enum Check {
+    Json,
+    Xml,
+    Svg,
+    Regex(Regex),
+}
+
+/// Compiles the job's checks; a bad pattern names the check.
+pub fn compile(checks: &[OutputCheck]) -> Result<Vec<Check>, String> {
+    checks
+        .iter()
+        .enumerate()
+        .map(|(i, check)| match check.type_ {
+            OutputCheckType::Json => Ok(Check::Json),
+            OutputCheckType::Xml => Ok(Check::Xml),
+            OutputCheckType::Svg => Ok(Check::Svg),
+            OutputCheckType::Regex => {
+                let pattern = check.pattern.as_deref().unwrap_or_default();
+                Regex::new(pattern).map(Check::Regex).map_err(|err| {
+                    format!("spec.verification.checks[{i}].pattern is not a valid regular expression: {err}")
+                })
+            }
+        })
+        .collect()
+}
+
+/// Problems an output has, one line each; empty when it passes every check.
+pub fn run(checks: &[Check], output: &str) -> Vec<String> {
+    checks
+        .iter()
+        .filter_map(|check| check.problem(output))
+        .collect()
+}
+
+impl Check {
+    fn problem(&self, output: &str) -> Option<String> {
+        match self {
+            Check::Json => {
+                let text = document(output, |t| t.starts_with('{') || t.starts_with('['));
+                serde_json::from_str::<serde_json::Value>(text)
+                    .err()
+                    .map(|err| format!("the output is not valid JSON: {err}"))
+            }
+            Check::Xml => {
+                let text = document(output, |t| t.starts_with('<'));
+                roxmltree::Document::parse(text)
+                    .err()
+                    .map(|err| format!("the output is not well-formed XML: {err}"))
+            }
+            Check::Svg => {
+                let text = svg_document(output);
+                match roxmltree::Document::parse(text) {
+                    Err(err) => Some(format!("the output is not well-formed SVG: {err}")),
+                    Ok(doc) if doc.root_element().tag_name().name() != "svg" => Some(format!(
+                        "the output's root element is <{}>, not <svg>",
+                        doc.root_element().tag_name().name()
+                    )),
+                    Ok(_) => None,
+                }
+            }
+            Check::Regex(regex) => (!regex.is_match(output))
+                .then(|| format!("the output does not match the pattern {}", regex.as_str())),
+        }
+    }
+}
+
+/// The part of an output a check reads: the whole output when it looks like the format,
+/// else its first fenced code block (models like to wrap answers in ```).
+pub fn document(output: &str, looks_right: impl Fn(&str) -> bool) -> &str {
+    let trimmed = output.trim();
+    if looks_right(trimmed) {
+        return trimmed;
+    }
+    fenced_block(trimmed).unwrap_or(trimmed)
+}
+
+/// The SVG document in an output: the output itself, its first fenced block, or the
+/// span from `<svg` to the last `</svg>` when the model wrote a sentence around it.
+pub fn svg_document(output: &str) -> &str {
+    let text = document(output, |t| t.starts_with('<'));
+    if text.starts_with('<') {
+        return text;
+    }
+    match (text.find("<svg"), text.rfind("</svg>")) {
+        (Some(start), Some(end)) if start < end => &text[start..end + "</svg>".len()],
+        _ => text,
+    }
+}
+
+fn fenced_block(text: &str) -> Option<&str> {
+    let start = text.find("```")?;
+    let after_fence = &text[start + 3..];
+    // Skip the info string (```json, ```svg).
+    let body_start = after_fence.find('\n')? + 1;
+    let body = &after_fence[body_start..];
+    let end = body.find("```")?;
+    Some(body[..end].trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(type_: OutputCheckType, pattern: Option<&str>) -> Vec<Check> {
+        compile(&[OutputCheck {
+            type_,
+            pattern: pattern.map(str::to_owned),
+        }])
+        .unwrap()
+    }
+
+    #[test]
+    fn json_accepts_plain_and_fenced_and_names_the_error() {
+        let json = check(OutputCheckType::Json, None);
+        assert!(run(&json, r#" {"a": 1} "#).is_empty());
+        assert!(run(&json, "Here it is:\n```json\n[1, 2]\n```\nDone.").is_empty());
+        let problems = run(&json, "{\"a\": }");
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].starts_with("the output is not valid JSON"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn xml_must_be_well_formed() {
+        let xml = check(OutputCheckType::Xml, None);
+        assert!(run(&xml, "<a><b/></a>").is_empty());
+        assert!(run(&xml, "<a><b></a>")[0].contains("not well-formed XML"));
+    }
+
+    #[test]
+    fn svg_needs_an_svg_root_and_tolerates_prose_around_it() {
+        let svg = check(OutputCheckType::Svg, None);
+        let doc = r#"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 4 3"><rect width="4" height="3"/></svg>"#;
+        assert!(run(&svg, doc).is_empty());
+        assert!(
+            run(
+                &svg,
+                &format!("Here is my picture:\n{doc}\nI hope you like it.")
+            )
+            .is_empty()
+        );
+        assert!(run(&svg, &format!("```svg\n{doc}\n```")).is_empty());
+        assert_eq!(
+            run(&svg, "<html><body/></html>"),
+            ["the output's root element is <html>, not <svg>"]
+        );
+        assert!(run(&svg, "<svg><rect></svg>")[0].contains("not well-formed SVG"));
+        assert!(run(&svg, "a lighthouse")[0].contains("not well-formed SVG"));
+    }
+
+    #[test]
+    fn regex_must_match() {
+        let regex = check(OutputCheckType::Regex, Some(r"^\d+$"));
+        assert!(run(&regex, "42").is_empty());
+        assert_eq!(
+            run(&regex, "forty-two"),
+            [r"the output does not match the pattern ^\d+$"]
+        );
+    }
+
+    #[test]
+    fn a_bad_pattern_is_an_error_naming_the_field() {
+        let err = compile(&[
+            OutputCheck {
+                type_: OutputCheckType::Json,
+                pattern: None,
+            },
+            OutputCheck {
+                type_: OutputCheckType::Regex,
+                pattern: Some("(".into()),
+            },
+        ])
+        .unwrap_err();
+        assert!(
+            err.starts_with(
+                "spec.verification.checks[1].pattern is not a valid regular expression"
+            ),
+            "{err}"
+        );
+    }
+}

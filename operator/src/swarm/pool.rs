@@ -1,0 +1,180 @@
+//! A ModelPool as the engine sees it: the OpenAI-compatible endpoints of its ready
+//! replicas, with pooled connections, per-replica load and passive health.
+
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use async_openai::error::OpenAIError;
+use async_openai::middleware::ReqwestService;
+use async_openai::types::chat::{CreateChatCompletionRequest, CreateChatCompletionResponse};
+
+use super::balance::{self, Load};
+
+/// A failed replica is skipped for this long, doubled per consecutive failure up to
+/// `MAX_EJECTION`, so a dead replica costs one failed call, not one per subagent.
+const BASE_EJECTION: Duration = Duration::from_millis(500);
+const MAX_EJECTION: Duration = Duration::from_secs(30);
+
+/// The served replicas of one pool.
+pub struct Pool {
+    name: String,
+    model: String,
+    http: reqwest::Client,
+    replicas: Mutex<Vec<Arc<Replica>>>,
+    rotation: AtomicUsize,
+}
+
+struct Replica {
+    url: String,
+    client: Client<OpenAIConfig>,
+    outstanding: AtomicUsize,
+    failures: AtomicU32,
+    ejected_until: Mutex<Option<Instant>>,
+}
+
+/// What one HTTP call to a replica returned.
+pub enum Answer {
+    Ok(Box<CreateChatCompletionResponse>),
+    /// No replica is ready.
+    NoReplica,
+    /// The replica did not answer within the call's timeout; the call was dropped.
+    TimedOut,
+    Err(OpenAIError),
+}
+
+impl Pool {
+    /// A pool named `name` whose replicas serve `model` at the base URLs `urls` (each
+    /// ending in `/v1`). `http` is shared by every pool so connections are pooled per host.
+    pub fn new(name: &str, model: &str, urls: &[String], http: reqwest::Client) -> Self {
+        let pool = Self {
+            name: name.to_owned(),
+            model: model.to_owned(),
+            http,
+            replicas: Mutex::new(Vec::new()),
+            rotation: AtomicUsize::new(0),
+        };
+        pool.set_replicas(urls);
+        pool
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// Replaces the set of ready replicas, keeping the load and health of those that stay.
+    pub fn set_replicas(&self, urls: &[String]) {
+        let mut replicas = self.replicas.lock().expect("replica lock");
+        let mut next = Vec::with_capacity(urls.len());
+        for url in urls {
+            let url = url.trim_end_matches('/');
+            let kept = replicas.iter().find(|r| r.url == url).cloned();
+            next.push(kept.unwrap_or_else(|| {
+                let config = OpenAIConfig::new()
+                    .with_api_base(url)
+                    .with_api_key("kubeswarm");
+                // A bare reqwest service: the client's default stack retries 5xx and
+                // refused connections itself, behind the engine's back and budget.
+                let client = Client::with_config(config)
+                    .with_http_service(ReqwestService::new(self.http.clone()));
+                Arc::new(Replica {
+                    url: url.to_owned(),
+                    client,
+                    outstanding: AtomicUsize::new(0),
+                    failures: AtomicU32::new(0),
+                    ejected_until: Mutex::new(None),
+                })
+            }));
+        }
+        *replicas = next;
+    }
+
+    /// Sends one chat completion to the replica the balancer picks for `key`, giving up
+    /// after `timeout`.
+    pub async fn send(
+        &self,
+        request: CreateChatCompletionRequest,
+        key: Option<u64>,
+        timeout: Duration,
+    ) -> Answer {
+        let Some(replica) = self.choose(key) else {
+            return Answer::NoReplica;
+        };
+        let _in_flight = InFlight::new(&replica.outstanding);
+        match tokio::time::timeout(timeout, replica.client.chat().create(request)).await {
+            Ok(Ok(response)) => {
+                replica.failures.store(0, Ordering::Relaxed);
+                Answer::Ok(Box::new(response))
+            }
+            Ok(Err(err)) => {
+                if replica_at_fault(&err) {
+                    replica.eject();
+                }
+                Answer::Err(err)
+            }
+            Err(_) => {
+                replica.eject();
+                Answer::TimedOut
+            }
+        }
+    }
+
+    fn choose(&self, key: Option<u64>) -> Option<Arc<Replica>> {
+        let replicas = self.replicas.lock().expect("replica lock");
+        let now = Instant::now();
+        let ids: Vec<&str> = replicas.iter().map(|r| r.url.as_str()).collect();
+        let loads: Vec<Load> = replicas
+            .iter()
+            .map(|r| Load {
+                outstanding: r.outstanding.load(Ordering::Relaxed),
+                ejected: r
+                    .ejected_until
+                    .lock()
+                    .expect("ejection lock")
+                    .is_some_and(|until| until > now),
+            })
+            .collect();
+        let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
+        balance::pick(&ids, &loads, key, rotation).map(|i| replicas[i].clone())
+    }
+}
+
+impl Replica {
+    fn eject(&self) {
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed).min(6);
+        let period = (BASE_EJECTION * 2u32.pow(failures)).min(MAX_EJECTION);
+        *self.ejected_until.lock().expect("ejection lock") = Some(Instant::now() + period);
+    }
+}
+
+/// Whether an error says the replica is unwell (so others should take its calls) rather
+/// than that the request was wrong.
+fn replica_at_fault(err: &OpenAIError) -> bool {
+    match err {
+        OpenAIError::Reqwest(_) => true,
+        OpenAIError::ApiError(api) => api.status_code.is_server_error(),
+        _ => false,
+    }
+}
+
+/// Counts a call as outstanding on its replica until it is answered or dropped.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

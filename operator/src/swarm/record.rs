@@ -1,0 +1,161 @@
+//! What the engine writes down as it goes: the plan, each finished subagent, the usage and
+//! the result, as named entries of a key-value store (the result ConfigMap in a cluster,
+//! files in local mode). A restarted engine reads them back and goes on from there.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+
+use super::aggregate::Tally;
+use super::call::Usage;
+use crate::api::AggregationStrategy;
+
+/// Most bytes the entries of one job may hold: a ConfigMap is limited to 1 MiB, and its
+/// metadata needs room too. Local mode keeps the same limit so a job that runs locally
+/// also fits in a cluster.
+pub const MAX_RESULT_BYTES: usize = 1_000_000;
+
+pub const PLAN: &str = "plan.json";
+pub const USAGE: &str = "usage.json";
+pub const RESULT: &str = "result.json";
+pub const ANSWER: &str = "answer";
+
+pub fn subagent_key(index: usize) -> String {
+    format!("subagent-{index:03}.json")
+}
+
+/// Where a subagent is, as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Stage {
+    /// Has an output, not yet verified.
+    Generated,
+    /// Verified (or failed for good): never run again.
+    Finished,
+}
+
+/// One subagent's work.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SubagentRecord {
+    pub index: usize,
+    pub stage: Stage,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subtask: Option<String>,
+    /// The output verified last (the repaired one after a repair).
+    pub output: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// Model calls for this subagent: generation, retries and repair.
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<VerdictRecord>,
+    /// Whether the output is a repair after a failed verdict.
+    #[serde(default)]
+    pub repaired: bool,
+    /// Why the subagent has no usable output or verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl SubagentRecord {
+    pub fn passed(&self) -> bool {
+        self.error.is_none() && self.verdict.as_ref().is_some_and(|v| v.pass)
+    }
+
+    pub fn tokens(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+/// How an output was judged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerdictRecord {
+    pub pass: bool,
+    /// The gate's score; absent when no gate judged it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<u8>,
+    pub issues: Vec<String>,
+}
+
+/// The final result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobResult {
+    pub strategy: AggregationStrategy,
+    /// Subagents whose outputs make up the answer.
+    pub chosen: Vec<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub votes: Option<Votes>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Votes {
+    pub winner: usize,
+    pub votes: usize,
+    pub of: usize,
+}
+
+impl From<Tally> for Votes {
+    fn from(t: Tally) -> Self {
+        Self {
+            winner: t.index,
+            votes: t.votes,
+            of: t.of,
+        }
+    }
+}
+
+/// Everything recorded for a job so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Checkpoint {
+    pub plan: Option<Vec<String>>,
+    pub subagents: BTreeMap<usize, SubagentRecord>,
+    pub usage: BTreeMap<String, Usage>,
+    pub result: Option<(JobResult, String)>,
+}
+
+/// A store the engine's entries survive in.
+pub trait Store: Send + Sync {
+    /// Every entry, by key.
+    fn load(&self) -> impl Future<Output = Result<BTreeMap<String, String>, StoreError>> + Send;
+    /// Writes (adds or replaces) these entries; others stay as they are.
+    fn save(
+        &self,
+        entries: Vec<(String, String)>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// A store that could not be read or written; the job stays where it was.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(pub String);
+
+/// Reads entries back; unreadable entries are an error (they were written by us).
+pub fn decode(entries: &BTreeMap<String, String>) -> Result<Checkpoint, StoreError> {
+    fn parse<T: for<'de> Deserialize<'de>>(key: &str, text: &str) -> Result<T, StoreError> {
+        serde_json::from_str(text)
+            .map_err(|err| StoreError(format!("entry {key} is unreadable: {err}")))
+    }
+    let mut checkpoint = Checkpoint::default();
+    for (key, text) in entries {
+        if key == PLAN {
+            checkpoint.plan = Some(parse(key, text)?);
+        } else if key == USAGE {
+            checkpoint.usage = parse(key, text)?;
+        } else if key.starts_with("subagent-") && key.ends_with(".json") {
+            let record: SubagentRecord = parse(key, text)?;
+            checkpoint.subagents.insert(record.index, record);
+        }
+    }
+    if let (Some(result), Some(answer)) = (entries.get(RESULT), entries.get(ANSWER)) {
+        checkpoint.result = Some((parse(RESULT, result)?, answer.clone()));
+    }
+    Ok(checkpoint)
+}
+
+pub fn encode<T: Serialize>(value: &T) -> String {
+    serde_json::to_string_pretty(value).expect("records serialize")
+}

@@ -1,0 +1,184 @@
+//! An OpenAI-compatible server whose every answer a test scripts: text, an HTTP error, a
+//! delay, or no answer at all. It records each request it receives.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+/// What the server does with one request.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    /// 200 with this message content.
+    Text(String),
+    /// This status with an OpenAI error body (or a plain one for 5xx, as proxies send).
+    Status(u16),
+    /// Waits, then replies.
+    After(Duration, Box<Reply>),
+}
+
+pub fn text(content: impl Into<String>) -> Reply {
+    Reply::Text(content.into())
+}
+
+/// Decides the reply to a request body; the second argument counts requests from 0.
+pub type Script = Arc<dyn Fn(&Value, usize) -> Reply + Send + Sync>;
+
+/// Tokens the mock reports for every answer.
+pub const PROMPT_TOKENS: u64 = 10;
+pub const COMPLETION_TOKENS: u64 = 5;
+
+#[derive(Clone)]
+struct Shared {
+    script: Script,
+    model: String,
+    seen: Arc<Mutex<Vec<Value>>>,
+    count: Arc<AtomicUsize>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+pub struct Mock {
+    /// Base URL of its API, ending in /v1.
+    pub url: String,
+    shared: Shared,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Mock {
+    pub async fn start(
+        model: &str,
+        script: impl Fn(&Value, usize) -> Reply + Send + Sync + 'static,
+    ) -> Mock {
+        let shared = Shared {
+            script: Arc::new(script),
+            model: model.to_owned(),
+            seen: Arc::default(),
+            count: Arc::default(),
+            in_flight: Arc::default(),
+        };
+        let app = Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/models", get(models))
+            .with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Mock {
+            url: format!("http://{addr}/v1"),
+            shared,
+            task,
+        }
+    }
+
+    /// Request bodies received, in arrival order.
+    pub fn requests(&self) -> Vec<Value> {
+        self.shared.seen.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.shared.count.load(Ordering::SeqCst)
+    }
+
+    /// Requests whose handler is still running (the client has not gone away).
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A URL where nothing listens: connections are refused.
+pub async fn refusing_url() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    format!("http://{addr}/v1")
+}
+
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn chat(State(shared): State<Shared>, Json(body): Json<Value>) -> Response {
+    let n = shared.count.fetch_add(1, Ordering::SeqCst);
+    shared.seen.lock().unwrap().push(body.clone());
+    shared.in_flight.fetch_add(1, Ordering::SeqCst);
+    let _guard = InFlight(shared.in_flight.clone());
+    let mut reply = (shared.script)(&body, n);
+    loop {
+        match reply {
+            Reply::After(delay, next) => {
+                tokio::time::sleep(delay).await;
+                reply = *next;
+            }
+            Reply::Status(code) => {
+                let status = StatusCode::from_u16(code).unwrap();
+                return if status.is_server_error() {
+                    (status, "upstream exploded").into_response()
+                } else {
+                    let error = json!({"error": {"message": format!("scripted {code}"), "type": "invalid_request_error", "param": null, "code": null}});
+                    (status, Json(error)).into_response()
+                };
+            }
+            Reply::Text(content) => {
+                return Json(json!({
+                    "id": format!("chatcmpl-{n}"),
+                    "object": "chat.completion",
+                    "created": 1_700_000_000u32,
+                    "model": shared.model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS, "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS}
+                }))
+                .into_response();
+            }
+        }
+    }
+}
+
+async fn models(State(shared): State<Shared>) -> Json<Value> {
+    Json(
+        json!({"object": "list", "data": [{"id": shared.model, "object": "model", "owned_by": "mock"}]}),
+    )
+}
+
+/// The text of a request's last user message.
+pub fn last_user(body: &Value) -> String {
+    body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "user")
+        .map(|m| m["content"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}
+
+/// Whether a request is the gate's (it asks for a verdict).
+pub fn is_verdict(body: &Value) -> bool {
+    body["response_format"]["json_schema"]["name"] == "verdict"
+}
+
+pub fn is_plan(body: &Value) -> bool {
+    body["response_format"]["json_schema"]["name"] == "subtasks"
+}
+
+pub fn verdict(pass: bool, score: u8, issues: &[&str]) -> Reply {
+    text(json!({"pass": pass, "score": score, "issues": issues}).to_string())
+}

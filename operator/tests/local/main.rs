@@ -1,0 +1,140 @@
+//! `kubeswarm run`, the real binary: manifests refused with the CRD's messages, and a
+//! whole job through real inference-workers on SmolLM2.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn kubeswarm(args: &[&str], dir: &Path) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kubeswarm"));
+    command.arg("run").args(args).current_dir(dir);
+    if let Some(model) = std::env::var_os("KUBESWARM_TEST_MODEL") {
+        command.env("KUBESWARM_MODEL", model);
+    }
+    command.output().expect("running kubeswarm")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kubeswarm-local-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn invalid_manifests_get_the_crds_messages_and_no_worker_starts() {
+    let dir = scratch("invalid");
+    std::fs::write(
+        dir.join("job.yaml"),
+        r#"
+apiVersion: kubeswarm.dev/v1alpha1
+kind: SwarmJob
+metadata: {name: broken}
+spec:
+  task: Count to three.
+  subtasks: [one, two]
+  fanOut: {pool: workers, subagents: 3, maxConcurrency: 5}
+  aggregation: {strategy: bestOf}
+  verification: {mode: none}
+"#,
+    )
+    .unwrap();
+    let out = kubeswarm(&["job.yaml"], &dir);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for message in [
+        "job.yaml: SwarmJob broken is invalid:",
+        "  - spec.subtasks must have exactly spec.fanOut.subagents entries, one per subagent",
+        "  - spec.fanOut.maxConcurrency cannot exceed spec.fanOut.subagents",
+        "  - spec.aggregation.strategy bestOf ranks outputs by the gate's score",
+    ] {
+        assert!(
+            stderr.contains(message),
+            "missing {message:?} in:\n{stderr}"
+        );
+    }
+    assert!(
+        !dir.join("kubeswarm-out").exists(),
+        "nothing is written for an invalid job"
+    );
+
+    std::fs::write(dir.join("typo.yaml"), "apiVersion: kubeswarm.dev/v1alpha1\nkind: SwarmJob\nmetadata: {name: t}\nspec: {task: x, fanOut: {pool: w, subagents: many}}\n").unwrap();
+    let stderr = String::from_utf8_lossy(&kubeswarm(&["typo.yaml"], &dir).stderr).into_owned();
+    assert!(
+        stderr.contains("typo.yaml: not a valid SwarmJob") && stderr.contains("invalid type"),
+        "{stderr}"
+    );
+
+    std::fs::write(
+        dir.join("pool.yaml"),
+        "apiVersion: kubeswarm.dev/v1alpha1\nkind: ModelPool\nmetadata: {name: p}\n",
+    )
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&kubeswarm(&["pool.yaml"], &dir).stderr).into_owned();
+    assert!(stderr.contains("pool.yaml: has no SwarmJob"), "{stderr}");
+}
+
+#[test]
+fn a_job_runs_through_real_workers_and_leaves_its_results() {
+    let dir = scratch("real");
+    std::fs::write(
+        dir.join("job.yaml"),
+        r#"
+apiVersion: kubeswarm.dev/v1alpha1
+kind: SwarmJob
+metadata: {name: colours}
+spec:
+  task: Name one colour of the rainbow. Answer with one word.
+  fanOut: {pool: workers, subagents: 3, maxTokens: 16, temperature: 0.9}
+  verification: {mode: adversarial, pool: gate, minScore: 0}
+  aggregation: {strategy: synthesize}
+"#,
+    )
+    .unwrap();
+    let out = kubeswarm(&["job.yaml", "--max-tokens", "48"], &dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubeswarm run failed:\n{stderr}");
+    let job = dir.join("kubeswarm-out/colours");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "kubeswarm-out/colours/answer.md"
+    );
+    assert!(
+        !std::fs::read_to_string(job.join("answer.md"))
+            .unwrap()
+            .trim()
+            .is_empty()
+    );
+    // Progress went to stderr as plain lines (not a terminal here).
+    assert!(
+        stderr.contains("pool workers: starting an inference-worker"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("fan out: 3 subagents"), "{stderr}");
+    for i in 0..3 {
+        let record: Value = serde_json::from_str(
+            &std::fs::read_to_string(job.join(format!("subagents/{i:03}.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(record["stage"], "finished");
+        assert!(record["completionTokens"].as_u64().unwrap() > 0);
+        // The gate's answer was constrained to the verdict schema and read back; with
+        // minScore 0 every output it scored passes.
+        assert!(
+            record["verdict"]["score"].as_u64().unwrap() <= 100,
+            "{record}"
+        );
+        assert_eq!(record["verdict"]["pass"], true, "{record}");
+    }
+    let usage: Value =
+        serde_json::from_str(&std::fs::read_to_string(job.join("usage.json")).unwrap()).unwrap();
+    assert_eq!(usage["result"]["status"], "Complete");
+    assert_eq!(usage["pools"]["workers"]["calls"], 3);
+    assert_eq!(
+        usage["pools"]["gate"]["calls"], 4,
+        "three verdicts and the synthesis"
+    );
+    assert!(usage["totalTokens"].as_u64().unwrap() > 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -29,8 +29,13 @@ KUBE_VERSION := 1.33.0
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z0-9-]+:.*## / {printf "  make %-13s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
+# mistral.rs with our fix applied, generated from the crates registry (third_party/prepare).
+.PHONY: third-party
+third-party:
+	third_party/prepare
+
 .PHONY: build
-build: ## Build the kubeswarm and inference-worker binaries (release, in the shared target dir)
+build: third-party ## Build the kubeswarm and inference-worker binaries (release, in the shared target dir)
 	$(CARGO) build $(PROFILE) --locked $(SELECT) --bins
 
 # The default model writes about 30 tokens a second on 2 cores: cap each call so the demo
@@ -46,7 +51,7 @@ test: lint $(HELM) $(MODEL) ## Run every check: format, clippy, unit, API and wo
 	HELM=$(HELM) KUBESWARM_TEST_MODEL=$(MODEL) $(CARGO) test $(PROFILE) --locked $(SELECT) --all-targets
 
 .PHONY: lint
-lint: $(HELM) ## Check formatting, clippy (warnings are errors) and the Helm chart
+lint: third-party $(HELM) ## Check formatting, clippy (warnings are errors) and the Helm chart
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy $(PROFILE) --locked $(SELECT) --all-targets -- -D warnings
 	$(HELM) lint --strict $(CHART) --kube-version $(KUBE_VERSION)
@@ -66,7 +71,7 @@ bench-worker: build $(MODEL) ## The inference worker against llama.cpp's server:
 	  --threads $$(nproc) --concurrency 1,4,10 --max-tokens 128
 
 .PHONY: bench-engine
-bench-engine: ## The swarm engine's calls/s and added latency against Python asyncio + openai, same mock server
+bench-engine: third-party ## The swarm engine's calls/s and added latency against Python asyncio + openai, same mock server
 	OPENAI_PYTHON="$$(e2e/install-tool openai-python)" $(CARGO) bench --locked $(SELECT) --bench engine
 
 .PHONY: e2e

@@ -16,7 +16,9 @@ CARGO ?= cargo
 # compiles once per kind (clippy checks it, everything else builds it) and the tests run
 # the worker as it ships. Every cargo command names --workspace: cargo unifies features
 # over the packages it selects, and `-p inference-worker` alone would turn off features
-# the operator's dependencies turn on (chrono's serde, ...) and rebuild mistral.rs.
+# the operator's dependencies turn on (chrono's serde, ...) and rebuild mistral.rs, and
+# every command names --all-targets: dev-dependencies add features only to builds that
+# include the tests, so `--bins` alone would compile mistral.rs a third time.
 PROFILE := --release
 SELECT := --workspace
 HELM := $(KUBESWARM_CACHE)/tools/helm-$(HELM_VERSION)/helm
@@ -36,11 +38,11 @@ third-party:
 
 .PHONY: build
 build: third-party ## Build the kubeswarm and inference-worker binaries (release, in the shared target dir)
-	$(CARGO) build $(PROFILE) --locked $(SELECT) --bins
+	$(CARGO) build $(PROFILE) --locked $(SELECT) --all-targets
 
 # The default model writes about 30 tokens a second on 2 cores: cap each call so the demo
 # ends in minutes. `make run RUN_FLAGS=` runs the manifest as written.
-RUN_FLAGS ?= --max-tokens 200
+RUN_FLAGS ?= --max-tokens 400
 
 .PHONY: run
 run: build $(MODEL) ## Run the gallery SwarmJob locally on the embedded default model

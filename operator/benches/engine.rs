@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kubeswarm::api::SwarmJobSpec;
-use kubeswarm::swarm::pool::Pool;
+use kubeswarm::swarm::pool::{Pool, Server};
 use kubeswarm::swarm::record::{Store, StoreError};
 use kubeswarm::swarm::{Event, Observer, Options, Run};
 
@@ -94,6 +94,7 @@ fn main() {
         let pool = Pool::new(
             "workers",
             "m",
+            Server::OpenAi,
             std::slice::from_ref(&server.url),
             reqwest::Client::new(),
         );
@@ -110,6 +111,7 @@ fn main() {
         Arc::new(Pool::new(
             "workers",
             "m",
+            Server::OpenAi,
             std::slice::from_ref(&server.url),
             http.clone(),
         )),

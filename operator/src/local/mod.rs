@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use kube::ResourceExt;
 
 use crate::api::{AggregationStrategy, SwarmJob, VerificationMode};
-use crate::swarm::{self, Options, Run, pool::Pool};
+use crate::swarm::pool::{Pool, Server};
+use crate::swarm::{self, Options, Run};
 
 /// What `kubeswarm run` was asked.
 #[derive(Debug, Clone)]
@@ -167,8 +168,9 @@ pub async fn run(args: Args) -> Result<PathBuf, LocalError> {
     let mut workers = Vec::new();
     let mut pools = BTreeMap::new();
     for pool in pools_used(&job) {
-        let url = match args.external.iter().find(|(name, _)| *name == pool) {
-            Some((_, url)) => url.trim_end_matches('/').to_owned(),
+        // Endpoints named with --pool may be any OpenAI-compatible server: no grammars.
+        let (url, server) = match args.external.iter().find(|(name, _)| *name == pool) {
+            Some((_, url)) => (url.trim_end_matches('/').to_owned(), Server::OpenAi),
             None => {
                 let model = match &args.model {
                     Some(model) => model.clone(),
@@ -183,14 +185,14 @@ pub async fn run(args: Args) -> Result<PathBuf, LocalError> {
                 let worker = worker::Worker::start(&binary, &model, &pool, log).await?;
                 let url = worker.url.clone();
                 workers.push(worker);
-                url
+                (url, Server::Worker)
             }
         };
         let served = served_model(&http, &pool, &url).await?;
         view.say(&format!("pool {pool}: {url} serves {served}"));
         pools.insert(
             pool.clone(),
-            Arc::new(Pool::new(&pool, &served, &[url], http.clone())),
+            Arc::new(Pool::new(&pool, &served, server, &[url], http.clone())),
         );
     }
 

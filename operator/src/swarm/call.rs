@@ -15,7 +15,8 @@ use async_openai::types::chat::{
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::pool::{Answer, Pool};
+use super::grammar::Grammar;
+use super::pool::{Answer, Pool, Request, Server};
 
 /// Why a call did not produce an answer.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -156,6 +157,9 @@ pub struct Prompt {
     pub temperature: f32,
     /// Constrains the answer to a JSON schema, named for the server's logs.
     pub schema: Option<(&'static str, serde_json::Value)>,
+    /// Constrains decoding where the pool's server takes grammars; elsewhere the request
+    /// goes without and the checks alone hold the output to its format.
+    pub grammar: Option<Grammar>,
     /// Hash of the prompt prefix shared with other calls, for replica affinity.
     pub affinity: Option<u64>,
 }
@@ -190,7 +194,7 @@ impl Caller<'_> {
                 None => prompt.max_tokens,
             };
             let timeout = time_left.map_or(self.policy.timeout, |t| t.min(self.policy.timeout));
-            let request = request(pool.model(), prompt, max_tokens);
+            let request = request(pool, prompt, max_tokens);
             let failure = match pool.send(request, prompt.affinity, timeout).await {
                 Answer::Ok(response) => {
                     let (prompt_tokens, completion_tokens) =
@@ -254,9 +258,9 @@ impl Caller<'_> {
     }
 }
 
-fn request(model: &str, prompt: &Prompt, max_tokens: u32) -> CreateChatCompletionRequest {
-    CreateChatCompletionRequest {
-        model: model.to_owned(),
+fn request(pool: &Pool, prompt: &Prompt, max_tokens: u32) -> Request {
+    let chat = CreateChatCompletionRequest {
+        model: pool.model().to_owned(),
         messages: prompt.messages.clone(),
         max_completion_tokens: Some(max_tokens),
         temperature: Some(prompt.temperature),
@@ -272,7 +276,12 @@ fn request(model: &str, prompt: &Prompt, max_tokens: u32) -> CreateChatCompletio
                 },
             }),
         ..Default::default()
-    }
+    };
+    let grammar = match pool.server() {
+        Server::Worker => prompt.grammar.clone(),
+        Server::OpenAi => None,
+    };
+    Request { chat, grammar }
 }
 
 /// An error and its causes on one line: reqwest hides the useful part (connection refused)

@@ -6,6 +6,7 @@ pub mod aggregate;
 pub mod balance;
 pub mod call;
 pub mod checks;
+pub mod grammar;
 pub mod pool;
 pub mod prompts;
 pub mod record;
@@ -309,6 +310,7 @@ impl<S: Store, O: Observer> Job<'_, '_, S, O> {
             max_tokens: PLAN_TOKENS,
             temperature: 0.2,
             schema: Some(("subtasks", schema)),
+            grammar: None,
             affinity: None,
         };
         let mut last = String::new();
@@ -376,6 +378,7 @@ impl<S: Store, O: Observer> Job<'_, '_, S, O> {
                 max_tokens: spec.fan_out.max_tokens.max(1) as u32,
                 temperature: spec.fan_out.temperature as f32,
                 schema: None,
+                grammar: grammar::for_checks(&spec.verification.checks),
                 affinity: Some(balance::prefix_key(&spec.task)),
             };
             let mut record = match recorded {
@@ -492,6 +495,7 @@ impl<S: Store, O: Observer> Job<'_, '_, S, O> {
                 max_tokens: VERDICT_TOKENS,
                 temperature: 0.0,
                 schema: Some(("verdict", schema)),
+                grammar: None,
                 affinity: Some(balance::prefix_key(&spec.task)),
             };
             let mut last = String::new();
@@ -597,6 +601,7 @@ impl<S: Store, O: Observer> Job<'_, '_, S, O> {
                         max_tokens: spec.fan_out.max_tokens.max(1) as u32,
                         temperature: 0.2,
                         schema: None,
+                        grammar: None,
                         affinity: None,
                     };
                     self.wait_unsuspended().await;

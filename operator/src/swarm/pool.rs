@@ -10,18 +10,39 @@ use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
 use async_openai::middleware::ReqwestService;
 use async_openai::types::chat::{CreateChatCompletionRequest, CreateChatCompletionResponse};
+use serde::Serialize;
 
 use super::balance::{self, Load};
+use super::grammar::Grammar;
 
 /// A failed replica is skipped for this long, doubled per consecutive failure up to
 /// `MAX_EJECTION`, so a dead replica costs one failed call, not one per subagent.
 const BASE_EJECTION: Duration = Duration::from_millis(500);
 const MAX_EJECTION: Duration = Duration::from_secs(30);
 
+/// What the servers behind a pool accept beyond the OpenAI API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// kubeswarm's inference worker: also `grammar`, for constrained decoding.
+    Worker,
+    /// Any OpenAI-compatible endpoint: the OpenAI API only.
+    OpenAi,
+}
+
+/// A chat completion and the extensions the pool's server takes.
+#[derive(Debug, Clone, Serialize)]
+pub struct Request {
+    #[serde(flatten)]
+    pub chat: CreateChatCompletionRequest,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grammar: Option<Grammar>,
+}
+
 /// The served replicas of one pool.
 pub struct Pool {
     name: String,
     model: String,
+    server: Server,
     http: reqwest::Client,
     replicas: Mutex<Vec<Arc<Replica>>>,
     rotation: AtomicUsize,
@@ -46,12 +67,20 @@ pub enum Answer {
 }
 
 impl Pool {
-    /// A pool named `name` whose replicas serve `model` at the base URLs `urls` (each
-    /// ending in `/v1`). `http` is shared by every pool so connections are pooled per host.
-    pub fn new(name: &str, model: &str, urls: &[String], http: reqwest::Client) -> Self {
+    /// A pool named `name` whose replicas, all of the kind `server`, serve `model` at the
+    /// base URLs `urls` (each ending in `/v1`). `http` is shared by every pool so
+    /// connections are pooled per host.
+    pub fn new(
+        name: &str,
+        model: &str,
+        server: Server,
+        urls: &[String],
+        http: reqwest::Client,
+    ) -> Self {
         let pool = Self {
             name: name.to_owned(),
             model: model.to_owned(),
+            server,
             http,
             replicas: Mutex::new(Vec::new()),
             rotation: AtomicUsize::new(0),
@@ -66,6 +95,10 @@ impl Pool {
 
     pub fn model(&self) -> &str {
         &self.model
+    }
+
+    pub fn server(&self) -> Server {
+        self.server
     }
 
     /// Replaces the set of ready replicas, keeping the load and health of those that stay.
@@ -97,17 +130,14 @@ impl Pool {
 
     /// Sends one chat completion to the replica the balancer picks for `key`, giving up
     /// after `timeout`.
-    pub async fn send(
-        &self,
-        request: CreateChatCompletionRequest,
-        key: Option<u64>,
-        timeout: Duration,
-    ) -> Answer {
+    pub async fn send(&self, request: Request, key: Option<u64>, timeout: Duration) -> Answer {
         let Some(replica) = self.choose(key) else {
             return Answer::NoReplica;
         };
         let _in_flight = InFlight::new(&replica.outstanding);
-        match tokio::time::timeout(timeout, replica.client.chat().create(request)).await {
+        let chat = replica.client.chat();
+        let call = chat.create_byot::<_, CreateChatCompletionResponse>(request);
+        match tokio::time::timeout(timeout, call).await {
             Ok(Ok(response)) => {
                 replica.failures.store(0, Ordering::Relaxed);
                 Answer::Ok(Box::new(response))

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kubeswarm::api::SwarmJobSpec;
 use kubeswarm::swarm::call::Usage;
-use kubeswarm::swarm::pool::Pool;
+use kubeswarm::swarm::pool::{Pool, Server};
 use kubeswarm::swarm::record::{self, Stage, Store, StoreError, SubagentRecord, VerdictRecord};
 use kubeswarm::swarm::{Event, Observer, Options, Outcome, Reason, Run};
 use mock::{Mock, Reply, is_plan, is_verdict, last_user, text, verdict};
@@ -68,7 +68,7 @@ fn pools(entries: &[(&str, Vec<String>)]) -> BTreeMap<String, Arc<Pool>> {
         .map(|(name, urls)| {
             (
                 (*name).to_owned(),
-                Arc::new(Pool::new(name, "m", urls, http.clone())),
+                Arc::new(Pool::new(name, "m", Server::Worker, urls, http.clone())),
             )
         })
         .collect()
@@ -777,5 +777,62 @@ async fn wait_until(condition: impl Fn() -> bool) {
     while !condition() {
         assert!(Instant::now() < deadline, "condition not reached in 10s");
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn format_checks_constrain_decoding_on_workers_and_not_on_other_servers() {
+    let svg = "<svg xmlns=\"http://www.w3.org/2000/svg\"><rect width=\"4\" height=\"3\"/></svg>";
+    let job = spec(
+        &FOUR
+            .replace(
+                "{mode: adversarial, pool: gate}",
+                "{mode: adversarial, pool: gate, checks: [{type: svg}]}",
+            )
+            .replace("synthesize", "collect"),
+    );
+    for server in [Server::Worker, Server::OpenAi] {
+        let workers = Mock::start("m", move |_, _| text(svg)).await;
+        let gate = Mock::start("m", happy).await;
+        let http = reqwest::Client::new();
+        let pools = BTreeMap::from([
+            (
+                "workers".to_owned(),
+                Arc::new(Pool::new(
+                    "workers",
+                    "m",
+                    server,
+                    std::slice::from_ref(&workers.url),
+                    http.clone(),
+                )),
+            ),
+            (
+                "gate".to_owned(),
+                Arc::new(Pool::new(
+                    "gate",
+                    "m",
+                    server,
+                    std::slice::from_ref(&gate.url),
+                    http,
+                )),
+            ),
+        ]);
+        let outcome = run_job(&job, &pools, &Memory::default()).await;
+        assert_eq!(outcome.result.unwrap().0.chosen, [0, 1, 2, 3]);
+        for request in workers.requests() {
+            match server {
+                Server::Worker => {
+                    assert_eq!(request["grammar"]["type"], "lark", "{request}");
+                    let grammar = request["grammar"]["value"].as_str().unwrap();
+                    assert!(grammar.starts_with("start: svg"), "{grammar}");
+                }
+                Server::OpenAi => assert!(request.get("grammar").is_none(), "{request}"),
+            }
+        }
+        // The gate's verdicts are held to their JSON schema, never to the outputs' grammar.
+        for request in gate.requests() {
+            assert!(request.get("grammar").is_none(), "{request}");
+            assert_eq!(request["response_format"]["type"], "json_schema");
+        }
     }
 }

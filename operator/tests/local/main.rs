@@ -138,3 +138,55 @@ spec:
     assert!(usage["totalTokens"].as_u64().unwrap() > 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// The worker decodes under the SVG grammar, so whatever a subagent finishes is well-formed
+// SVG. Only an output cut off at maxTokens can fail the check: a grammar cannot make a
+// 135M model close its document in time. Greedy decoding keeps the run the same each time.
+#[test]
+fn an_svg_check_makes_every_finished_output_a_drawing() {
+    let dir = scratch("svg");
+    std::fs::write(
+        dir.join("job.yaml"),
+        r#"
+apiVersion: kubeswarm.dev/v1alpha1
+kind: SwarmJob
+metadata: {name: shapes}
+spec:
+  task: Draw a simple picture as an SVG document.
+  subtasks: [a red circle, a blue square, a green triangle]
+  fanOut: {pool: workers, subagents: 3, maxTokens: 400, temperature: 0}
+  verification: {mode: adversarial, pool: gate, minScore: 0, checks: [{type: svg}]}
+  aggregation: {strategy: collect}
+"#,
+    )
+    .unwrap();
+    let out = kubeswarm(&["job.yaml"], &dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubeswarm run failed:\n{stderr}");
+    let job = dir.join("kubeswarm-out/shapes");
+    let mut drawings = 0;
+    for i in 0..3 {
+        let record: Value = serde_json::from_str(
+            &std::fs::read_to_string(job.join(format!("subagents/{i:03}.json"))).unwrap(),
+        )
+        .unwrap();
+        let output = record["output"].as_str().unwrap();
+        if record["completionTokens"].as_u64().unwrap() < 400 {
+            let doc = roxmltree::Document::parse(output).unwrap_or_else(|e| {
+                panic!("subagent {i} finished with malformed SVG ({e}): {output}")
+            });
+            assert_eq!(doc.root_element().tag_name().name(), "svg", "{output}");
+            assert_eq!(record["verdict"]["pass"], true, "{record}");
+            assert!(job.join(format!("subagents/{i:03}.svg")).exists());
+            drawings += 1;
+        } else {
+            assert_eq!(record["verdict"]["pass"], false, "{record}");
+            let issue = record["verdict"]["issues"][0].as_str().unwrap();
+            assert!(issue.contains("not well-formed SVG"), "{record}");
+        }
+    }
+    assert!(drawings > 0, "no subagent finished a drawing:\n{stderr}");
+    let gallery = std::fs::read_to_string(job.join("index.html")).unwrap();
+    assert_eq!(gallery.matches(".svg").count(), drawings, "{gallery}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -11,12 +11,11 @@
 mod mock;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kubeswarm::api::SwarmJobSpec;
 use kubeswarm::swarm::pool::{Pool, Server};
-use kubeswarm::swarm::record::{Store, StoreError};
 use kubeswarm::swarm::{Event, Observer, Options, Run};
 
 const SUBAGENTS: usize = 100;
@@ -24,19 +23,6 @@ const JOBS: usize = 40;
 const CONCURRENCY: usize = 64;
 const SEQUENTIAL_JOBS: usize = 10;
 const RAW_CALLS: usize = 2000;
-
-#[derive(Default)]
-struct Memory(Mutex<BTreeMap<String, String>>);
-
-impl Store for Memory {
-    async fn load(&self) -> Result<BTreeMap<String, String>, StoreError> {
-        Ok(self.0.lock().unwrap().clone())
-    }
-    async fn save(&self, entries: Vec<(String, String)>) -> Result<(), StoreError> {
-        self.0.lock().unwrap().extend(entries);
-        Ok(())
-    }
-}
 
 struct Quiet;
 
@@ -65,7 +51,7 @@ async fn run_jobs(
             name: "bench",
             spec,
             pools,
-            store: &Memory::default(),
+            store: &mock::Memory::default(),
             observer: &Quiet,
             started: Instant::now(),
             suspended,

@@ -10,25 +10,11 @@ use std::time::{Duration, Instant};
 use kubeswarm::api::SwarmJobSpec;
 use kubeswarm::swarm::call::Usage;
 use kubeswarm::swarm::pool::{Pool, Server};
-use kubeswarm::swarm::record::{self, Stage, Store, StoreError, SubagentRecord, VerdictRecord};
+use kubeswarm::swarm::record::{self, Stage, Store, SubagentRecord, VerdictRecord};
 use kubeswarm::swarm::{Event, Observer, Options, Outcome, Reason, Run};
-use mock::{Mock, Reply, is_plan, is_verdict, last_user, text, verdict};
+use mock::{Memory, Mock, Reply, is_plan, is_verdict, last_user, text, verdict};
 use serde_json::Value;
 use tokio::sync::watch;
-
-/// The records of a job, in memory.
-#[derive(Default, Clone)]
-struct Memory(Arc<Mutex<BTreeMap<String, String>>>);
-
-impl Store for Memory {
-    async fn load(&self) -> Result<BTreeMap<String, String>, StoreError> {
-        Ok(self.0.lock().unwrap().clone())
-    }
-    async fn save(&self, entries: Vec<(String, String)>) -> Result<(), StoreError> {
-        self.0.lock().unwrap().extend(entries);
-        Ok(())
-    }
-}
 
 /// Events as text, to assert on order and content.
 #[derive(Default)]

@@ -1,6 +1,8 @@
-//! An OpenAI-compatible server whose every answer a test scripts: text, an HTTP error, a
-//! delay, or no answer at all. It records each request it receives.
+//! Test doubles for the engine: an OpenAI-compatible server whose every answer a test
+//! scripts (text, an HTTP error, a delay, or no answer at all), recording each request it
+//! receives; and a record store in memory.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,7 +13,22 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use kubeswarm::swarm::record::{Store, StoreError};
 use serde_json::{Value, json};
+
+/// The records of a job, in memory.
+#[derive(Default, Clone)]
+pub struct Memory(pub Arc<Mutex<BTreeMap<String, String>>>);
+
+impl Store for Memory {
+    async fn load(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        Ok(self.0.lock().unwrap().clone())
+    }
+    async fn save(&self, entries: Vec<(String, String)>) -> Result<(), StoreError> {
+        self.0.lock().unwrap().extend(entries);
+        Ok(())
+    }
+}
 
 /// What the server does with one request.
 #[derive(Clone, Debug)]

@@ -63,6 +63,10 @@ lint: third-party $(HELM) ## Check formatting, clippy (warnings are errors) and 
 crds: build ## Regenerate crds/ and the chart's copy from the Rust API types
 	$(CARGO_TARGET_DIR)/release/kubeswarm crdgen --out crds --out $(CHART)/crds
 
+.PHONY: kueue-types
+kueue-types: ## Regenerate the Kueue Workload and ResourceFlavor Rust types (kopium, pinned Kueue CRDs)
+	operator/src/kueue/generate
+
 .PHONY: bench
 bench: bench-worker bench-engine ## Run every benchmark
 

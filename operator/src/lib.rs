@@ -2,7 +2,10 @@
 //! company's own GPUs.
 
 pub mod api;
+pub mod controllers;
 pub mod crdgen;
+pub mod kueue;
 pub mod local;
+pub mod metrics;
 pub mod swarm;
 pub mod telemetry;

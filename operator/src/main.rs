@@ -13,6 +13,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the operator: the ModelPool controller, behind a leader Lease.
+    ///
+    /// Uses the in-cluster service account, or the current kubeconfig context outside a
+    /// cluster. Only the replica that holds the Lease acts; it exits if it loses it.
+    Operator {
+        /// Address of /metrics, /healthz and /readyz.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        metrics_addr: std::net::SocketAddr,
+        /// Image of the inference workers, unless a pool's spec.template.image names another.
+        #[arg(long, env = "KUBESWARM_WORKER_IMAGE")]
+        worker_image: String,
+        /// Namespace of the leader Lease; the operator's own namespace.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "kubeswarm-system")]
+        leader_election_namespace: String,
+        /// This replica's identity in the Lease.
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// A label of the operator's pods (KEY=VALUE, repeatable); worker NetworkPolicies
+        /// admit only pods with these labels from the Lease's namespace.
+        #[arg(long = "operator-pod-label", value_name = "KEY=VALUE", value_parser = parse_label,
+              default_values = ["app.kubernetes.io/name=kubeswarm", "app.kubernetes.io/component=operator"])]
+        operator_labels: Vec<(String, String)>,
+    },
     /// Print the CustomResourceDefinitions, or write them into directories.
     ///
     /// Without --out the CRDs go to standard output as one multi-document YAML stream,
@@ -66,9 +89,29 @@ fn parse_pool(value: &str) -> Result<(String, String), String> {
     Ok((name.to_owned(), url.to_owned()))
 }
 
+fn parse_label(value: &str) -> Result<(String, String), String> {
+    value
+        .split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{value}: expected KEY=VALUE"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Operator {
+            metrics_addr,
+            worker_image,
+            leader_election_namespace,
+            identity,
+            operator_labels,
+        } => operator(kubeswarm::controllers::Args {
+            metrics_addr,
+            worker_image,
+            leader_election_namespace,
+            identity: identity.unwrap_or_else(|| format!("kubeswarm-{}", std::process::id())),
+            operator_labels: operator_labels.into_iter().collect(),
+        }),
         Command::Crdgen { out } => crdgen(&out),
         Command::Run {
             manifest,
@@ -106,6 +149,13 @@ fn crdgen(out: &[PathBuf]) -> Result<(), Box<dyn std::error::Error>> {
     for dir in out {
         kubeswarm::crdgen::write(dir, &files)?;
     }
+    Ok(())
+}
+
+fn operator(args: kubeswarm::controllers::Args) -> Result<(), Box<dyn std::error::Error>> {
+    let _telemetry = kubeswarm::telemetry::init("info")?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(kubeswarm::controllers::run(args))?;
     Ok(())
 }
 

@@ -385,8 +385,11 @@ pub struct ModelPoolStatus {
     #[serde(default)]
     pub ready_replicas: i32,
 
-    /// Name of the Kueue Workload that holds this pool's quota, when it has a queue.
+    /// Label selector of the Kueue Workloads that hold this pool's quota, when it has a
+    /// queue: one Workload per replica, named `<pool>-<index>`, so a pool runs with the
+    /// replicas its quota allows. `kubectl get workloads -l <this>` lists them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 320))]
     pub workload: Option<String>,
 
     /// The `metadata.generation` this status describes.

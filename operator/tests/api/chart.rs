@@ -3,58 +3,10 @@
 
 use std::process::Command;
 
-use serde::Deserialize;
 use serde_json::Value;
 
+use crate::helm::{helm, render};
 use crate::support::repo_root;
-
-/// The pinned helm, built into the cache by `e2e/install-tool` (instant once built).
-fn helm() -> String {
-    if let Ok(helm) = std::env::var("HELM") {
-        return helm;
-    }
-    let out = Command::new(repo_root().join("e2e/install-tool"))
-        .arg("helm")
-        .output()
-        .expect("e2e/install-tool runs");
-    assert!(
-        out.status.success(),
-        "installing helm failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("utf-8 path")
-        .trim()
-        .to_owned()
-}
-
-fn render(values: Option<&str>) -> Vec<Value> {
-    let chart = repo_root().join("charts/kubeswarm");
-    let mut cmd = Command::new(helm());
-    cmd.args([
-        "template",
-        "ks",
-        "--namespace",
-        "kubeswarm-system",
-        "--kube-version",
-        "1.33.0",
-    ])
-    .arg(&chart);
-    if let Some(values) = values {
-        cmd.arg("-f").arg(chart.join(values));
-    }
-    let out = cmd.output().expect("helm runs");
-    assert!(
-        out.status.success(),
-        "helm template failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).expect("utf-8");
-    serde_yaml_ng::Deserializer::from_str(&text)
-        .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
-        .filter(|doc| !doc.is_null())
-        .collect()
-}
 
 fn find<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
     docs.iter().filter(|d| d["kind"] == kind).collect()

@@ -6,4 +6,6 @@ mod chart;
 mod crds;
 mod defaults;
 mod examples;
+#[path = "../shared/helm.rs"]
+mod helm;
 mod support;

@@ -1,0 +1,166 @@
+//! Conditions as Kubernetes expects them: one per type, `lastTransitionTime` moved only
+//! when the status changes, `observedGeneration` on each.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+/// A condition as a controller decides it, before times and generations.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Desired {
+    pub type_: &'static str,
+    pub status: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Desired {
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            type_,
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Condition messages stay well under the API's 32 KiB bound and readable in `kubectl get`.
+const MAX_MESSAGE: usize = 1024;
+
+fn status_word(status: bool) -> &'static str {
+    if status { "True" } else { "False" }
+}
+
+/// The conditions to store: `desired` in order, keeping each old condition's transition
+/// time when its status is unchanged.
+pub fn merge(
+    old: &[Condition],
+    desired: &[Desired],
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    desired
+        .iter()
+        .map(|d| {
+            let status = status_word(d.status);
+            let previous = old.iter().find(|c| c.type_ == d.type_);
+            let last_transition_time = match previous {
+                Some(p) if p.status == status => p.last_transition_time.clone(),
+                _ => Time(now),
+            };
+            let mut message = d.message.clone();
+            if message.len() > MAX_MESSAGE {
+                let mut end = MAX_MESSAGE;
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                message.truncate(end);
+            }
+            Condition {
+                type_: d.type_.to_owned(),
+                status: status.to_owned(),
+                reason: d.reason.to_owned(),
+                message,
+                last_transition_time,
+                observed_generation: generation,
+            }
+        })
+        .collect()
+}
+
+/// The conditions of `new` whose status or reason differs from `old`: one Event each.
+pub fn transitions<'a>(old: &[Condition], new: &'a [Condition]) -> Vec<&'a Condition> {
+    new.iter()
+        .filter(|n| {
+            !old.iter()
+                .any(|o| o.type_ == n.type_ && o.status == n.status && o.reason == n.reason)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(seconds).unwrap()
+    }
+
+    #[test]
+    fn transition_time_moves_only_when_the_status_changes() {
+        let first = merge(
+            &[],
+            &[Desired::new("Available", false, "Starting", "0 of 1")],
+            Some(1),
+            at(100),
+        );
+        assert_eq!(first[0].last_transition_time, Time(at(100)));
+
+        let same = merge(
+            &first,
+            &[Desired::new("Available", false, "Loading", "still 0 of 1")],
+            Some(2),
+            at(200),
+        );
+        assert_eq!(
+            same[0].last_transition_time,
+            Time(at(100)),
+            "reason and message changes keep the time"
+        );
+        assert_eq!(same[0].reason, "Loading");
+        assert_eq!(same[0].observed_generation, Some(2));
+
+        let flipped = merge(
+            &same,
+            &[Desired::new("Available", true, "Ready", "1 of 1")],
+            Some(2),
+            at(300),
+        );
+        assert_eq!(flipped[0].last_transition_time, Time(at(300)));
+    }
+
+    #[test]
+    fn an_event_per_status_or_reason_change() {
+        let old = merge(
+            &[],
+            &[
+                Desired::new("Available", false, "Starting", ""),
+                Desired::new("Degraded", false, "AsExpected", ""),
+            ],
+            None,
+            at(1),
+        );
+        let new = merge(
+            &old,
+            &[
+                Desired::new("Available", false, "Starting", "other message"),
+                Desired::new("Degraded", true, "PodFailing", "w-0: CrashLoopBackOff"),
+            ],
+            None,
+            at(2),
+        );
+        let changed: Vec<&str> = transitions(&old, &new)
+            .iter()
+            .map(|c| c.type_.as_str())
+            .collect();
+        assert_eq!(changed, ["Degraded"]);
+    }
+
+    #[test]
+    fn long_messages_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(MAX_MESSAGE);
+        let merged = merge(
+            &[],
+            &[Desired::new("Degraded", true, "PodFailing", long)],
+            None,
+            at(1),
+        );
+        assert!(merged[0].message.len() <= MAX_MESSAGE);
+        assert!(merged[0].message.chars().all(|c| c == 'é'));
+    }
+}

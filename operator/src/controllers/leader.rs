@@ -1,0 +1,161 @@
+//! Leader election on a `coordination.k8s.io` Lease, so that of several operator replicas
+//! exactly one reconciles. Every write carries the Lease's resourceVersion: two replicas
+//! that race for an expired Lease cannot both win.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, ObjectMeta, PostParams};
+use tracing::info;
+
+/// How long a leader's claim lasts without renewal; it renews at a third of that.
+pub const LEASE_DURATION: Duration = Duration::from_secs(15);
+
+pub struct Elector {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+}
+
+/// What a Lease, read at `now`, allows `identity` to do.
+fn may_hold(lease: &Lease, identity: &str, now: Timestamp) -> bool {
+    let Some(spec) = &lease.spec else { return true };
+    let holder = spec.holder_identity.as_deref().unwrap_or("");
+    if holder.is_empty() || holder == identity {
+        return true;
+    }
+    let duration = i64::from(
+        spec.lease_duration_seconds
+            .unwrap_or(LEASE_DURATION.as_secs() as i32),
+    );
+    match &spec.renew_time {
+        Some(MicroTime(renewed)) => *renewed + SignedDuration::from_secs(duration) < now,
+        None => true,
+    }
+}
+
+impl Elector {
+    pub fn new(client: kube::Client, namespace: &str, name: &str, identity: String) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            name: name.to_owned(),
+            identity,
+        }
+    }
+
+    /// Claims or renews the Lease; `Ok(false)` while another replica holds it.
+    pub async fn try_hold(&self) -> Result<bool, kube::Error> {
+        let now = Timestamp::now();
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(self.spec(now, now, 0)),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+                Err(err) => Err(err),
+            };
+        };
+        if !may_hold(&lease, &self.identity, now) {
+            return Ok(false);
+        }
+        let previous = lease.spec.clone().unwrap_or_default();
+        let ours = previous.holder_identity.as_deref() == Some(self.identity.as_str());
+        let acquired = match (ours, &previous.acquire_time) {
+            (true, Some(MicroTime(at))) => *at,
+            _ => now,
+        };
+        let transitions = previous.lease_transitions.unwrap_or(0) + i32::from(!ours);
+        lease.spec = Some(self.spec(now, acquired, transitions));
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => {
+                if !ours {
+                    info!(lease = %self.name, identity = %self.identity, "became the leader");
+                }
+                Ok(true)
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
+    fn spec(&self, now: Timestamp, acquired: Timestamp, transitions: i32) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(self.identity.clone()),
+            lease_duration_seconds: Some(LEASE_DURATION.as_secs() as i32),
+            acquire_time: Some(MicroTime(acquired)),
+            renew_time: Some(MicroTime(now)),
+            lease_transitions: Some(transitions),
+            ..LeaseSpec::default()
+        }
+    }
+
+    /// Waits until this replica holds the Lease.
+    pub async fn acquire(&self) -> Result<(), kube::Error> {
+        loop {
+            if self.try_hold().await? {
+                return Ok(());
+            }
+            tokio::time::sleep(LEASE_DURATION / 3).await;
+        }
+    }
+
+    /// Renews the Lease until a renewal fails for longer than the Lease lasts; then
+    /// another replica may hold it, and this one must stop acting.
+    pub async fn keep(&self) -> String {
+        let mut last = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(LEASE_DURATION / 3).await;
+            match self.try_hold().await {
+                Ok(true) => last = tokio::time::Instant::now(),
+                Ok(false) => return format!("another replica holds Lease {}", self.name),
+                Err(err) if last.elapsed() > LEASE_DURATION => {
+                    return format!(
+                        "could not renew Lease {} for {LEASE_DURATION:?}: {err}",
+                        self.name
+                    );
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(holder: &str, renewed: i64) -> Lease {
+        Lease {
+            metadata: ObjectMeta::default(),
+            spec: Some(LeaseSpec {
+                holder_identity: Some(holder.to_owned()),
+                lease_duration_seconds: Some(15),
+                renew_time: Some(MicroTime(Timestamp::from_second(renewed).unwrap())),
+                ..LeaseSpec::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_lease_is_taken_only_from_a_holder_that_stopped_renewing() {
+        let now = Timestamp::from_second(1_000).unwrap();
+        assert!(may_hold(&lease("me", 999), "me", now), "our own lease");
+        assert!(
+            !may_hold(&lease("other", 990), "me", now),
+            "renewed 10 s ago, lasts 15 s"
+        );
+        assert!(may_hold(&lease("other", 980), "me", now), "expired 5 s ago");
+        assert!(may_hold(&lease("", 999), "me", now), "released");
+    }
+}

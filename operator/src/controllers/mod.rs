@@ -1,0 +1,163 @@
+//! The operator: kube-runtime controllers behind a leader Lease, with /metrics and probes.
+
+pub mod conditions;
+pub mod leader;
+pub mod model_pool;
+
+/// The one field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "kubeswarm";
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::Api;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::api::ModelPool;
+use crate::kueue::Workload;
+use crate::metrics::Metrics;
+
+/// How the operator runs.
+pub struct Args {
+    pub metrics_addr: SocketAddr,
+    pub worker_image: String,
+    pub leader_election_namespace: String,
+    /// This replica's name in the Lease: its pod name in a cluster.
+    pub identity: String,
+    /// Labels of the operator's pods, which the workers' NetworkPolicy admits.
+    pub operator_labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error("connecting to the Kubernetes API")]
+    Client(#[source] kube::Error),
+    #[error("serving metrics on {addr}")]
+    Metrics {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("acquiring the leader Lease")]
+    Lease(#[source] kube::Error),
+    #[error("lost the leadership: {0}")]
+    LostLease(String),
+}
+
+/// The name of the Lease the replicas compete for.
+const LEASE_NAME: &str = "kubeswarm-operator";
+
+/// Runs the operator until SIGTERM, or until it loses the leader Lease (then it exits, so
+/// that no two replicas ever act at once).
+pub async fn run(args: Args) -> Result<(), RunError> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(RunError::Client)?;
+    let metrics = Arc::new(Metrics::default());
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(|source| RunError::Metrics {
+            addr: args.metrics_addr,
+            source,
+        })?;
+    tokio::spawn(serve_metrics(listener, metrics.clone()));
+
+    let elector = leader::Elector::new(
+        client.clone(),
+        &args.leader_election_namespace,
+        LEASE_NAME,
+        args.identity.clone(),
+    );
+    info!(identity = %args.identity, "waiting for the leader Lease");
+    elector.acquire().await.map_err(RunError::Lease)?;
+
+    let ctx = Arc::new(model_pool::Context {
+        client: client.clone(),
+        settings: model_pool::build::Settings {
+            worker_image: args.worker_image,
+            operator_namespace: args.leader_election_namespace,
+            operator_labels: args.operator_labels,
+        },
+        http: reqwest::Client::new(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "kubeswarm".to_owned(),
+                instance: Some(args.identity),
+            },
+        ),
+        metrics,
+    });
+    let children = watcher::Config::default().labels("app.kubernetes.io/managed-by=kubeswarm");
+    let mut controller = Controller::new(
+        Api::<ModelPool>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .owns(Api::<Pod>::all(client.clone()), children.clone())
+    .owns(Api::<Service>::all(client.clone()), children.clone())
+    .owns(Api::<NetworkPolicy>::all(client.clone()), children.clone());
+    if kueue_served(&client).await {
+        controller = controller.owns(Api::<Workload>::all(client.clone()), children);
+    } else {
+        info!(
+            "Kueue's Workload API is not served: pools with spec.queueName report KueueNotInstalled"
+        );
+    }
+    let pools = controller
+        .shutdown_on_signal()
+        .run(model_pool::reconcile, model_pool::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                warn!(%err, "controller");
+            }
+        });
+    tokio::select! {
+        () = pools => Ok(()),
+        lost = elector.keep() => Err(RunError::LostLease(lost)),
+    }
+}
+
+async fn kueue_served(client: &kube::Client) -> bool {
+    use kube::Resource;
+    let group = Workload::group(&());
+    match client
+        .list_api_group_resources(&format!("{group}/{}", Workload::version(&())))
+        .await
+    {
+        Ok(list) => list.resources.iter().any(|r| r.name == "workloads"),
+        Err(_) => false,
+    }
+}
+
+async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.render(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ok" }));
+    if let Err(err) = axum::serve(listener, app).await {
+        warn!(%err, "metrics server stopped");
+    }
+}

@@ -1,0 +1,540 @@
+//! The ModelPool controller: worker pods (admitted through Kueue when the pool names a
+//! queue), their headless Service and NetworkPolicy, and a status that says what is wrong.
+//!
+//! Each reconcile reads the pool's children, builds what they should be (`build`), writes
+//! only the differences, and derives the status (`status`). A child is identified by its
+//! deterministic name and carries a hash of what it was built from: a changed hash
+//! replaces it, an equal one is left alone, so a second reconcile of the same state writes
+//! nothing.
+
+pub mod build;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use thiserror::Error;
+use tracing::{Instrument, info, warn};
+
+use self::build::{Placement, Settings};
+use self::status::{Admission, Replica};
+use crate::api::{ModelPool, ModelPoolStatus};
+use crate::controllers::FIELD_MANAGER;
+use crate::controllers::conditions::{self, Desired};
+use crate::kueue::{self, ResourceFlavor, Workload};
+use crate::metrics::Metrics;
+
+/// How often an external endpoint is probed, and a pool rechecked without any change.
+const EXTERNAL_PROBE: Duration = Duration::from_secs(30);
+const RESYNC: Duration = Duration::from_secs(300);
+/// How often a pool whose queue needs a missing Kueue looks again.
+const KUEUE_RECHECK: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("{action} {kind} {name}: {source}")]
+    Api {
+        action: &'static str,
+        kind: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    /// A short label for the reconcile-error metric.
+    pub fn kind(&self) -> &str {
+        match self {
+            Error::Api { kind, .. } => kind,
+        }
+    }
+}
+
+fn api_error(
+    action: &'static str,
+    kind: impl Into<String>,
+    name: impl Into<String>,
+) -> impl FnOnce(kube::Error) -> Error {
+    let (kind, name) = (kind.into(), name.into());
+    move |source| Error::Api {
+        action,
+        kind,
+        name,
+        source,
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: kube::Client,
+    pub settings: Settings,
+    pub http: reqwest::Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The controller's entry point: one span, one timer, then the pipeline.
+pub async fn reconcile(pool: Arc<ModelPool>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let span = tracing::info_span!("reconcile", kind = "ModelPool", namespace = %pool.namespace().unwrap_or_default(), name = %pool.name_any());
+    let _timer = ctx.metrics.reconcile_timer("ModelPool");
+    ctx.metrics.reconciled("ModelPool");
+    async move { Reconciler::new(&pool, &ctx).run().await }
+        .instrument(span)
+        .await
+}
+
+/// Transient errors back off per object; kube-runtime retries after the returned delay.
+pub fn error_policy(pool: Arc<ModelPool>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(pool = %pool.name_any(), %error, "reconcile failed");
+    ctx.metrics.reconcile_failed("ModelPool", error.kind());
+    Action::requeue(Duration::from_secs(10))
+}
+
+struct Reconciler<'a> {
+    pool: &'a ModelPool,
+    ctx: &'a Context,
+    namespace: String,
+}
+
+impl<'a> Reconciler<'a> {
+    fn new(pool: &'a ModelPool, ctx: &'a Context) -> Self {
+        Self {
+            pool,
+            ctx,
+            namespace: pool.namespace().unwrap_or_default(),
+        }
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.ctx.client.clone(), &self.namespace)
+    }
+
+    async fn run(&self) -> Result<Action, Error> {
+        if let Some(external) = &self.pool.spec.external {
+            let probe = probe(&self.ctx.http, &external.url, &external.model).await;
+            self.update_status(
+                status::external(&external.url, &external.model, probe),
+                0,
+                0,
+            )
+            .await?;
+            return Ok(Action::requeue(EXTERNAL_PROBE));
+        }
+        let template = match build::worker_template(self.pool, &self.ctx.settings) {
+            Ok(template) => template,
+            Err(invalid) => {
+                self.update_status(status::invalid(invalid.to_string()), 0, 0)
+                    .await?;
+                return Ok(Action::await_change());
+            }
+        };
+        self.ensure(build::service(self.pool)).await?;
+        self.ensure(build::network_policy(self.pool, &self.ctx.settings))
+            .await?;
+
+        let name = self.pool.name_any();
+        let selector = ListParams::default().labels(&format!("{}={name}", build::POOL_LABEL));
+        let pods: BTreeMap<String, Pod> = self
+            .api::<Pod>()
+            .list(&selector)
+            .await
+            .map_err(api_error("list", "Pod", &name))?
+            .into_iter()
+            .map(|p| (p.name_any(), p))
+            .collect();
+        let desired = self.pool.spec.replicas;
+        let queue = self.pool.spec.queue_name.as_deref();
+        let workloads: BTreeMap<String, Workload> = match queue {
+            None => BTreeMap::new(),
+            Some(queue) => match self.api::<Workload>().list(&selector).await {
+                Ok(list) => list.into_iter().map(|w| (w.name_any(), w)).collect(),
+                Err(err) if kueue::is_not_installed(&err) => {
+                    self.update_status(status::kueue_missing(queue), 0, 0)
+                        .await?;
+                    return Ok(Action::requeue(KUEUE_RECHECK));
+                }
+                Err(err) => return Err(api_error("list", "Workload", &name)(err)),
+            },
+        };
+
+        let mut replicas = Vec::new();
+        for index in 0..desired {
+            let replica_name = build::replica_name(self.pool, index);
+            let pod = pods.get(&replica_name);
+            let admission = match queue {
+                None => Admission::Direct,
+                Some(_) => {
+                    let want = build::workload(self.pool, &template, index);
+                    self.sync_workload(want, workloads.get(&replica_name), pod)
+                        .await?
+                }
+            };
+            let health = match &admission {
+                Admission::Direct | Admission::Admitted => {
+                    let placement = match workloads.get(&replica_name) {
+                        Some(wl) => self.placement(wl).await?,
+                        None => Placement::default(),
+                    };
+                    let want = build::pod(self.pool, &template, index, &placement);
+                    self.sync_pod(want, pod).await?
+                }
+                Admission::Waiting(_) | Admission::Evicted { .. } => None,
+            };
+            replicas.push(Replica {
+                name: replica_name,
+                admission,
+                pod: health,
+            });
+        }
+        // Replicas past spec.replicas: a scale-down. Their Workloads go with them, so the
+        // quota returns to the queue.
+        for (pod_name, _) in pods.iter().filter(|(_, p)| beyond(*p, desired)) {
+            self.delete::<Pod>(pod_name).await?;
+        }
+        for (wl_name, _) in workloads.iter().filter(|(_, w)| beyond(*w, desired)) {
+            self.delete::<Workload>(wl_name).await?;
+        }
+        let (conditions, ready) = status::workers(desired, queue.is_some(), &replicas);
+        self.update_status(conditions, desired, ready).await?;
+        Ok(Action::requeue(RESYNC))
+    }
+
+    /// Creates or replaces a namespaced child whose build hash differs from what exists.
+    async fn ensure<K>(&self, want: K) -> Result<(), Error>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::Serialize
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let name = want.name_any();
+        let api = self.api::<K>();
+        let kind = K::kind(&()).into_owned();
+        let current = api
+            .get_opt(&name)
+            .await
+            .map_err(api_error("get", &kind, &name))?;
+        if current.as_ref().and_then(build::built_hash) == build::built_hash(&want) {
+            return Ok(());
+        }
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(typed(&want)),
+        )
+        .await
+        .map_err(api_error("apply", kind, &name))?;
+        Ok(())
+    }
+
+    /// Keeps replica `want`'s Workload as built, and reads where it stands with Kueue.
+    async fn sync_workload(
+        &self,
+        want: Workload,
+        current: Option<&Workload>,
+        pod: Option<&Pod>,
+    ) -> Result<Admission, Error> {
+        let name = want.name_any();
+        let Some(current) = current.filter(|c| build::built_hash(*c) == build::built_hash(&want))
+        else {
+            // Kueue refuses changes to the pod sets of an admitted Workload: a changed
+            // template is a new Workload, queued again.
+            if current.is_some() {
+                if pod.is_some() {
+                    self.delete::<Pod>(&name).await?;
+                }
+                self.delete::<Workload>(&name).await?;
+            }
+            self.api::<Workload>()
+                .create(
+                    &PostParams {
+                        field_manager: Some(FIELD_MANAGER.to_owned()),
+                        ..Default::default()
+                    },
+                    &want,
+                )
+                .await
+                .map_err(api_error("create", "Workload", &name))?;
+            return Ok(Admission::Waiting(
+                "the Workload was just created; Kueue has not looked at it yet".to_owned(),
+            ));
+        };
+        let admission = kueue::admission_state(current);
+        match &admission {
+            Admission::Evicted { .. } => {
+                // Kueue's protocol: stop the pods, then give the admission back so the
+                // workload that evicted this one gets the quota.
+                if pod.is_some() {
+                    self.delete::<Pod>(&name).await?;
+                } else if current
+                    .status
+                    .as_ref()
+                    .is_some_and(|s| s.admission.is_some())
+                {
+                    self.patch_workload_status(
+                        current,
+                        kueue::release_admission(current, Timestamp::now()),
+                    )
+                    .await?;
+                }
+            }
+            Admission::Admitted => {
+                let ready = pod.is_some_and(|p| status::pod_health(p).ready);
+                if kueue::pods_ready(current) != Some(ready) {
+                    self.patch_workload_status(
+                        current,
+                        kueue::report_pods_ready(current, ready, Timestamp::now()),
+                    )
+                    .await?;
+                }
+            }
+            Admission::Waiting(_) | Admission::Direct => {
+                if pod.is_some() {
+                    self.delete::<Pod>(&name).await?;
+                }
+            }
+        }
+        Ok(admission)
+    }
+
+    /// The admitted flavors' node labels and tolerations.
+    async fn placement(&self, workload: &Workload) -> Result<Placement, Error> {
+        let flavors: Api<ResourceFlavor> = Api::all(self.ctx.client.clone());
+        let mut placement = Placement::default();
+        for flavor in kueue::admitted_flavors(workload) {
+            let found =
+                flavors
+                    .get(&flavor)
+                    .await
+                    .map_err(api_error("get", "ResourceFlavor", &flavor))?;
+            kueue::add_flavor(&mut placement, &found);
+        }
+        Ok(placement)
+    }
+
+    /// Creates replica `want`'s pod if it is missing, or deletes it to be created again
+    /// when its spec changed (pod specs are immutable). Returns how the pod is doing.
+    async fn sync_pod(
+        &self,
+        want: Pod,
+        current: Option<&Pod>,
+    ) -> Result<Option<status::PodHealth>, Error> {
+        let name = want.name_any();
+        match current {
+            Some(pod) if build::built_hash(pod) == build::built_hash(&want) => {
+                Ok(Some(status::pod_health(pod)))
+            }
+            Some(_) => {
+                self.delete::<Pod>(&name).await?;
+                Ok(None)
+            }
+            None => {
+                self.api::<Pod>()
+                    .create(
+                        &PostParams {
+                            field_manager: Some(FIELD_MANAGER.to_owned()),
+                            ..Default::default()
+                        },
+                        &want,
+                    )
+                    .await
+                    .map_err(api_error("create", "Pod", &name))?;
+                Ok(Some(status::PodHealth {
+                    ready: false,
+                    failure: None,
+                }))
+            }
+        }
+    }
+
+    async fn delete<K>(&self, name: &str) -> Result<(), Error>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        match self
+            .api::<K>()
+            .delete(name, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(err) => Err(api_error("delete", K::kind(&()), name)(err)),
+        }
+    }
+
+    async fn patch_workload_status(
+        &self,
+        current: &Workload,
+        status: serde_json::Value,
+    ) -> Result<(), Error> {
+        let name = current.name_any();
+        // A merge patch replaces the conditions list whole; the resourceVersion makes the
+        // API server refuse it if Kueue changed the Workload since it was read.
+        let patch = json!({
+            "metadata": {"resourceVersion": current.resource_version()},
+            "status": status,
+        });
+        self.api::<Workload>()
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(api_error("patch status of", "Workload", &name))?;
+        Ok(())
+    }
+
+    /// Writes the status when it differs from the stored one, with an Event per condition
+    /// transition.
+    async fn update_status(
+        &self,
+        desired: Vec<Desired>,
+        replicas: i32,
+        ready: i32,
+    ) -> Result<(), Error> {
+        let old = self.pool.status.clone().unwrap_or_default();
+        let generation = self.pool.metadata.generation;
+        let conditions = conditions::merge(&old.conditions, &desired, generation, Timestamp::now());
+        let new = ModelPoolStatus {
+            conditions,
+            replicas,
+            ready_replicas: ready,
+            workload: self
+                .pool
+                .spec
+                .queue_name
+                .as_ref()
+                .map(|_| format!("{}={}", build::POOL_LABEL, self.pool.name_any())),
+            observed_generation: generation,
+        };
+        if same_status(&old, &new) {
+            return Ok(());
+        }
+        let name = self.pool.name_any();
+        let patch = json!({
+            "apiVersion": ModelPool::api_version(&()),
+            "kind": ModelPool::kind(&()),
+            "status": new,
+        });
+        self.api::<ModelPool>()
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(api_error("apply status of", "ModelPool", &name))?;
+        for changed in conditions::transitions(&old.conditions, &new.conditions) {
+            self.publish(changed).await;
+        }
+        self.ctx
+            .metrics
+            .pool_conditions(&self.namespace, &name, &new.conditions);
+        Ok(())
+    }
+
+    async fn publish(&self, condition: &Condition) {
+        let bad = (condition.type_ == status::DEGRADED && condition.status == "True")
+            || (condition.type_ == status::AVAILABLE && condition.status == "False");
+        let event = Event {
+            type_: if bad {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: condition.reason.clone(),
+            note: Some(format!(
+                "{}={}: {}",
+                condition.type_, condition.status, condition.message
+            )),
+            action: format!("Set{}", condition.type_),
+            secondary: None,
+        };
+        // An Event is a courtesy: failing to write one must not fail the reconcile.
+        if let Err(err) = self
+            .ctx
+            .recorder
+            .publish(&event, &self.pool.object_ref(&()))
+            .await
+        {
+            warn!(%err, "could not publish an Event");
+        } else {
+            info!(condition = %condition.type_, status = %condition.status, reason = %condition.reason, "condition changed");
+        }
+    }
+}
+
+/// The stored status equals the new one, transition times aside (merge keeps them when
+/// nothing changed, so equal conditions compare equal).
+fn same_status(old: &ModelPoolStatus, new: &ModelPoolStatus) -> bool {
+    old == new
+}
+
+/// A child whose replica label is at or past `replicas`.
+fn beyond<K: Resource>(child: &K, replicas: i32) -> bool {
+    child
+        .meta()
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(build::REPLICA_LABEL))
+        .and_then(|i| i.parse::<i32>().ok())
+        .is_some_and(|index| index >= replicas)
+}
+
+/// A typed object with apiVersion and kind set, for server-side apply.
+fn typed<K: Resource<DynamicType = ()> + serde::Serialize>(object: &K) -> serde_json::Value {
+    let mut value = serde_json::to_value(object).expect("built objects serialize");
+    value["apiVersion"] = json!(K::api_version(&()));
+    value["kind"] = json!(K::kind(&()));
+    value
+}
+
+/// Asks an OpenAI-compatible endpoint whether it serves `model`.
+async fn probe(http: &reqwest::Client, url: &str, model: &str) -> Result<(), String> {
+    let models_url = format!("{}/models", url.trim_end_matches('/'));
+    let response = http
+        .get(&models_url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|err| format!("GET {models_url}: {err}"))?;
+    if !response.status().is_success() {
+        return Err(format!("GET {models_url}: HTTP {}", response.status()));
+    }
+    let body: serde_json::Value = response
+        .json()
+        .await
+        .map_err(|err| format!("GET {models_url}: not an OpenAI model list: {err}"))?;
+    let served: Vec<&str> = body["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    if served.contains(&model) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{url} does not serve {model} (it serves: {}): fix spec.external.model",
+            if served.is_empty() {
+                "nothing".to_owned()
+            } else {
+                served.join(", ")
+            }
+        ))
+    }
+}

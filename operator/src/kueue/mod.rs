@@ -1,0 +1,224 @@
+//! Kueue's Workload and ResourceFlavor (types generated from the pinned release's CRDs by
+//! `generate`), and the part of Kueue's protocol an integration owns: reading admission,
+//! reporting PodsReady, and giving an evicted Workload's admission back.
+
+use k8s_openapi::api::core::v1::Toleration;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use serde_json::{Value, json};
+
+use crate::controllers::model_pool::build::Placement;
+use crate::controllers::model_pool::status::Admission;
+
+#[allow(clippy::all, missing_docs)]
+mod workload {
+    // The generated pod set refers to its template by this name; Kubernetes' own type is
+    // what Kueue stores there.
+    use k8s_openapi::api::core::v1::PodTemplateSpec as WorkloadPodSetsTemplate;
+    include!("generated/workload.rs");
+}
+
+#[allow(clippy::all, missing_docs)]
+mod resource_flavor {
+    include!("generated/resource_flavor.rs");
+}
+
+pub use resource_flavor::{ResourceFlavor, ResourceFlavorSpec, ResourceFlavorTolerations};
+pub use workload::{
+    Workload, WorkloadPodSets, WorkloadPriorityClassSource, WorkloadSpec, WorkloadStatus,
+    WorkloadStatusAdmission, WorkloadStatusAdmissionPodSetAssignments,
+};
+
+const QUOTA_RESERVED: &str = "QuotaReserved";
+const ADMITTED: &str = "Admitted";
+const EVICTED: &str = "Evicted";
+const PODS_READY: &str = "PodsReady";
+
+fn condition<'a>(workload: &'a Workload, type_: &str) -> Option<&'a Condition> {
+    workload
+        .status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+fn is_true(workload: &Workload, type_: &str) -> bool {
+    condition(workload, type_).is_some_and(|c| c.status == "True")
+}
+
+/// Where a Workload stands, as the pool's status reports it.
+pub fn admission_state(workload: &Workload) -> Admission {
+    let admitted = workload
+        .status
+        .as_ref()
+        .is_some_and(|s| s.admission.is_some());
+    if let Some(evicted) = condition(workload, EVICTED).filter(|c| c.status == "True")
+        && admitted
+    {
+        return Admission::Evicted {
+            reason: evicted.reason.clone(),
+            message: evicted.message.clone(),
+        };
+    }
+    if admitted && is_true(workload, ADMITTED) {
+        return Admission::Admitted;
+    }
+    let message = condition(workload, QUOTA_RESERVED)
+        .filter(|c| c.status == "False" && !c.message.is_empty())
+        .map(|c| c.message.clone())
+        .unwrap_or_else(|| "waiting for Kueue to reserve quota".to_owned());
+    Admission::Waiting(message)
+}
+
+/// The names of the flavors Kueue admitted the Workload's pods on.
+pub fn admitted_flavors(workload: &Workload) -> Vec<String> {
+    let mut flavors: Vec<String> = workload
+        .status
+        .as_ref()
+        .and_then(|s| s.admission.as_ref())
+        .into_iter()
+        .flat_map(|a| &a.pod_set_assignments)
+        .flat_map(|p| p.flavors.iter().flatten().map(|(_, flavor)| flavor.clone()))
+        .collect();
+    flavors.sort();
+    flavors.dedup();
+    flavors
+}
+
+/// Adds a flavor's node labels and tolerations to a placement, as Kueue does for the pods
+/// of the jobs it admits.
+pub fn add_flavor(placement: &mut Placement, flavor: &ResourceFlavor) {
+    placement
+        .node_labels
+        .extend(flavor.spec.node_labels.clone().unwrap_or_default());
+    for t in flavor.spec.tolerations.iter().flatten() {
+        placement.tolerations.push(Toleration {
+            key: t.key.clone(),
+            operator: t.operator.clone(),
+            value: t.value.clone(),
+            effect: t.effect.clone(),
+            toleration_seconds: t.toleration_seconds,
+        });
+    }
+}
+
+/// The PodsReady the Workload reports, if any.
+pub fn pods_ready(workload: &Workload) -> Option<bool> {
+    condition(workload, PODS_READY).map(|c| c.status == "True")
+}
+
+/// `conditions` with `new` in place of its type's condition, keeping the transition time
+/// when the status is unchanged.
+fn set_condition(conditions: &[Condition], mut new: Condition) -> Vec<Condition> {
+    let mut out: Vec<Condition> = conditions
+        .iter()
+        .filter(|c| c.type_ != new.type_)
+        .cloned()
+        .collect();
+    if let Some(old) = conditions.iter().find(|c| c.type_ == new.type_)
+        && old.status == new.status
+    {
+        new.last_transition_time = old.last_transition_time.clone();
+    }
+    out.push(new);
+    out
+}
+
+fn new_condition(
+    workload: &Workload,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) -> Condition {
+    Condition {
+        type_: type_.to_owned(),
+        status: if status { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message: message.to_owned(),
+        last_transition_time: Time(now),
+        observed_generation: workload.metadata.generation,
+    }
+}
+
+fn conditions(workload: &Workload) -> Vec<Condition> {
+    workload
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.clone())
+        .unwrap_or_default()
+}
+
+/// The status patch that reports whether the admitted pods are ready; Kueue's
+/// waitForPodsReady reads it.
+pub fn report_pods_ready(workload: &Workload, ready: bool, now: Timestamp) -> Value {
+    let condition = if ready {
+        new_condition(
+            workload,
+            PODS_READY,
+            true,
+            "PodsReady",
+            "All pods reached readiness and the workload is running",
+            now,
+        )
+    } else {
+        new_condition(
+            workload,
+            PODS_READY,
+            false,
+            "WaitForStart",
+            "Not all pods are ready or succeeded",
+            now,
+        )
+    };
+    json!({"conditions": set_condition(&conditions(workload), condition)})
+}
+
+/// The status patch that gives an evicted Workload's admission back once its pods are
+/// gone: no admission, QuotaReserved false, Admitted false. Kueue then requeues it, and
+/// the workload that caused the eviction gets the quota.
+pub fn release_admission(workload: &Workload, now: Timestamp) -> Value {
+    let why = condition(workload, EVICTED)
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    let mut list = conditions(workload);
+    list = set_condition(
+        &list,
+        new_condition(workload, QUOTA_RESERVED, false, "Pending", &why, now),
+    );
+    if list.iter().any(|c| c.type_ == ADMITTED) {
+        list = set_condition(
+            &list,
+            new_condition(
+                workload,
+                ADMITTED,
+                false,
+                "NoReservation",
+                "The workload has no reservation",
+                now,
+            ),
+        );
+    }
+    if list.iter().any(|c| c.type_ == PODS_READY) {
+        list = set_condition(
+            &list,
+            new_condition(
+                workload,
+                PODS_READY,
+                false,
+                "WaitForStart",
+                "The workload was evicted",
+                now,
+            ),
+        );
+    }
+    json!({"admission": null, "conditions": list})
+}
+
+/// An error that means the cluster does not serve Kueue's Workload API.
+pub fn is_not_installed(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 404)
+}

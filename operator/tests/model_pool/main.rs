@@ -1,0 +1,904 @@
+//! The ModelPool controller against a mock API server: each scenario lists the exact
+//! requests one reconcile makes, in order, and what the server answers. A request the
+//! scenario does not list fails the test, so these also prove what is *not* written; and
+//! every request must be one the chart's RBAC allows.
+
+#[path = "../shared/helm.rs"]
+mod helm;
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use http::{Method, Request, Response};
+use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
+use kube::ResourceExt;
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use kubeswarm::api::{ModelPool, ModelPoolSpec, ModelPoolStatus};
+use kubeswarm::controllers::model_pool::build::{self, Placement, Settings};
+use kubeswarm::controllers::model_pool::{Context, reconcile};
+use kubeswarm::kueue::Workload;
+use kubeswarm::metrics::Metrics;
+use serde_json::{Value, json};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+type Check = Box<dyn FnOnce(&Value) + Send>;
+
+/// One request the reconcile must make, and the answer it gets.
+struct Step {
+    method: Method,
+    path: String,
+    code: u16,
+    reply: Value,
+    check: Option<Check>,
+}
+
+fn step(method: Method, path: &str, code: u16, reply: Value) -> Step {
+    Step {
+        method,
+        path: path.to_owned(),
+        code,
+        reply,
+        check: None,
+    }
+}
+
+impl Step {
+    fn check(mut self, check: impl FnOnce(&Value) + Send + 'static) -> Self {
+        self.check = Some(Box::new(check));
+        self
+    }
+}
+
+const NS: &str = "team-a";
+const SVC: &str = "/api/v1/namespaces/team-a/services/gemma-workers";
+const NETPOL: &str = "/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/gemma-workers";
+const PODS: &str = "/api/v1/namespaces/team-a/pods";
+const WORKLOADS: &str = "/apis/kueue.x-k8s.io/v1beta1/namespaces/team-a/workloads";
+const STATUS: &str = "/apis/kubeswarm.dev/v1alpha1/namespaces/team-a/modelpools/gemma/status";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/team-a/events";
+const FLAVOR: &str = "/apis/kueue.x-k8s.io/v1beta1/resourceflavors/h100";
+
+fn not_found() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+}
+
+fn list(kind: &str, items: Vec<Value>) -> Value {
+    json!({"kind": format!("{kind}List"), "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items})
+}
+
+fn settings() -> Settings {
+    Settings {
+        worker_image: "ghcr.io/kubeswarm/inference-worker:0.1.0".to_owned(),
+        operator_namespace: "kubeswarm-system".to_owned(),
+        operator_labels: [("app.kubernetes.io/name".to_owned(), "kubeswarm".to_owned())].into(),
+    }
+}
+
+fn pool(replicas: i32, queue: bool, status: Option<ModelPoolStatus>) -> ModelPool {
+    let queue = if queue { "queueName: team-a\n" } else { "" };
+    let spec: ModelPoolSpec = serde_yaml_ng::from_str(&format!(
+        "model: {{source: pvc://weights/g.gguf}}\nreplicas: {replicas}\n{queue}"
+    ))
+    .unwrap();
+    let mut pool = ModelPool::new("gemma", spec);
+    pool.metadata.namespace = Some(NS.to_owned());
+    pool.metadata.uid = Some("pool-uid".to_owned());
+    pool.metadata.generation = Some(1);
+    pool.status = status;
+    pool
+}
+
+/// The children as the controller builds them, so their hashes match.
+fn built_pod(pool: &ModelPool, index: i32, placement: &Placement, ready: bool) -> Value {
+    let template = build::worker_template(pool, &settings()).unwrap();
+    let mut pod = build::pod(pool, &template, index, placement);
+    pod.metadata.resource_version = Some("7".to_owned());
+    pod.status = Some(PodStatus {
+        phase: Some("Running".to_owned()),
+        conditions: Some(vec![PodCondition {
+            type_: "Ready".to_owned(),
+            status: if ready { "True" } else { "False" }.to_owned(),
+            ..PodCondition::default()
+        }]),
+        ..PodStatus::default()
+    });
+    serde_json::to_value(&pod).unwrap()
+}
+
+fn built_workload(pool: &ModelPool, index: i32, status: Value) -> Value {
+    let template = build::worker_template(pool, &settings()).unwrap();
+    let mut wl = serde_json::to_value(build::workload(pool, &template, index)).unwrap();
+    wl["apiVersion"] = json!("kueue.x-k8s.io/v1beta1");
+    wl["kind"] = json!("Workload");
+    wl["metadata"]["resourceVersion"] = json!("42");
+    wl["status"] = status;
+    wl
+}
+
+fn typed<T: serde::Serialize>(object: &T, api_version: &str, kind: &str) -> Value {
+    let mut value = serde_json::to_value(object).unwrap();
+    value["apiVersion"] = json!(api_version);
+    value["kind"] = json!(kind);
+    value
+}
+
+fn existing_service(pool: &ModelPool) -> Value {
+    typed(&build::service(pool), "v1", "Service")
+}
+
+fn existing_policy(pool: &ModelPool) -> Value {
+    typed(
+        &build::network_policy(pool, &settings()),
+        "networking.k8s.io/v1",
+        "NetworkPolicy",
+    )
+}
+
+/// What the API server answers to a Workload status write.
+fn stored_workload() -> Value {
+    built_workload(&pool(1, true, None), 0, Value::Null)
+}
+
+/// What the API server answers to a status write: the stored pool.
+fn stored() -> Value {
+    typed(&pool(1, true, None), "kubeswarm.dev/v1alpha1", "ModelPool")
+}
+
+fn condition(status: &Value, type_: &str) -> (String, String, String) {
+    let c = status["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {status}"));
+    (
+        c["status"].as_str().unwrap().to_owned(),
+        c["reason"].as_str().unwrap().to_owned(),
+        c["message"].as_str().unwrap().to_owned(),
+    )
+}
+
+fn event(reason: &'static str) -> Step {
+    step(Method::POST, EVENTS, 201, json!({}))
+        .check(move |body| assert_eq!(body["reason"], reason, "event {body}"))
+}
+
+/// The RBAC verb, API group and resource of a request.
+fn access(method: &Method, path: &str) -> (&'static str, String, String) {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match parts[0] {
+        "api" => ("", &parts[2..]),
+        _ => (parts[1], &parts[3..]),
+    };
+    let rest = if rest.first() == Some(&"namespaces") {
+        &rest[2..]
+    } else {
+        rest
+    };
+    let resource = match rest {
+        [resource, _, sub] => format!("{resource}/{sub}"),
+        [resource, ..] => (*resource).to_owned(),
+        [] => panic!("no resource in {path}"),
+    };
+    let verb = match *method {
+        Method::GET if rest.len() == 1 => "list",
+        Method::GET => "get",
+        Method::POST => "create",
+        Method::PATCH => "patch",
+        Method::PUT => "update",
+        Method::DELETE => "delete",
+        _ => panic!("unexpected method {method}"),
+    };
+    (verb, group.to_owned(), resource)
+}
+
+/// Whether the chart's ClusterRole or Role grants a request.
+fn chart_allows(method: &Method, path: &str) -> bool {
+    static RULES: OnceLock<Vec<Value>> = OnceLock::new();
+    let rules = RULES.get_or_init(|| {
+        helm::render(None)
+            .iter()
+            .filter(|doc| doc["kind"] == "ClusterRole" || doc["kind"] == "Role")
+            .flat_map(|doc| doc["rules"].as_array().cloned().unwrap_or_default())
+            .collect()
+    });
+    let (verb, group, resource) = access(method, path);
+    let has =
+        |list: &Value, item: &str| list.as_array().is_some_and(|l| l.iter().any(|v| v == item));
+    rules.iter().any(|r| {
+        has(&r["apiGroups"], &group) && has(&r["resources"], &resource) && has(&r["verbs"], verb)
+    })
+}
+
+/// Answers the steps in order, then fails on any further request.
+async fn serve(mut handle: Handle, steps: Vec<Step>) {
+    for (n, step) in steps.into_iter().enumerate() {
+        let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "step {n}: the reconcile ended without {} {}",
+                    step.method, step.path
+                )
+            })
+            .expect("the client is gone");
+        let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+        assert_eq!(
+            (&method, path.as_str()),
+            (&step.method, step.path.as_str()),
+            "step {n}: request {}",
+            request.uri()
+        );
+        assert!(
+            chart_allows(&method, &path),
+            "step {n}: the chart's RBAC does not allow {:?}",
+            access(&method, &path)
+        );
+        let body = request.into_body().collect_bytes().await.unwrap();
+        if let Some(check) = step.check {
+            check(&serde_json::from_slice(&body).unwrap_or(Value::Null));
+        }
+        let response = Response::builder()
+            .status(step.code)
+            .body(Body::from(serde_json::to_vec(&step.reply).unwrap()))
+            .unwrap();
+        send.send_response(response);
+    }
+    if let Ok(Some((request, _))) =
+        tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await
+    {
+        panic!(
+            "a request the scenario does not expect: {} {}",
+            request.method(),
+            request.uri()
+        );
+    }
+}
+
+/// Runs one reconcile of `pool` against `steps`.
+async fn scenario(pool: ModelPool, steps: Vec<Step>) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, NS);
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        settings: settings(),
+        http: reqwest::Client::new(),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "kubeswarm".to_owned(),
+                instance: None,
+            },
+        ),
+        metrics: Arc::new(Metrics::default()),
+    });
+    let server = tokio::spawn(serve(handle, steps));
+    let result = tokio::time::timeout(Duration::from_secs(10), reconcile(Arc::new(pool), ctx))
+        .await
+        .expect("the reconcile waited on a request the scenario does not answer");
+    result.expect("reconcile");
+    server.await.expect("the mock API server's checks");
+}
+
+/// Keeps what a check saw, for the next reconcile's input.
+fn keep() -> (Arc<Mutex<Value>>, impl Fn(Value) -> Check) {
+    let kept = Arc::new(Mutex::new(Value::Null));
+    let k = kept.clone();
+    (kept, move |expected_reason: Value| {
+        let k = k.clone();
+        Box::new(move |body: &Value| {
+            if !expected_reason.is_null() {
+                assert_eq!(condition(body, "Admitted").1, expected_reason, "{body}");
+            }
+            *k.lock().unwrap() = body.clone();
+        })
+    })
+}
+
+fn status_of(kept: &Arc<Mutex<Value>>) -> Option<ModelPoolStatus> {
+    Some(serde_json::from_value(kept.lock().unwrap()["status"].clone()).unwrap())
+}
+
+fn waiting_for_quota() -> Value {
+    json!({"conditions": [{
+        "type": "QuotaReserved", "status": "False", "reason": "Pending",
+        "message": "couldn't assign flavors to pod set worker: insufficient unused quota for nvidia.com/gpu in flavor h100, 1 more needed",
+        "lastTransitionTime": "2026-11-21T10:00:00Z"
+    }]})
+}
+
+fn admitted(extra: Vec<Value>) -> Value {
+    let mut conditions = vec![
+        json!({"type": "QuotaReserved", "status": "True", "reason": "QuotaReserved", "message": "Quota reserved in ClusterQueue team-a", "lastTransitionTime": "2026-11-21T10:01:00Z"}),
+        json!({"type": "Admitted", "status": "True", "reason": "Admitted", "message": "The workload is admitted", "lastTransitionTime": "2026-11-21T10:01:00Z"}),
+    ];
+    conditions.extend(extra);
+    json!({
+        "admission": {"clusterQueue": "team-a", "podSetAssignments": [{"name": "worker", "count": 1, "flavors": {"nvidia.com/gpu": "h100"}}]},
+        "conditions": conditions
+    })
+}
+
+fn h100() -> Value {
+    json!({
+        "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "ResourceFlavor",
+        "metadata": {"name": "h100"},
+        "spec": {
+            "nodeLabels": {"gpu.nvidia.com/class": "H100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        }
+    })
+}
+
+fn h100_placement() -> Placement {
+    let mut placement = Placement::default();
+    kubeswarm::kueue::add_flavor(&mut placement, &serde_json::from_value(h100()).unwrap());
+    placement
+}
+
+/// The requests every reconcile of a pool with its Service and NetworkPolicy in place
+/// starts with: reads only.
+fn settled_start(pool: &ModelPool, pods: Vec<Value>, workloads: Option<Vec<Value>>) -> Vec<Step> {
+    let mut steps = vec![
+        step(Method::GET, SVC, 200, existing_service(pool)),
+        step(Method::GET, NETPOL, 200, existing_policy(pool)),
+        step(Method::GET, PODS, 200, list("Pod", pods)),
+    ];
+    if let Some(workloads) = workloads {
+        steps.push(step(
+            Method::GET,
+            WORKLOADS,
+            200,
+            list("Workload", workloads),
+        ));
+    }
+    steps
+}
+
+#[tokio::test]
+async fn kueue_protocol_from_waiting_for_quota_to_pods_ready() {
+    // 1. A new pool: Service and NetworkPolicy applied, a Workload per replica, no pod.
+    let (kept, keeping) = keep();
+    let fresh = pool(1, true, None);
+    let wl_created = built_workload(&fresh, 0, Value::Null);
+    scenario(
+        fresh.clone(),
+        vec![
+            step(Method::GET, SVC, 404, not_found()),
+            step(Method::PATCH, SVC, 200, existing_service(&fresh))
+                .check(|body| assert_eq!(body["spec"]["clusterIP"], "None")),
+            step(Method::GET, NETPOL, 404, not_found()),
+            step(Method::PATCH, NETPOL, 200, existing_policy(&fresh)),
+            step(Method::GET, PODS, 200, list("Pod", vec![])),
+            step(Method::GET, WORKLOADS, 200, list("Workload", vec![])),
+            step(Method::POST, WORKLOADS, 201, wl_created.clone()).check(|body| {
+                assert_eq!(body["metadata"]["name"], "gemma-0");
+                assert_eq!(body["spec"]["queueName"], "team-a");
+                assert_eq!(body["spec"]["podSets"][0]["count"], 1);
+                assert_eq!(body["metadata"]["ownerReferences"][0]["kind"], "ModelPool");
+            }),
+            Step {
+                check: Some(keeping(json!("WaitingForQuota"))),
+                ..step(Method::PATCH, STATUS, 200, stored())
+            },
+            event("WaitingForQuota"),
+            event("NoReadyReplicas"),
+            event("WaitingForAdmission"),
+            event("AsExpected"),
+        ],
+    )
+    .await;
+
+    // 2. Kueue says why it waits: the pool's Admitted condition carries the message; no
+    //    pod, no write to the Workload, no Event (the reason did not change).
+    let waiting = pool(1, true, status_of(&kept));
+    let (kept, keeping) = keep();
+    let says_why = keeping(json!("WaitingForQuota"));
+    scenario(
+        waiting.clone(),
+        [
+            settled_start(
+                &waiting,
+                vec![],
+                Some(vec![built_workload(&waiting, 0, waiting_for_quota())]),
+            ),
+            vec![Step {
+                check: Some(Box::new(move |body: &Value| {
+                    let (status, _, message) = condition(body, "Admitted");
+                    assert_eq!(status, "False");
+                    assert!(
+                        message.contains(
+                            "insufficient unused quota for nvidia.com/gpu in flavor h100"
+                        ),
+                        "{message}"
+                    );
+                    says_why(body);
+                })),
+                ..step(Method::PATCH, STATUS, 200, stored())
+            }],
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+    )
+    .await;
+
+    // 3. Admitted on flavor h100: PodsReady=False reported, the pod created on the
+    //    flavor's nodes with its tolerations.
+    let admitted_pool = pool(1, true, status_of(&kept));
+    let (kept, keeping) = keep();
+    scenario(
+        admitted_pool.clone(),
+        [
+            settled_start(
+                &admitted_pool,
+                vec![],
+                Some(vec![built_workload(&admitted_pool, 0, admitted(vec![]))]),
+            ),
+            vec![
+                step(
+                    Method::PATCH,
+                    &format!("{WORKLOADS}/gemma-0/status"),
+                    200,
+                    stored_workload(),
+                )
+                .check(|body| {
+                    assert_eq!(
+                        body["metadata"]["resourceVersion"], "42",
+                        "the patch is conditional on what was read"
+                    );
+                    let ready = body["status"]["conditions"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|c| c["type"] == "PodsReady")
+                        .unwrap()
+                        .clone();
+                    assert_eq!(
+                        (ready["status"].as_str(), ready["reason"].as_str()),
+                        (Some("False"), Some("WaitForStart"))
+                    );
+                    assert_eq!(
+                        body["status"]["conditions"].as_array().unwrap().len(),
+                        3,
+                        "Kueue's conditions are kept"
+                    );
+                }),
+                step(Method::GET, FLAVOR, 200, h100()),
+                step(Method::POST, PODS, 201, json!({})).check(|body| {
+                    assert_eq!(body["metadata"]["name"], "gemma-0");
+                    assert_eq!(body["spec"]["nodeSelector"]["gpu.nvidia.com/class"], "H100");
+                    assert_eq!(body["spec"]["tolerations"][0]["key"], "nvidia.com/gpu");
+                }),
+                Step {
+                    check: Some(keeping(json!("Admitted"))),
+                    ..step(Method::PATCH, STATUS, 200, stored())
+                },
+                event("Admitted"),
+                event("ReplicasStarting"),
+            ],
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+    )
+    .await;
+
+    // 4. The worker is ready: PodsReady=True, the pool Available.
+    let (ready_kept, keeping) = keep();
+    let running = pool(1, true, status_of(&kept));
+    let pods_ready_false = json!({"type": "PodsReady", "status": "False", "reason": "WaitForStart", "message": "Not all pods are ready or succeeded", "lastTransitionTime": "2026-11-21T10:01:01Z"});
+    scenario(
+        running.clone(),
+        [
+            settled_start(
+                &running,
+                vec![built_pod(&running, 0, &h100_placement(), true)],
+                Some(vec![built_workload(
+                    &running,
+                    0,
+                    admitted(vec![pods_ready_false]),
+                )]),
+            ),
+            vec![
+                step(
+                    Method::PATCH,
+                    &format!("{WORKLOADS}/gemma-0/status"),
+                    200,
+                    stored_workload(),
+                )
+                .check(|body| {
+                    let ready = body["status"]["conditions"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|c| c["type"] == "PodsReady")
+                        .unwrap()
+                        .clone();
+                    assert_eq!(ready["status"], "True");
+                }),
+                step(Method::GET, FLAVOR, 200, h100()),
+                Step {
+                    check: Some(keeping(Value::Null)),
+                    ..step(Method::PATCH, STATUS, 200, stored())
+                },
+                event("MinimumReplicasAvailable"),
+                event("ReplicasReady"),
+            ],
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+    )
+    .await;
+    let (available, _, message) = condition(&ready_kept.lock().unwrap(), "Available");
+    assert_eq!(
+        (available.as_str(), message.as_str()),
+        ("True", "1 of 1 workers ready")
+    );
+
+    // 5. The same state again: reads only, not one write.
+    let settled = pool(1, true, status_of(&ready_kept));
+    let pods_ready_true = json!({"type": "PodsReady", "status": "True", "reason": "PodsReady", "message": "All pods reached readiness and the workload is running", "lastTransitionTime": "2026-11-21T10:02:00Z"});
+    scenario(
+        settled.clone(),
+        [
+            settled_start(
+                &settled,
+                vec![built_pod(&settled, 0, &h100_placement(), true)],
+                Some(vec![built_workload(
+                    &settled,
+                    0,
+                    admitted(vec![pods_ready_true]),
+                )]),
+            ),
+            vec![step(Method::GET, FLAVOR, 200, h100())],
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn eviction_stops_the_pod_then_gives_the_admission_back() {
+    let preempted = json!({"type": "Evicted", "status": "True", "reason": "Preempted", "message": "Preempted to accommodate a workload (UID: 77) due to prioritization in the ClusterQueue", "lastTransitionTime": "2026-11-21T11:00:00Z"});
+    let evicted_pool = pool(1, true, None);
+    let evicted_status = admitted(vec![preempted]);
+
+    // The pod still runs: it is deleted first, and the pool says why.
+    scenario(
+        evicted_pool.clone(),
+        [
+            settled_start(
+                &evicted_pool,
+                vec![built_pod(&evicted_pool, 0, &h100_placement(), true)],
+                Some(vec![built_workload(
+                    &evicted_pool,
+                    0,
+                    evicted_status.clone(),
+                )]),
+            ),
+            vec![
+                step(
+                    Method::DELETE,
+                    &format!("{PODS}/gemma-0"),
+                    200,
+                    built_pod(&evicted_pool, 0, &h100_placement(), true),
+                ),
+                step(Method::PATCH, STATUS, 200, stored()).check(|body| {
+                    let (status, reason, message) = condition(body, "Admitted");
+                    assert_eq!((status.as_str(), reason.as_str()), ("False", "Evicted"));
+                    assert!(
+                        message.contains("gemma-0: Preempted: Preempted to accommodate"),
+                        "{message}"
+                    );
+                }),
+                event("Evicted"),
+                event("NoReadyReplicas"),
+                event("WaitingForAdmission"),
+                event("AsExpected"),
+            ],
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+    )
+    .await;
+
+    // The pod is gone: the admission is cleared so the preempting workload gets the quota.
+    scenario(
+        evicted_pool.clone(),
+        [
+            settled_start(
+                &evicted_pool,
+                vec![],
+                Some(vec![built_workload(&evicted_pool, 0, evicted_status)]),
+            ),
+            vec![
+                step(
+                    Method::PATCH,
+                    &format!("{WORKLOADS}/gemma-0/status"),
+                    200,
+                    stored_workload(),
+                )
+                .check(|body| {
+                    assert!(
+                        body["status"]["admission"].is_null()
+                            && body["status"].get("admission").is_some(),
+                        "admission removed: {body}"
+                    );
+                    let conditions = body["status"]["conditions"].as_array().unwrap();
+                    let find =
+                        |t: &str| conditions.iter().find(|c| c["type"] == t).unwrap().clone();
+                    assert_eq!(
+                        (
+                            find("QuotaReserved")["status"].as_str(),
+                            find("QuotaReserved")["reason"].as_str()
+                        ),
+                        (Some("False"), Some("Pending"))
+                    );
+                    assert_eq!(find("Admitted")["status"], "False");
+                    assert_eq!(
+                        find("Evicted")["status"],
+                        "True",
+                        "Kueue's eviction record stays"
+                    );
+                }),
+                step(Method::PATCH, STATUS, 200, stored()),
+                event("Evicted"),
+                event("NoReadyReplicas"),
+                event("WaitingForAdmission"),
+                event("AsExpected"),
+            ],
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+    )
+    .await;
+
+    // Readmitted: the pod comes back.
+    let readmitted = pool(1, true, None);
+    let mut steps = settled_start(
+        &readmitted,
+        vec![],
+        Some(vec![built_workload(&readmitted, 0, admitted(vec![]))]),
+    );
+    steps.extend([
+        step(
+            Method::PATCH,
+            &format!("{WORKLOADS}/gemma-0/status"),
+            200,
+            stored_workload(),
+        ),
+        step(Method::GET, FLAVOR, 200, h100()),
+        step(Method::POST, PODS, 201, json!({}))
+            .check(|body| assert_eq!(body["metadata"]["name"], "gemma-0")),
+        step(Method::PATCH, STATUS, 200, stored()),
+        event("Admitted"),
+        event("NoReadyReplicas"),
+        event("ReplicasStarting"),
+        event("AsExpected"),
+    ]);
+    scenario(readmitted, steps).await;
+}
+
+#[tokio::test]
+async fn scaling_down_deletes_the_last_replicas_pod_and_workload() {
+    let before = pool(2, true, None);
+    let after = pool(1, true, None);
+    let pods: Vec<Value> = (0..2)
+        .map(|i| built_pod(&before, i, &h100_placement(), true))
+        .collect();
+    let pods_ready = json!({"type": "PodsReady", "status": "True", "reason": "PodsReady", "message": "", "lastTransitionTime": "2026-11-21T10:02:00Z"});
+    let workloads: Vec<Value> = (0..2)
+        .map(|i| built_workload(&before, i, admitted(vec![pods_ready.clone()])))
+        .collect();
+    let mut steps = settled_start(&after, pods, Some(workloads));
+    steps.extend([
+        step(Method::GET, FLAVOR, 200, h100()),
+        step(
+            Method::DELETE,
+            &format!("{PODS}/gemma-1"),
+            200,
+            built_pod(&before, 1, &h100_placement(), true),
+        ),
+        step(
+            Method::DELETE,
+            &format!("{WORKLOADS}/gemma-1"),
+            200,
+            built_workload(&before, 1, Value::Null),
+        ),
+        step(Method::PATCH, STATUS, 200, stored()).check(|body| {
+            assert_eq!(body["status"]["replicas"], 1);
+            assert_eq!(body["status"]["readyReplicas"], 1);
+            assert_eq!(body["status"]["workload"], "kubeswarm.dev/pool=gemma");
+        }),
+        event("Admitted"),
+        event("MinimumReplicasAvailable"),
+        event("ReplicasReady"),
+        event("AsExpected"),
+    ]);
+    scenario(after, steps).await;
+}
+
+#[tokio::test]
+async fn without_a_queue_pods_are_created_directly_and_a_changed_spec_replaces_them() {
+    let direct = pool(1, false, None);
+    let mut steps = settled_start(&direct, vec![], None);
+    steps.extend([
+        step(Method::POST, PODS, 201, json!({})).check(|body| {
+            assert_eq!(body["metadata"]["name"], "gemma-0");
+            assert!(body["spec"].get("nodeSelector").is_none());
+        }),
+        step(Method::PATCH, STATUS, 200, stored()).check(|body| {
+            assert_eq!(condition(body, "Admitted").1, "NoQueue");
+            assert!(body["status"].get("workload").is_none());
+        }),
+        event("NoQueue"),
+        event("NoReadyReplicas"),
+        event("ReplicasStarting"),
+        event("AsExpected"),
+    ]);
+    scenario(direct.clone(), steps).await;
+
+    // The pool's model moves: the old pod (other hash) is deleted, to be created anew.
+    let mut moved = direct.clone();
+    moved.spec.model.as_mut().unwrap().source = "pvc://weights/g2.gguf".to_owned();
+    let old_pod = built_pod(&direct, 0, &Placement::default(), true);
+    let mut steps = vec![
+        step(Method::GET, SVC, 200, existing_service(&moved)),
+        step(Method::GET, NETPOL, 200, existing_policy(&moved)),
+        step(Method::GET, PODS, 200, list("Pod", vec![old_pod])),
+        step(
+            Method::DELETE,
+            &format!("{PODS}/gemma-0"),
+            200,
+            built_pod(&direct, 0, &Placement::default(), true),
+        ),
+        step(Method::PATCH, STATUS, 200, stored()),
+    ];
+    steps.extend(
+        [
+            "NoQueue",
+            "NoReadyReplicas",
+            "ReplicasStarting",
+            "AsExpected",
+        ]
+        .map(event),
+    );
+    scenario(moved, steps).await;
+}
+
+#[tokio::test]
+async fn a_queue_without_kueue_is_reported_and_rechecked() {
+    let queued = pool(1, true, None);
+    let mut steps = settled_start(&queued, vec![], None);
+    steps.extend([
+        step(
+            Method::GET,
+            WORKLOADS,
+            404,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "the server could not find the requested resource"}),
+        ),
+        step(Method::PATCH, STATUS, 200, stored()).check(|body| {
+            let (status, reason, message) = condition(body, "Admitted");
+            assert_eq!((status.as_str(), reason.as_str()), ("False", "KueueNotInstalled"));
+            assert!(message.contains("install Kueue or remove spec.queueName"), "{message}");
+        }),
+        event("KueueNotInstalled"),
+        event("NoReadyReplicas"),
+        event("KueueNotInstalled"),
+        event("AsExpected"),
+    ]);
+    scenario(queued, steps).await;
+}
+
+#[test]
+fn every_child_is_owned_by_its_pool_so_deleting_the_pool_removes_them() {
+    let pool = pool(1, true, None);
+    let template = build::worker_template(&pool, &settings()).unwrap();
+    let pod: Pod = build::pod(&pool, &template, 0, &Placement::default());
+    let wl: Workload = build::workload(&pool, &template, 0);
+    let owners = [
+        pod.metadata.owner_references.clone(),
+        wl.metadata.owner_references.clone(),
+        build::service(&pool).metadata.owner_references,
+        build::network_policy(&pool, &settings())
+            .metadata
+            .owner_references,
+    ];
+    for owner in owners {
+        let owner = &owner.unwrap()[0];
+        assert_eq!(
+            (
+                owner.uid.as_str(),
+                owner.controller,
+                owner.block_owner_deletion
+            ),
+            ("pool-uid", Some(true), Some(true))
+        );
+    }
+    assert_eq!(pod.name_any(), "gemma-0");
+}
+
+#[tokio::test]
+async fn the_lease_is_claimed_renewed_and_never_taken_from_a_live_leader() {
+    use kubeswarm::controllers::leader::Elector;
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/kubeswarm-system/leases";
+    let lease = format!("{LEASES}/kubeswarm-operator");
+    let held_by = |holder: &str, renewed: String| {
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "kubeswarm-operator", "namespace": "kubeswarm-system", "resourceVersion": "5"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "renewTime": renewed, "leaseTransitions": 0}
+        })
+    };
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let fresh = held_by("replica-b", format!("{:.6}", now));
+    let stale = held_by(
+        "replica-b",
+        format!(
+            "{:.6}",
+            now - k8s_openapi::jiff::SignedDuration::from_secs(60)
+        ),
+    );
+    let steps = vec![
+        // No Lease yet: replica-a creates it and leads.
+        step(Method::GET, &lease, 404, not_found()),
+        step(Method::POST, LEASES, 201, json!({})).check(|body| {
+            assert_eq!(body["spec"]["holderIdentity"], "replica-a");
+            assert_eq!(body["spec"]["leaseDurationSeconds"], 15);
+        }),
+        // replica-b renewed just now: nothing is written.
+        step(Method::GET, &lease, 200, fresh),
+        // replica-b stopped renewing a minute ago: taken over, conditionally.
+        step(Method::GET, &lease, 200, stale),
+        step(Method::PUT, &lease, 200, json!({})).check(|body| {
+            assert_eq!(
+                body["metadata"]["resourceVersion"], "5",
+                "the takeover is conditional on what was read"
+            );
+            assert_eq!(body["spec"]["holderIdentity"], "replica-a");
+            assert_eq!(body["spec"]["leaseTransitions"], 1);
+        }),
+        // Another replica won the race for the stale Lease: a conflict is not leadership.
+        step(
+            Method::GET,
+            &lease,
+            200,
+            held_by(
+                "replica-b",
+                format!(
+                    "{:.6}",
+                    now - k8s_openapi::jiff::SignedDuration::from_secs(60)
+                ),
+            ),
+        ),
+        step(
+            Method::PUT,
+            &lease,
+            409,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
+        ),
+    ];
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let elector = Elector::new(
+        kube::Client::new(service, NS),
+        "kubeswarm-system",
+        "kubeswarm-operator",
+        "replica-a".to_owned(),
+    );
+    let server = tokio::spawn(serve(handle, steps));
+    assert!(elector.try_hold().await.unwrap(), "created");
+    assert!(!elector.try_hold().await.unwrap(), "held by a live leader");
+    assert!(
+        elector.try_hold().await.unwrap(),
+        "taken from a stale leader"
+    );
+    assert!(!elector.try_hold().await.unwrap(), "lost the race");
+    server.await.unwrap();
+}

@@ -143,20 +143,6 @@ impl Metrics {
         }
     }
 
-    /// Drops a deleted pool's gauges.
-    pub fn forget_pool(&self, namespace: &str, pool: &str) {
-        for condition in ["Admitted", "Available", "Progressing", "Degraded"] {
-            for status in ["True", "False", "Unknown"] {
-                self.pools.remove(&ConditionLabels {
-                    namespace: namespace.to_owned(),
-                    pool: pool.to_owned(),
-                    condition: condition.to_owned(),
-                    status: status.to_owned(),
-                });
-            }
-        }
-    }
-
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -208,7 +194,5 @@ mod tests {
         assert!(text.contains(
             "kubeswarm_model_pool_condition{namespace=\"team-a\",pool=\"gemma\",condition=\"Available\",status=\"False\"} 0"
         ));
-        metrics.forget_pool("team-a", "gemma");
-        assert!(!metrics.render().contains("pool=\"gemma\""));
     }
 }

@@ -95,6 +95,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
             },
         ),
         metrics,
+        backoff: Backoff::default(),
     });
     let children = watcher::Config::default().labels("app.kubernetes.io/managed-by=kubeswarm");
     let mut controller = Controller::new(
@@ -159,5 +160,53 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>)
         .route("/readyz", get(|| async { "ok" }));
     if let Err(err) = axum::serve(listener, app).await {
         warn!(%err, "metrics server stopped");
+    }
+}
+
+/// Per-object backoff after failed reconciles: 5 s, doubling to at most 5 minutes, and
+/// forgotten after a success, so one broken object neither spins nor delays the others.
+#[derive(Default)]
+pub struct Backoff {
+    failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+impl Backoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_secs(5);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(300);
+
+    /// The delay before the next attempt at `key`, after one more failure.
+    pub fn failed(&self, key: &str) -> std::time::Duration {
+        let mut failures = self.failures.lock().expect("backoff lock");
+        let n = failures.entry(key.to_owned()).or_insert(0);
+        *n = n.saturating_add(1);
+        Self::FIRST
+            .saturating_mul(1 << (*n - 1).min(16))
+            .min(Self::MAX)
+    }
+
+    pub fn succeeded(&self, key: &str) {
+        self.failures.lock().expect("backoff lock").remove(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_doubles_per_object_up_to_five_minutes_and_resets_on_success() {
+        let backoff = Backoff::default();
+        let delays: Vec<u64> = (0..8)
+            .map(|_| backoff.failed("team-a/gemma").as_secs())
+            .collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(
+            backoff.failed("team-b/other"),
+            Duration::from_secs(5),
+            "other objects are not delayed"
+        );
+        backoff.succeeded("team-a/gemma");
+        assert_eq!(backoff.failed("team-a/gemma"), Duration::from_secs(5));
     }
 }

@@ -272,6 +272,7 @@ async fn scenario(pool: ModelPool, steps: Vec<Step>) {
             },
         ),
         metrics: Arc::new(Metrics::default()),
+        backoff: Default::default(),
     });
     let server = tokio::spawn(serve(handle, steps));
     let result = tokio::time::timeout(Duration::from_secs(10), reconcile(Arc::new(pool), ctx))
@@ -901,4 +902,66 @@ async fn the_lease_is_claimed_renewed_and_never_taken_from_a_live_leader() {
     );
     assert!(!elector.try_hold().await.unwrap(), "lost the race");
     server.await.unwrap();
+}
+
+#[tokio::test]
+async fn an_external_pool_is_available_when_its_endpoint_serves_the_model() {
+    // A real OpenAI-style /v1/models endpoint on loopback.
+    let app = axum::Router::new().route(
+        "/v1/models",
+        axum::routing::get(|| async {
+            axum::Json(json!({"object": "list", "data": [{"id": "llama-3", "object": "model"}]}))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let external = |model: &str| {
+        let spec: ModelPoolSpec =
+            serde_yaml_ng::from_str(&format!("external: {{url: '{url}', model: {model}}}"))
+                .unwrap();
+        let mut pool = ModelPool::new("gemma", spec);
+        pool.metadata.namespace = Some(NS.to_owned());
+        pool.metadata.uid = Some("pool-uid".to_owned());
+        pool
+    };
+    scenario(
+        external("llama-3"),
+        vec![
+            step(Method::PATCH, STATUS, 200, stored()).check(|body| {
+                let (status, reason, _) = condition(body, "Available");
+                assert_eq!(
+                    (status.as_str(), reason.as_str()),
+                    ("True", "EndpointServesModel")
+                );
+            }),
+            event("NoQueue"),
+            event("EndpointServesModel"),
+            event("AsExpected"),
+        ],
+    )
+    .await;
+    scenario(
+        external("gpt-4"),
+        vec![
+            step(Method::PATCH, STATUS, 200, stored()).check(|body| {
+                let (status, reason, message) = condition(body, "Available");
+                assert_eq!(
+                    (status.as_str(), reason.as_str()),
+                    ("False", "EndpointUnavailable")
+                );
+                assert!(
+                    message.ends_with(
+                        "does not serve gpt-4 (it serves: llama-3): fix spec.external.model"
+                    ),
+                    "{message}"
+                );
+            }),
+            event("NoQueue"),
+            event("EndpointUnavailable"),
+            event("EndpointUnavailable"),
+        ],
+    )
+    .await;
 }

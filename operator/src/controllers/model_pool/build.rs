@@ -382,6 +382,13 @@ pub fn pod(pool: &ModelPool, template: &PodTemplateSpec, index: i32, placement: 
 }
 
 /// The Kueue Workload that admits replica `index`.
+///
+/// One Workload per replica rather than one for the pool: replicas of an inference pool
+/// serve independently and need no gang admission, so a pool whose quota covers two of
+/// three replicas serves with two instead of waiting for all three; a resize adds or
+/// deletes Workloads at the end instead of requeueing the whole pool (Kueue does not let
+/// an admitted Workload's pod sets change); and a preemption takes one replica's GPUs,
+/// not the pool's.
 pub fn workload(pool: &ModelPool, template: &PodTemplateSpec, index: i32) -> Workload {
     let spec = WorkloadSpec {
         queue_name: pool.spec.queue_name.clone(),

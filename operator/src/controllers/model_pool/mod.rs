@@ -28,8 +28,8 @@ use tracing::{Instrument, info, warn};
 use self::build::{Placement, Settings};
 use self::status::{Admission, Replica};
 use crate::api::{ModelPool, ModelPoolStatus};
-use crate::controllers::FIELD_MANAGER;
 use crate::controllers::conditions::{self, Desired};
+use crate::controllers::{Backoff, FIELD_MANAGER};
 use crate::kueue::{self, ResourceFlavor, Workload};
 use crate::metrics::Metrics;
 
@@ -81,6 +81,15 @@ pub struct Context {
     pub http: reqwest::Client,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    pub backoff: Backoff,
+}
+
+fn key(pool: &ModelPool) -> String {
+    format!(
+        "{}/{}",
+        pool.namespace().unwrap_or_default(),
+        pool.name_any()
+    )
 }
 
 /// The controller's entry point: one span, one timer, then the pipeline.
@@ -88,16 +97,19 @@ pub async fn reconcile(pool: Arc<ModelPool>, ctx: Arc<Context>) -> Result<Action
     let span = tracing::info_span!("reconcile", kind = "ModelPool", namespace = %pool.namespace().unwrap_or_default(), name = %pool.name_any());
     let _timer = ctx.metrics.reconcile_timer("ModelPool");
     ctx.metrics.reconciled("ModelPool");
-    async move { Reconciler::new(&pool, &ctx).run().await }
+    let action = async { Reconciler::new(&pool, &ctx).run().await }
         .instrument(span)
-        .await
+        .await?;
+    ctx.backoff.succeeded(&key(&pool));
+    Ok(action)
 }
 
 /// Transient errors back off per object; kube-runtime retries after the returned delay.
 pub fn error_policy(pool: Arc<ModelPool>, error: &Error, ctx: Arc<Context>) -> Action {
-    warn!(pool = %pool.name_any(), %error, "reconcile failed");
+    let delay = ctx.backoff.failed(&key(&pool));
+    warn!(pool = %key(&pool), %error, retry_in = ?delay, "reconcile failed");
     ctx.metrics.reconcile_failed("ModelPool", error.kind());
-    Action::requeue(Duration::from_secs(10))
+    Action::requeue(delay)
 }
 
 struct Reconciler<'a> {

@@ -213,7 +213,9 @@ pub struct VerificationSpec {
     #[x_kube(validation = Rule::new("self >= 0 && self <= 1").message("spec.verification.repairRounds must be 0 or 1"))]
     pub repair_rounds: i32,
 
-    /// Deterministic checks every output must pass before the gate sees it.
+    /// Deterministic checks every output must pass before the gate sees it. On pools of
+    /// kubeswarm workers an `svg` or `json` check also constrains decoding with a grammar,
+    /// so subagents write well-formed drawings or JSON; external pools are only checked.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub checks: Vec<OutputCheck>,

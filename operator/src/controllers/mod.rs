@@ -3,6 +3,7 @@
 pub mod conditions;
 pub mod leader;
 pub mod model_pool;
+pub mod swarm_job;
 
 /// The one field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "kubeswarm";

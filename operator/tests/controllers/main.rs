@@ -1,10 +1,11 @@
-//! The ModelPool controller against a mock API server: each scenario lists the exact
+//! The controllers against a mock API server: each scenario lists the exact
 //! requests one reconcile makes, in order, and what the server answers. A request the
 //! scenario does not list fails the test, so these also prove what is *not* written; and
 //! every request must be one the chart's RBAC allows.
 
 #[path = "../shared/helm.rs"]
 mod helm;
+mod result_store;
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;

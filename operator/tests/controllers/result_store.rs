@@ -1,0 +1,153 @@
+//! The SwarmJob's result ConfigMap as the engine's checkpoint store, request by request.
+
+use std::collections::BTreeMap;
+
+use http::Method;
+use kube::client::Body;
+use kubeswarm::api::{SwarmJob, SwarmJobSpec};
+use kubeswarm::controllers::swarm_job::store::ResultConfigMap;
+use kubeswarm::swarm::record::Store;
+use serde_json::{Value, json};
+
+use crate::{NS, not_found, serve, step};
+
+const CM: &str = "/api/v1/namespaces/team-a/configmaps";
+
+fn job() -> SwarmJob {
+    let spec: SwarmJobSpec = serde_yaml_ng::from_str(
+        "task: Draw.\nfanOut: {pool: gemma, subagents: 2}\nverification: {mode: none}\naggregation: {strategy: collect}\n",
+    )
+    .unwrap();
+    let mut job = SwarmJob::new("gallery", spec);
+    job.metadata.namespace = Some(NS.to_owned());
+    job.metadata.uid = Some("job-uid".to_owned());
+    job
+}
+
+fn stored(data: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "gallery-result", "namespace": NS}, "data": data})
+}
+
+#[tokio::test]
+async fn checkpoints_create_the_owned_configmap_then_merge_into_it() {
+    let (service, handle) = tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
+    let store = ResultConfigMap::new(kube::Client::new(service, NS), &job());
+    let steps = vec![
+        // A new job: nothing recorded yet.
+        step(
+            Method::GET,
+            &format!("{CM}/gallery-result"),
+            404,
+            not_found(),
+        ),
+        // The first checkpoint: the merge finds no ConfigMap, so it is created, owned by
+        // the job, with the entry.
+        step(
+            Method::PATCH,
+            &format!("{CM}/gallery-result"),
+            404,
+            not_found(),
+        )
+        .check(|body| {
+            assert_eq!(
+                body,
+                &json!({"data": {"subagent-000.json": "{\"index\":0}"}})
+            );
+        }),
+        step(
+            Method::POST,
+            CM,
+            201,
+            stored(json!({"subagent-000.json": "{\"index\":0}"})),
+        )
+        .check(|body| {
+            let owner = &body["metadata"]["ownerReferences"][0];
+            assert_eq!(
+                (
+                    owner["kind"].as_str(),
+                    owner["uid"].as_str(),
+                    owner["controller"].as_bool()
+                ),
+                (Some("SwarmJob"), Some("job-uid"), Some(true))
+            );
+            assert_eq!(
+                body["metadata"]["labels"]["kubeswarm.dev/swarm-job"],
+                "gallery"
+            );
+            assert_eq!(body["data"]["subagent-000.json"], "{\"index\":0}");
+        }),
+        // Later checkpoints merge: only their entries are sent, the others stay.
+        step(
+            Method::PATCH,
+            &format!("{CM}/gallery-result"),
+            200,
+            stored(json!({})),
+        )
+        .check(|body| {
+            assert_eq!(
+                body,
+                &json!({"data": {"subagent-001.json": "{\"index\":1}", "usage.json": "{}"}})
+            );
+        }),
+        // A restarted operator reads every entry back.
+        step(
+            Method::GET,
+            &format!("{CM}/gallery-result"),
+            200,
+            stored(
+                json!({"subagent-000.json": "{\"index\":0}", "subagent-001.json": "{\"index\":1}"}),
+            ),
+        ),
+    ];
+    let server = tokio::spawn(serve(handle, steps));
+    assert!(store.load().await.unwrap().is_empty());
+    store
+        .save(vec![(
+            "subagent-000.json".to_owned(),
+            "{\"index\":0}".to_owned(),
+        )])
+        .await
+        .unwrap();
+    store
+        .save(vec![
+            ("subagent-001.json".to_owned(), "{\"index\":1}".to_owned()),
+            ("usage.json".to_owned(), "{}".to_owned()),
+        ])
+        .await
+        .unwrap();
+    let loaded = store.load().await.unwrap();
+    assert_eq!(
+        loaded,
+        BTreeMap::from([
+            ("subagent-000.json".to_owned(), "{\"index\":0}".to_owned()),
+            ("subagent-001.json".to_owned(), "{\"index\":1}".to_owned()),
+        ])
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_write_is_an_error_that_names_the_configmap() {
+    let (service, handle) = tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
+    let store = ResultConfigMap::new(kube::Client::new(service, NS), &job());
+    let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "configmaps \"gallery-result\" is forbidden"});
+    let server = tokio::spawn(serve(
+        handle,
+        vec![step(
+            Method::PATCH,
+            &format!("{CM}/gallery-result"),
+            403,
+            forbidden,
+        )],
+    ));
+    let err = store
+        .save(vec![("answer".to_owned(), "x".to_owned())])
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("writing ConfigMap gallery-result:"),
+        "{err}"
+    );
+    server.await.unwrap();
+}

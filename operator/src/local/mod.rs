@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
 
-use crate::api::{AggregationStrategy, SwarmJob, VerificationMode};
+use crate::api::SwarmJob;
 use crate::swarm::pool::{Pool, Server};
 use crate::swarm::{self, Options, Run};
 
@@ -117,32 +117,6 @@ pub fn load(path: &Path) -> Result<SwarmJob, LocalError> {
     Ok(job)
 }
 
-/// Pool names the job calls, in the order they are first needed.
-fn pools_used(job: &SwarmJob) -> Vec<String> {
-    let spec = &job.spec;
-    let mut names = Vec::new();
-    let mut add = |name: Option<&String>| {
-        if let Some(name) = name
-            && !names.contains(name)
-        {
-            names.push(name.clone());
-        }
-    };
-    add(spec.planner.as_ref().map(|p| &p.pool));
-    add(Some(&spec.fan_out.pool));
-    if spec.verification.mode == VerificationMode::Adversarial {
-        add(spec.verification.pool.as_ref());
-    }
-    if spec.aggregation.strategy == AggregationStrategy::Synthesize {
-        add(spec
-            .aggregation
-            .pool
-            .as_ref()
-            .or(spec.verification.pool.as_ref()));
-    }
-    names
-}
-
 /// Runs a manifest to its result; returns the folder the result is in.
 pub async fn run(args: Args) -> Result<PathBuf, LocalError> {
     let mut job = load(&args.manifest)?;
@@ -167,7 +141,7 @@ pub async fn run(args: Args) -> Result<PathBuf, LocalError> {
         .expect("the HTTP client builds");
     let mut workers = Vec::new();
     let mut pools = BTreeMap::new();
-    for pool in pools_used(&job) {
+    for pool in swarm::pools_used(&job.spec) {
         // Endpoints named with --pool may be any OpenAI-compatible server: no grammars.
         let (url, server) = match args.external.iter().find(|(name, _)| *name == pool) {
             Some((_, url)) => (url.trim_end_matches('/').to_owned(), Server::OpenAi),

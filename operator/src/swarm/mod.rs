@@ -751,3 +751,28 @@ impl SubagentRecord {
         }
     }
 }
+
+/// Pool names the job calls, in the order they are first needed.
+pub fn pools_used(spec: &SwarmJobSpec) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut add = |name: Option<&String>| {
+        if let Some(name) = name
+            && !names.contains(name)
+        {
+            names.push(name.clone());
+        }
+    };
+    add(spec.planner.as_ref().map(|p| &p.pool));
+    add(Some(&spec.fan_out.pool));
+    if spec.verification.mode == VerificationMode::Adversarial {
+        add(spec.verification.pool.as_ref());
+    }
+    if spec.aggregation.strategy == AggregationStrategy::Synthesize {
+        add(spec
+            .aggregation
+            .pool
+            .as_ref()
+            .or(spec.verification.pool.as_ref()));
+    }
+    names
+}

@@ -1,0 +1,240 @@
+//! Which endpoints serve the pools a SwarmJob calls. Pure: from the job, the ModelPools
+//! and the worker pods in its namespace. A pool that is missing or has no ready worker
+//! makes the job wait with a reason, not fail.
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+
+use crate::api::{ModelPool, SwarmJob};
+use crate::controllers::model_pool::build::{POOL_LABEL, WORKER_PORT};
+use crate::controllers::model_pool::status::{AVAILABLE, pod_health};
+use crate::swarm::pool::Server;
+use crate::swarm::pools_used;
+
+/// A pool the engine can call: the model name its servers expect and their base URLs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Endpoints {
+    /// The name the job uses for the pool.
+    pub name: String,
+    pub model: String,
+    pub server: Server,
+    pub urls: Vec<String>,
+}
+
+/// Why a job cannot call its pools yet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Waiting {
+    /// `PoolNotFound` or `PoolUnavailable`.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The ModelPool behind a name the job uses: `<job>-<name>` for a job-scoped pool.
+pub fn pool_object_name(job: &SwarmJob, name: &str) -> String {
+    if job.spec.pools.iter().any(|p| p.name == name) {
+        format!("{}-{name}", job.name_any())
+    } else {
+        name.to_owned()
+    }
+}
+
+/// Every pool the job calls, with its ready endpoints, or why the job waits.
+pub fn resolve(
+    job: &SwarmJob,
+    pools: &[ModelPool],
+    pods: &[Pod],
+) -> Result<Vec<Endpoints>, Waiting> {
+    let namespace = job.namespace().unwrap_or_default();
+    pools_used(&job.spec)
+        .into_iter()
+        .map(|name| {
+            let object = pool_object_name(job, &name);
+            let pool = pools.iter().find(|p| p.name_any() == object).ok_or_else(|| Waiting {
+                reason: "PoolNotFound",
+                message: format!(
+                    "the job calls pool {name}, and namespace {namespace} has no ModelPool {object}: create it, or fix the pool name in the job"
+                ),
+            })?;
+            let available = pool
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == AVAILABLE));
+            let unavailable = |detail: String| Waiting {
+                reason: "PoolUnavailable",
+                message: format!("ModelPool {object} is not available: {detail}"),
+            };
+            if let Some(external) = &pool.spec.external {
+                return match available {
+                    Some(c) if c.status == "True" => Ok(Endpoints {
+                        name,
+                        model: external.model.clone(),
+                        server: Server::OpenAi,
+                        urls: vec![external.url.clone()],
+                    }),
+                    Some(c) => Err(unavailable(c.message.clone())),
+                    None => Err(unavailable("its endpoint has not been probed yet".to_owned())),
+                };
+            }
+            // Pod IPs rather than the headless Service's names: they work the same in the
+            // cluster and for an operator running outside it.
+            let urls: Vec<String> = pods
+                .iter()
+                .filter(|p| p.labels().get(POOL_LABEL) == Some(&object) && pod_health(p).ready)
+                .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+                .map(|ip| format!("http://{ip}:{WORKER_PORT}/v1"))
+                .collect();
+            if urls.is_empty() {
+                let why = available
+                    .map(|c| c.message.clone())
+                    .unwrap_or_else(|| "no worker is ready yet".to_owned());
+                return Err(unavailable(why));
+            }
+            Ok(Endpoints {
+                name,
+                model: object,
+                server: Server::Worker,
+                urls,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ModelPoolSpec, SwarmJobSpec};
+    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+    use kube::api::ObjectMeta;
+
+    fn job(extra: &str) -> SwarmJob {
+        let spec: SwarmJobSpec = serde_yaml_ng::from_str(&format!(
+            "task: Review.\nfanOut: {{pool: worker, subagents: 2}}\nverification: {{pool: gate}}\naggregation: {{strategy: synthesize}}\n{extra}"
+        ))
+        .unwrap();
+        let mut job = SwarmJob::new("review", spec);
+        job.metadata.namespace = Some("team-a".to_owned());
+        job
+    }
+
+    fn pool(name: &str, spec: &str, available: Option<(&str, &str)>) -> ModelPool {
+        let mut pool = ModelPool::new(
+            name,
+            serde_yaml_ng::from_str::<ModelPoolSpec>(spec).unwrap(),
+        );
+        pool.status = available.map(|(status, message)| crate::api::ModelPoolStatus {
+            conditions: vec![Condition {
+                type_: AVAILABLE.to_owned(),
+                status: status.to_owned(),
+                reason: "r".to_owned(),
+                message: message.to_owned(),
+                last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+                observed_generation: None,
+            }],
+            ..Default::default()
+        });
+        pool
+    }
+
+    fn pod(pool: &str, index: u8, ready: bool) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(format!("{pool}-{index}")),
+                labels: Some([(POOL_LABEL.to_owned(), pool.to_owned())].into()),
+                ..Default::default()
+            },
+            spec: None,
+            status: Some(PodStatus {
+                pod_ip: Some(format!("10.0.0.{index}")),
+                conditions: Some(vec![PodCondition {
+                    type_: "Ready".to_owned(),
+                    status: if ready { "True" } else { "False" }.to_owned(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+        }
+    }
+
+    const WORKERS: &str = "model: {source: pvc://w/g.gguf}";
+    const EXTERNAL: &str = "external: {url: 'http://vllm:8000/v1', model: llama}";
+
+    #[test]
+    fn ready_workers_and_available_external_pools_resolve() {
+        let pools = [
+            pool("worker", WORKERS, Some(("True", ""))),
+            pool("gate", EXTERNAL, Some(("True", ""))),
+        ];
+        let pods = [
+            pod("worker", 0, true),
+            pod("worker", 1, false),
+            pod("worker", 2, true),
+            pod("gate-x", 0, true),
+        ];
+        let resolved = resolve(&job(""), &pools, &pods).unwrap();
+        assert_eq!(
+            resolved,
+            [
+                Endpoints {
+                    name: "worker".to_owned(),
+                    model: "worker".to_owned(),
+                    server: Server::Worker,
+                    urls: vec![
+                        "http://10.0.0.0:8000/v1".to_owned(),
+                        "http://10.0.0.2:8000/v1".to_owned()
+                    ],
+                },
+                Endpoints {
+                    name: "gate".to_owned(),
+                    model: "llama".to_owned(),
+                    server: Server::OpenAi,
+                    urls: vec!["http://vllm:8000/v1".to_owned()],
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_pool_names_itself_and_the_fix() {
+        let waiting = resolve(
+            &job(""),
+            &[pool("worker", WORKERS, None)],
+            &[pod("worker", 0, true)],
+        )
+        .unwrap_err();
+        assert_eq!(waiting.reason, "PoolNotFound");
+        assert!(
+            waiting.message.contains("no ModelPool gate: create it"),
+            "{}",
+            waiting.message
+        );
+    }
+
+    #[test]
+    fn a_pool_without_ready_workers_waits_with_its_own_message() {
+        let pools = [
+            pool("worker", WORKERS, Some(("False", "0 of 2 workers ready"))),
+            pool("gate", EXTERNAL, Some(("True", ""))),
+        ];
+        let waiting = resolve(&job(""), &pools, &[pod("worker", 0, false)]).unwrap_err();
+        assert_eq!(waiting.reason, "PoolUnavailable");
+        assert_eq!(
+            waiting.message,
+            "ModelPool worker is not available: 0 of 2 workers ready"
+        );
+    }
+
+    #[test]
+    fn job_scoped_pools_are_found_under_the_jobs_name() {
+        let scoped = job("pools:\n- name: worker\n  spec: {model: {source: pvc://w/g.gguf}}\n");
+        assert_eq!(pool_object_name(&scoped, "worker"), "review-worker");
+        assert_eq!(pool_object_name(&scoped, "gate"), "gate");
+        let pools = [
+            pool("review-worker", WORKERS, Some(("True", ""))),
+            pool("gate", EXTERNAL, Some(("True", ""))),
+        ];
+        let resolved = resolve(&scoped, &pools, &[pod("review-worker", 3, true)]).unwrap();
+        assert_eq!(resolved[0].model, "review-worker");
+        assert_eq!(resolved[0].urls, ["http://10.0.0.3:8000/v1"]);
+    }
+}

@@ -48,11 +48,7 @@ pub fn merge(
         .iter()
         .map(|d| {
             let status = status_word(d.status);
-            let previous = old.iter().find(|c| c.type_ == d.type_);
-            let last_transition_time = match previous {
-                Some(p) if p.status == status => p.last_transition_time.clone(),
-                _ => Time(now),
-            };
+            let last_transition_time = transition_time(old, d.type_, status, now);
             let mut message = d.message.clone();
             if message.len() > MAX_MESSAGE {
                 let mut end = MAX_MESSAGE;
@@ -71,6 +67,15 @@ pub fn merge(
             }
         })
         .collect()
+}
+
+/// When a condition of `type_` with `status` last changed: the old condition's time when
+/// its status is the same, else `now`.
+pub fn transition_time(old: &[Condition], type_: &str, status: &str, now: Timestamp) -> Time {
+    match old.iter().find(|c| c.type_ == type_) {
+        Some(previous) if previous.status == status => previous.last_transition_time.clone(),
+        _ => Time(now),
+    }
 }
 
 /// The conditions of `new` whose status or reason differs from `old`: one Event each.

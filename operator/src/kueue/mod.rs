@@ -7,6 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 
+use crate::controllers::conditions::transition_time;
 use crate::controllers::model_pool::build::Placement;
 use crate::controllers::model_pool::status::Admission;
 
@@ -109,19 +110,20 @@ pub fn pods_ready(workload: &Workload) -> Option<bool> {
     condition(workload, PODS_READY).map(|c| c.status == "True")
 }
 
-/// `conditions` with `new` in place of its type's condition, keeping the transition time
-/// when the status is unchanged.
+/// `conditions` with `new` (stamped now) in place of its type's condition, keeping the
+/// transition time when the status is unchanged.
 fn set_condition(conditions: &[Condition], mut new: Condition) -> Vec<Condition> {
     let mut out: Vec<Condition> = conditions
         .iter()
         .filter(|c| c.type_ != new.type_)
         .cloned()
         .collect();
-    if let Some(old) = conditions.iter().find(|c| c.type_ == new.type_)
-        && old.status == new.status
-    {
-        new.last_transition_time = old.last_transition_time.clone();
-    }
+    new.last_transition_time = transition_time(
+        conditions,
+        &new.type_,
+        &new.status,
+        new.last_transition_time.0,
+    );
     out.push(new);
     out
 }

@@ -146,6 +146,7 @@ fn stored() -> Value {
     typed(&pool(1, true, None), "kubeswarm.dev/v1alpha1", "ModelPool")
 }
 
+/// A condition of the object in a request body (a pool's or a Workload's status).
 fn condition(status: &Value, type_: &str) -> (String, String, String) {
     let c = status["status"]["conditions"]
         .as_array()
@@ -450,16 +451,10 @@ async fn kueue_protocol_from_waiting_for_quota_to_pods_ready() {
                         body["metadata"]["resourceVersion"], "42",
                         "the patch is conditional on what was read"
                     );
-                    let ready = body["status"]["conditions"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .find(|c| c["type"] == "PodsReady")
-                        .unwrap()
-                        .clone();
+                    let (status, reason, _) = condition(body, "PodsReady");
                     assert_eq!(
-                        (ready["status"].as_str(), ready["reason"].as_str()),
-                        (Some("False"), Some("WaitForStart"))
+                        (status.as_str(), reason.as_str()),
+                        ("False", "WaitForStart")
                     );
                     assert_eq!(
                         body["status"]["conditions"].as_array().unwrap().len(),
@@ -511,14 +506,7 @@ async fn kueue_protocol_from_waiting_for_quota_to_pods_ready() {
                     stored_workload(),
                 )
                 .check(|body| {
-                    let ready = body["status"]["conditions"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .find(|c| c["type"] == "PodsReady")
-                        .unwrap()
-                        .clone();
-                    assert_eq!(ready["status"], "True");
+                    assert_eq!(condition(body, "PodsReady").0, "True");
                 }),
                 step(Method::GET, FLAVOR, 200, h100()),
                 Step {
@@ -632,19 +620,11 @@ async fn eviction_stops_the_pod_then_gives_the_admission_back() {
                             && body["status"].get("admission").is_some(),
                         "admission removed: {body}"
                     );
-                    let conditions = body["status"]["conditions"].as_array().unwrap();
-                    let find =
-                        |t: &str| conditions.iter().find(|c| c["type"] == t).unwrap().clone();
+                    let (status, reason, _) = condition(body, "QuotaReserved");
+                    assert_eq!((status.as_str(), reason.as_str()), ("False", "Pending"));
+                    assert_eq!(condition(body, "Admitted").0, "False");
                     assert_eq!(
-                        (
-                            find("QuotaReserved")["status"].as_str(),
-                            find("QuotaReserved")["reason"].as_str()
-                        ),
-                        (Some("False"), Some("Pending"))
-                    );
-                    assert_eq!(find("Admitted")["status"], "False");
-                    assert_eq!(
-                        find("Evicted")["status"],
+                        condition(body, "Evicted").0,
                         "True",
                         "Kueue's eviction record stays"
                     );
@@ -725,6 +705,34 @@ async fn scaling_down_deletes_the_last_replicas_pod_and_workload() {
         event("AsExpected"),
     ]);
     scenario(after, steps).await;
+}
+
+#[tokio::test]
+async fn replicas_on_the_same_flavor_share_one_read_of_it() {
+    let two = pool(2, true, None);
+    let pods_ready = json!({"type": "PodsReady", "status": "True", "reason": "PodsReady", "message": "", "lastTransitionTime": "2026-11-21T10:02:00Z"});
+    let pods: Vec<Value> = (0..2)
+        .map(|i| built_pod(&two, i, &h100_placement(), true))
+        .collect();
+    let workloads: Vec<Value> = (0..2)
+        .map(|i| built_workload(&two, i, admitted(vec![pods_ready.clone()])))
+        .collect();
+    let mut steps = settled_start(&two, pods, Some(workloads));
+    steps.push(step(Method::GET, FLAVOR, 200, h100()));
+    steps.push(
+        step(Method::PATCH, STATUS, 200, stored())
+            .check(|body| assert_eq!(body["status"]["readyReplicas"], 2)),
+    );
+    steps.extend(
+        [
+            "Admitted",
+            "MinimumReplicasAvailable",
+            "ReplicasReady",
+            "AsExpected",
+        ]
+        .map(event),
+    );
+    scenario(two, steps).await;
 }
 
 #[tokio::test]

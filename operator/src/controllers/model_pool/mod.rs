@@ -182,6 +182,8 @@ impl<'a> Reconciler<'a> {
             },
         };
 
+        // Replicas admitted on the same flavor share one read of it.
+        let mut flavors = BTreeMap::new();
         let mut replicas = Vec::new();
         for index in 0..desired {
             let replica_name = build::replica_name(self.pool, index);
@@ -197,7 +199,7 @@ impl<'a> Reconciler<'a> {
             let health = match &admission {
                 Admission::Direct | Admission::Admitted => {
                     let placement = match workloads.get(&replica_name) {
-                        Some(wl) => self.placement(wl).await?,
+                        Some(wl) => self.placement(wl, &mut flavors).await?,
                         None => Placement::default(),
                     };
                     let want = build::pod(self.pool, &template, index, &placement);
@@ -271,16 +273,7 @@ impl<'a> Reconciler<'a> {
                 }
                 self.delete::<Workload>(&name).await?;
             }
-            self.api::<Workload>()
-                .create(
-                    &PostParams {
-                        field_manager: Some(FIELD_MANAGER.to_owned()),
-                        ..Default::default()
-                    },
-                    &want,
-                )
-                .await
-                .map_err(api_error("create", "Workload", &name))?;
+            self.create(&want).await?;
             return Ok(Admission::Waiting(
                 "the Workload was just created; Kueue has not looked at it yet".to_owned(),
             ));
@@ -323,17 +316,24 @@ impl<'a> Reconciler<'a> {
         Ok(admission)
     }
 
-    /// The admitted flavors' node labels and tolerations.
-    async fn placement(&self, workload: &Workload) -> Result<Placement, Error> {
-        let flavors: Api<ResourceFlavor> = Api::all(self.ctx.client.clone());
+    /// The admitted flavors' node labels and tolerations; `read` keeps the flavors read so
+    /// far in this reconcile.
+    async fn placement(
+        &self,
+        workload: &Workload,
+        read: &mut BTreeMap<String, ResourceFlavor>,
+    ) -> Result<Placement, Error> {
+        let api: Api<ResourceFlavor> = Api::all(self.ctx.client.clone());
         let mut placement = Placement::default();
-        for flavor in kueue::admitted_flavors(workload) {
-            let found =
-                flavors
-                    .get(&flavor)
-                    .await
-                    .map_err(api_error("get", "ResourceFlavor", &flavor))?;
-            kueue::add_flavor(&mut placement, &found);
+        for name in kueue::admitted_flavors(workload) {
+            if !read.contains_key(&name) {
+                let found =
+                    api.get(&name)
+                        .await
+                        .map_err(api_error("get", "ResourceFlavor", &name))?;
+                read.insert(name.clone(), found);
+            }
+            kueue::add_flavor(&mut placement, &read[&name]);
         }
         Ok(placement)
     }
@@ -355,22 +355,32 @@ impl<'a> Reconciler<'a> {
                 Ok(None)
             }
             None => {
-                self.api::<Pod>()
-                    .create(
-                        &PostParams {
-                            field_manager: Some(FIELD_MANAGER.to_owned()),
-                            ..Default::default()
-                        },
-                        &want,
-                    )
-                    .await
-                    .map_err(api_error("create", "Pod", &name))?;
+                self.create(&want).await?;
                 Ok(Some(status::PodHealth {
                     ready: false,
                     failure: None,
                 }))
             }
         }
+    }
+
+    async fn create<K>(&self, object: &K) -> Result<(), Error>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::Serialize
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..Default::default()
+        };
+        self.api::<K>()
+            .create(&params, object)
+            .await
+            .map_err(api_error("create", K::kind(&()), object.name_any()))?;
+        Ok(())
     }
 
     async fn delete<K>(&self, name: &str) -> Result<(), Error>
@@ -433,7 +443,9 @@ impl<'a> Reconciler<'a> {
                 .map(|_| format!("{}={}", build::POOL_LABEL, self.pool.name_any())),
             observed_generation: generation,
         };
-        if same_status(&old, &new) {
+        // merge keeps transition times when nothing changed, so an unchanged status
+        // compares equal and is not written.
+        if old == new {
             return Ok(());
         }
         let name = self.pool.name_any();
@@ -488,12 +500,6 @@ impl<'a> Reconciler<'a> {
             info!(condition = %condition.type_, status = %condition.status, reason = %condition.reason, "condition changed");
         }
     }
-}
-
-/// The stored status equals the new one, transition times aside (merge keeps them when
-/// nothing changed, so equal conditions compare equal).
-fn same_status(old: &ModelPoolStatus, new: &ModelPoolStatus) -> bool {
-    old == new
 }
 
 /// A child whose replica label is at or past `replicas`.

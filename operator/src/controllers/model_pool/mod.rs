@@ -112,6 +112,25 @@ pub fn error_policy(pool: Arc<ModelPool>, error: &Error, ctx: Arc<Context>) -> A
     Action::requeue(delay)
 }
 
+/// A namespaced child of a pool, as the reconcile reads and writes it.
+trait Child:
+    Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + serde::Serialize
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+{
+}
+
+impl<K> Child for K where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+{
+}
+
 struct Reconciler<'a> {
     pool: &'a ModelPool,
     ctx: &'a Context,
@@ -227,14 +246,7 @@ impl<'a> Reconciler<'a> {
     }
 
     /// Creates or replaces a namespaced child whose build hash differs from what exists.
-    async fn ensure<K>(&self, want: K) -> Result<(), Error>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::Serialize
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-    {
+    async fn ensure<K: Child>(&self, want: K) -> Result<(), Error> {
         let name = want.name_any();
         let api = self.api::<K>();
         let kind = K::kind(&()).into_owned();
@@ -364,14 +376,7 @@ impl<'a> Reconciler<'a> {
         }
     }
 
-    async fn create<K>(&self, object: &K) -> Result<(), Error>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::Serialize
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-    {
+    async fn create<K: Child>(&self, object: &K) -> Result<(), Error> {
         let params = PostParams {
             field_manager: Some(FIELD_MANAGER.to_owned()),
             ..Default::default()
@@ -383,13 +388,7 @@ impl<'a> Reconciler<'a> {
         Ok(())
     }
 
-    async fn delete<K>(&self, name: &str) -> Result<(), Error>
-    where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-    {
+    async fn delete<K: Child>(&self, name: &str) -> Result<(), Error> {
         match self
             .api::<K>()
             .delete(name, &DeleteParams::background())

@@ -121,7 +121,11 @@ fn main() {
     });
     let engine_rate = (JOBS * SUBAGENTS) as f64 / parallel.as_secs_f64();
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/engine_asyncio.py");
+    // The checkout running the bench, which may not be the one that compiled it.
+    let script = std::path::Path::new(
+        &std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+    )
+    .join("benches/engine_asyncio.py");
     let out = std::process::Command::new(&python)
         .arg(script)
         .args([

@@ -13,7 +13,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the operator: the ModelPool controller, behind a leader Lease.
+    /// Run the operator: the ModelPool and SwarmJob controllers, behind a leader Lease.
     ///
     /// Uses the in-cluster service account, or the current kubeconfig context outside a
     /// cluster. Only the replica that holds the Lease acts; it exits if it loses it.

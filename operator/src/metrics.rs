@@ -1,5 +1,5 @@
-//! The operator's Prometheus metrics: reconciles, their errors and duration, and pools by
-//! condition.
+//! The operator's Prometheus metrics: reconciles, their errors and duration, pools by
+//! condition, and the swarm jobs' model calls, tokens, durations and outcomes.
 
 use std::sync::Mutex;
 use std::time::Instant;
@@ -32,12 +32,43 @@ struct ConditionLabels {
     status: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    namespace: String,
+    pool: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    namespace: String,
+    pool: String,
+    /// `prompt` or `completion`.
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FinishedLabels {
+    namespace: String,
+    condition: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConditionOnly {
+    condition: String,
+}
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     reconciles: Family<KindLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
     duration: Family<KindLabels, Histogram>,
     pools: Family<ConditionLabels, Gauge>,
+    calls: Family<CallLabels, Counter>,
+    tokens: Family<TokenLabels, Counter>,
+    jobs: Family<FinishedLabels, Counter>,
+    job_duration: Family<ConditionOnly, Histogram>,
 }
 
 impl Default for Metrics {
@@ -69,12 +100,42 @@ impl Default for Metrics {
             "1 for each pool's current status of each condition",
             Family::default(),
         );
+        let calls = registered(
+            &mut registry,
+            "model_calls",
+            "HTTP calls of swarm jobs to model pools (subagents, planner, gate, synthesis), by outcome",
+            Family::default(),
+        );
+        let tokens = registered(
+            &mut registry,
+            "tokens",
+            "Tokens of swarm jobs' model calls, by namespace, pool and kind (prompt or completion)",
+            Family::default(),
+        );
+        let jobs = registered(
+            &mut registry,
+            "swarm_jobs_finished",
+            "Swarm jobs that finished, by final condition (Complete or Failed) and reason",
+            Family::default(),
+        );
+        let job_duration = registered(
+            &mut registry,
+            "swarm_job_duration_seconds",
+            "Time from a swarm job's start to its completion or failure",
+            Family::<ConditionOnly, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(1.0, 2.0, 16))
+            }),
+        );
         Self {
             registry: Mutex::new(registry),
             reconciles,
             errors,
             duration,
             pools,
+            calls,
+            tokens,
+            jobs,
+            job_duration,
         }
     }
 }
@@ -143,6 +204,51 @@ impl Metrics {
         }
     }
 
+    /// One model call of a swarm job, and the tokens it used.
+    pub fn model_call(
+        &self,
+        namespace: &str,
+        pool: &str,
+        outcome: &str,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    ) {
+        self.calls
+            .get_or_create(&CallLabels {
+                namespace: namespace.to_owned(),
+                pool: pool.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        for (kind, tokens) in [("prompt", prompt_tokens), ("completion", completion_tokens)] {
+            if tokens > 0 {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        namespace: namespace.to_owned(),
+                        pool: pool.to_owned(),
+                        kind: kind.to_owned(),
+                    })
+                    .inc_by(tokens);
+            }
+        }
+    }
+
+    /// A swarm job reached its final condition after `seconds`.
+    pub fn job_finished(&self, namespace: &str, condition: &str, reason: &str, seconds: f64) {
+        self.jobs
+            .get_or_create(&FinishedLabels {
+                namespace: namespace.to_owned(),
+                condition: condition.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+        self.job_duration
+            .get_or_create(&ConditionOnly {
+                condition: condition.to_owned(),
+            })
+            .observe(seconds);
+    }
+
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -194,5 +300,25 @@ mod tests {
         assert!(text.contains(
             "kubeswarm_model_pool_condition{namespace=\"team-a\",pool=\"gemma\",condition=\"Available\",status=\"False\"} 0"
         ));
+    }
+
+    #[test]
+    fn swarm_job_calls_tokens_and_outcomes_are_exported() {
+        let metrics = Metrics::default();
+        metrics.model_call("team-a", "gemma", "ok", 10, 5);
+        metrics.model_call("team-a", "gemma", "ok", 10, 5);
+        metrics.model_call("team-a", "gemma", "timeout", 0, 0);
+        metrics.job_finished("team-a", "Failed", "BudgetExceeded", 42.0);
+        let text = metrics.render();
+        for line in [
+            "kubeswarm_model_calls_total{namespace=\"team-a\",pool=\"gemma\",outcome=\"ok\"} 2",
+            "kubeswarm_model_calls_total{namespace=\"team-a\",pool=\"gemma\",outcome=\"timeout\"} 1",
+            "kubeswarm_tokens_total{namespace=\"team-a\",pool=\"gemma\",kind=\"prompt\"} 20",
+            "kubeswarm_tokens_total{namespace=\"team-a\",pool=\"gemma\",kind=\"completion\"} 10",
+            "kubeswarm_swarm_jobs_finished_total{namespace=\"team-a\",condition=\"Failed\",reason=\"BudgetExceeded\"} 1",
+            "kubeswarm_swarm_job_duration_seconds_sum{condition=\"Failed\"} 42.0",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
     }
 }

@@ -34,7 +34,9 @@ pub fn test_model() -> &'static Path {
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // Read when the test runs, not when it was compiled: clones of the repository share
+    // one target directory, and a compiled-in path would name the clone that built it.
+    Path::new(&std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
         .to_owned()

@@ -418,8 +418,10 @@ pub enum SubagentState {
 pub struct SubagentVerdict {
     /// Whether the output passed.
     pub outcome: VerdictOutcome,
-    /// The gate's score, 0 to 100.
-    pub score: i32,
+    /// The gate's score, 0 to 100; absent when no gate judged the output (mode `none`,
+    /// or a deterministic check failed first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<i32>,
     /// Issues the gate raised; their text is in the result ConfigMap.
     #[serde(default)]
     pub issues: i32,

@@ -88,6 +88,36 @@ pub fn transitions<'a>(old: &[Condition], new: &'a [Condition]) -> Vec<&'a Condi
         .collect()
 }
 
+/// An Event for a condition's transition; `warning` for one that says something is wrong.
+/// An Event is a courtesy: failing to write one is logged, not returned.
+pub async fn publish(
+    recorder: &kube::runtime::events::Recorder,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    condition: &Condition,
+    warning: bool,
+) {
+    use kube::runtime::events::{Event, EventType};
+    let event = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: condition.reason.clone(),
+        note: Some(format!(
+            "{}={}: {}",
+            condition.type_, condition.status, condition.message
+        )),
+        action: format!("Set{}", condition.type_),
+        secondary: None,
+    };
+    if let Err(err) = recorder.publish(&event, reference).await {
+        tracing::warn!(%err, "could not publish an Event");
+    } else {
+        tracing::info!(condition = %condition.type_, status = %condition.status, reason = %condition.reason, "condition changed");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

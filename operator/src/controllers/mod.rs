@@ -1,4 +1,5 @@
-//! The operator: kube-runtime controllers behind a leader Lease, with /metrics and probes.
+//! The operator: the ModelPool and SwarmJob controllers behind a leader Lease, with
+//! /metrics and probes.
 
 pub mod conditions;
 pub mod leader;
@@ -22,7 +23,7 @@ use kube::runtime::watcher;
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::api::ModelPool;
+use crate::api::{ModelPool, SwarmJob};
 use crate::kueue::Workload;
 use crate::metrics::Metrics;
 
@@ -80,6 +81,13 @@ pub async fn run(args: Args) -> Result<(), RunError> {
     info!(identity = %args.identity, "waiting for the leader Lease");
     elector.acquire().await.map_err(RunError::Lease)?;
 
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "kubeswarm".to_owned(),
+            instance: Some(args.identity),
+        },
+    );
     let ctx = Arc::new(model_pool::Context {
         client: client.clone(),
         settings: model_pool::build::Settings {
@@ -88,14 +96,8 @@ pub async fn run(args: Args) -> Result<(), RunError> {
             operator_labels: args.operator_labels,
         },
         http: reqwest::Client::new(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "kubeswarm".to_owned(),
-                instance: Some(args.identity),
-            },
-        ),
-        metrics,
+        recorder: recorder.clone(),
+        metrics: metrics.clone(),
         backoff: Backoff::default(),
     });
     let children = watcher::Config::default().labels("app.kubernetes.io/managed-by=kubeswarm");
@@ -121,10 +123,55 @@ pub async fn run(args: Args) -> Result<(), RunError> {
                 warn!(%err, "controller");
             }
         });
+    let jobs = swarm_jobs(client, recorder, metrics);
     tokio::select! {
-        () = pools => Ok(()),
+        _ = futures::future::join(pools, jobs) => Ok(()),
         lost = elector.keep() => Err(RunError::LostLease(lost)),
     }
+}
+
+/// The SwarmJob controller: woken by its jobs, by changes to the ModelPools they call,
+/// and by their engines' progress. The debounce folds a burst of progress into one status
+/// write.
+async fn swarm_jobs(client: kube::Client, recorder: Recorder, metrics: Arc<Metrics>) {
+    let (wake, woken) = futures::channel::mpsc::unbounded();
+    let ctx = Arc::new(swarm_job::Context {
+        client: client.clone(),
+        http: reqwest::Client::builder()
+            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .build()
+            .unwrap_or_default(),
+        recorder,
+        metrics,
+        backoff: Backoff::default(),
+        runs: swarm_job::runs::Runs::default(),
+        wake,
+        options: crate::swarm::Options::default(),
+    });
+    let controller = Controller::new(
+        Api::<SwarmJob>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(
+        kube::runtime::controller::Config::default()
+            .debounce(std::time::Duration::from_millis(500)),
+    );
+    let jobs = controller.store();
+    controller
+        .watches(
+            Api::<ModelPool>::all(client),
+            watcher::Config::default(),
+            move |pool| swarm_job::jobs_calling(&pool, jobs.state()).collect::<Vec<_>>(),
+        )
+        .reconcile_on(woken)
+        .shutdown_on_signal()
+        .run(swarm_job::reconcile, swarm_job::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(err) = result {
+                warn!(%err, "controller");
+            }
+        })
+        .await;
 }
 
 async fn kueue_served(client: &kube::Client) -> bool {
@@ -162,6 +209,16 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>)
     if let Err(err) = axum::serve(listener, app).await {
         warn!(%err, "metrics server stopped");
     }
+}
+
+/// A typed object with apiVersion and kind set, for server-side apply.
+pub(crate) fn typed<K: kube::Resource<DynamicType = ()> + serde::Serialize>(
+    object: &K,
+) -> serde_json::Value {
+    let mut value = serde_json::to_value(object).expect("built objects serialize");
+    value["apiVersion"] = serde_json::json!(K::api_version(&()));
+    value["kind"] = serde_json::json!(K::kind(&()));
+    value
 }
 
 /// Per-object backoff after failed reconciles: 5 s, doubling to at most 5 minutes, and

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::grammar::Grammar;
 use super::pool::{Answer, Pool, Request, Server};
+use super::{Event, Observer};
 
 /// Why a call did not produce an answer.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -46,6 +47,35 @@ impl CallError {
     /// Whether the error ends the whole job rather than one subagent.
     pub fn stops_job(&self) -> bool {
         matches!(self, Self::BudgetExceeded { .. } | Self::DeadlineExceeded)
+    }
+}
+
+/// How one HTTP call to a replica ended, for the call metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    Ok,
+    /// A 4xx: the request was refused.
+    Rejected,
+    /// A 5xx.
+    ServerError,
+    /// No answer within the call's timeout.
+    Timeout,
+    /// The connection failed (refused, reset, DNS).
+    Unreachable,
+    /// An answer that is not a usable chat completion.
+    Malformed,
+}
+
+impl CallOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Rejected => "rejected",
+            Self::ServerError => "server_error",
+            Self::Timeout => "timeout",
+            Self::Unreachable => "unreachable",
+            Self::Malformed => "malformed",
+        }
     }
 }
 
@@ -179,6 +209,8 @@ pub struct Caller<'a> {
     pub budget: &'a Budget,
     pub ledger: &'a Ledger,
     pub policy: Policy,
+    /// Told of every HTTP call's outcome and tokens.
+    pub observer: &'a dyn Observer,
 }
 
 impl Caller<'_> {
@@ -195,7 +227,8 @@ impl Caller<'_> {
             };
             let timeout = time_left.map_or(self.policy.timeout, |t| t.min(self.policy.timeout));
             let request = request(pool, prompt, max_tokens);
-            let failure = match pool.send(request, prompt.affinity, timeout).await {
+            let answer = pool.send(request, prompt.affinity, timeout).await;
+            let failure = match answer {
                 Answer::Ok(response) => {
                     let (prompt_tokens, completion_tokens) =
                         response.usage.as_ref().map_or((0, 0), |u| {
@@ -204,12 +237,17 @@ impl Caller<'_> {
                     self.budget.charge(prompt_tokens + completion_tokens);
                     self.ledger
                         .record(pool.name(), prompt_tokens, completion_tokens);
-                    match response
+                    let content = response
                         .choices
                         .into_iter()
                         .next()
-                        .and_then(|c| c.message.content)
-                    {
+                        .and_then(|c| c.message.content);
+                    let outcome = match content {
+                        Some(_) => CallOutcome::Ok,
+                        None => CallOutcome::Malformed,
+                    };
+                    self.observe(pool, outcome, prompt_tokens, completion_tokens);
+                    match content {
                         Some(content) => {
                             return Ok(Reply {
                                 content,
@@ -221,20 +259,43 @@ impl Caller<'_> {
                         None => "the answer had no message content".to_owned(),
                     }
                 }
-                Answer::NoReplica => format!("pool {} has no ready replica", pool.name()),
+                Answer::NoReplica => {
+                    // A pool without a ready replica (preempted, restarting, released
+                    // while the job was suspended) is waited for, and the wait spends
+                    // no attempt: the job waits for its pools, it does not fail on them.
+                    attempts -= 1;
+                    tracing::debug!(pool = pool.name(), "waiting for a ready replica");
+                    match time_left {
+                        Some(left) => {
+                            let _ = tokio::time::timeout(left, pool.wait_for_replicas()).await;
+                        }
+                        None => pool.wait_for_replicas().await,
+                    }
+                    continue;
+                }
                 Answer::TimedOut => {
+                    self.observe(pool, CallOutcome::Timeout, 0, 0);
                     // When the job's deadline cut the call short, that is the error.
                     self.budget.admit()?;
                     format!("no answer within {:.1}s", timeout.as_secs_f64())
                 }
                 Answer::Err(OpenAIError::ApiError(api)) if api.status_code.is_client_error() => {
+                    self.observe(pool, CallOutcome::Rejected, 0, 0);
                     return Err(CallError::Rejected {
                         pool: pool.name().to_owned(),
                         status: api.status_code.as_u16(),
                         message: api.api_error.message,
                     });
                 }
-                Answer::Err(err) => one_line(&err),
+                Answer::Err(err) => {
+                    let outcome = match &err {
+                        OpenAIError::ApiError(_) => CallOutcome::ServerError,
+                        OpenAIError::Reqwest(_) => CallOutcome::Unreachable,
+                        _ => CallOutcome::Malformed,
+                    };
+                    self.observe(pool, outcome, 0, 0);
+                    one_line(&err)
+                }
             };
             if attempts > self.policy.retries {
                 return Err(CallError::Exhausted {
@@ -246,6 +307,21 @@ impl Caller<'_> {
             tracing::debug!(pool = pool.name(), attempts, %failure, "retrying model call");
             tokio::time::sleep(self.backoff(attempts)).await;
         }
+    }
+
+    fn observe(
+        &self,
+        pool: &Pool,
+        outcome: CallOutcome,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    ) {
+        self.observer.event(Event::Call {
+            pool: pool.name(),
+            outcome,
+            prompt_tokens,
+            completion_tokens,
+        });
     }
 
     fn backoff(&self, attempt: u32) -> Duration {

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::api::{AggregationStrategy, SwarmJobSpec, VerificationMode};
-use call::{Budget, CallError, Caller, Ledger, Policy, Prompt, Usage};
+use call::{Budget, CallError, CallOutcome, Caller, Ledger, Policy, Prompt, Usage};
 use checks::Check;
 use pool::Pool;
 use record::{
@@ -107,7 +107,9 @@ pub struct Outcome {
 /// Progress, as it happens.
 #[derive(Debug, Clone, Copy)]
 pub enum Event<'a> {
-    /// The subtasks are known (planned now, given, or read back from the records).
+    /// The subtasks are known (planned now, given, or read back from the records). A
+    /// resumed run follows this with `Generated` or `Finished` for each subagent it
+    /// recorded before.
     Planned {
         subagents: usize,
     },
@@ -124,6 +126,17 @@ pub enum Event<'a> {
         record: &'a SubagentRecord,
     },
     Aggregating,
+    /// One HTTP call to a pool ended, retries counted one by one.
+    Call {
+        pool: &'a str,
+        outcome: CallOutcome,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+    },
+    /// The usage per pool as just recorded: what a status may count.
+    Recorded {
+        usage: &'a BTreeMap<String, Usage>,
+    },
 }
 
 pub trait Observer: Send + Sync {
@@ -242,6 +255,7 @@ impl<S: Store, O: Observer> Job<'_, '_, S, O> {
                 backoff_base: self.run.options.backoff_base,
                 backoff_cap: self.run.options.backoff_cap,
             },
+            observer: self.run.observer,
         }
     }
 
@@ -263,6 +277,22 @@ impl<S: Store, O: Observer> Job<'_, '_, S, O> {
         };
         let n = self.spec().fan_out.subagents.max(0) as usize;
         self.run.observer.event(Event::Planned { subagents: n });
+        {
+            let records = self.records.lock().expect("records lock");
+            for record in records.values() {
+                self.run.observer.event(match record.stage {
+                    Stage::Generated => Event::Generated {
+                        index: record.index,
+                    },
+                    Stage::Finished => Event::Finished { record },
+                });
+            }
+            if !records.is_empty() {
+                self.run.observer.event(Event::Recorded {
+                    usage: &self.ledger.snapshot(),
+                });
+            }
+        }
 
         let concurrency = self
             .spec()
@@ -332,11 +362,8 @@ impl<S: Store, O: Observer> Job<'_, '_, S, O> {
                 })?;
             match prompts::read_plan(&reply.content, n) {
                 Ok(subtasks) => {
-                    self.save(vec![
-                        (record::PLAN.to_owned(), record::encode(&subtasks)),
-                        self.usage_entry(),
-                    ])
-                    .await?;
+                    self.save(vec![(record::PLAN.to_owned(), record::encode(&subtasks))])
+                        .await?;
                     return Ok(Some(subtasks));
                 }
                 Err(problem) => last = problem,
@@ -618,7 +645,6 @@ impl<S: Store, O: Observer> Job<'_, '_, S, O> {
             self.save(vec![
                 (record::RESULT.to_owned(), record::encode(&result)),
                 (record::ANSWER.to_owned(), answer.clone()),
-                self.usage_entry(),
             ])
             .await?;
             Ok((result, answer))
@@ -629,10 +655,10 @@ impl<S: Store, O: Observer> Job<'_, '_, S, O> {
 
     /// Writes a subagent's record with the usage so far.
     async fn record(&self, record: &SubagentRecord) -> Result<(), Fail> {
-        self.save(vec![
-            (record::subagent_key(record.index), record::encode(record)),
-            self.usage_entry(),
-        ])
+        self.save(vec![(
+            record::subagent_key(record.index),
+            record::encode(record),
+        )])
         .await?;
         self.records
             .lock()
@@ -641,15 +667,11 @@ impl<S: Store, O: Observer> Job<'_, '_, S, O> {
         Ok(())
     }
 
-    fn usage_entry(&self) -> (String, String) {
-        (
-            record::USAGE.to_owned(),
-            record::encode(&self.ledger.snapshot()),
-        )
-    }
-
-    /// Saves entries unless they would take the result past what a ConfigMap holds.
-    async fn save(&self, entries: Vec<(String, String)>) -> Result<(), Fail> {
+    /// Saves entries with the usage so far, unless they would take the result past what a
+    /// ConfigMap holds.
+    async fn save(&self, mut entries: Vec<(String, String)>) -> Result<(), Fail> {
+        let usage = self.ledger.snapshot();
+        entries.push((record::USAGE.to_owned(), record::encode(&usage)));
         {
             let mut sizes = self.sizes.lock().expect("sizes lock");
             let mut next = sizes.clone();
@@ -671,7 +693,9 @@ impl<S: Store, O: Observer> Job<'_, '_, S, O> {
             }
             *sizes = next;
         }
-        self.run.store.save(entries).await.map_err(Fail::from)
+        self.run.store.save(entries).await?;
+        self.run.observer.event(Event::Recorded { usage: &usage });
+        Ok(())
     }
 
     /// Waits while the job is suspended; calls in flight are not affected.

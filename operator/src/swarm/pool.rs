@@ -45,6 +45,9 @@ pub struct Pool {
     server: Server,
     http: reqwest::Client,
     replicas: Mutex<Vec<Arc<Replica>>>,
+    /// Woken whenever the replicas are replaced.
+    changed: tokio::sync::Notify,
+    in_flight: AtomicUsize,
     rotation: AtomicUsize,
 }
 
@@ -83,6 +86,8 @@ impl Pool {
             server,
             http,
             replicas: Mutex::new(Vec::new()),
+            changed: tokio::sync::Notify::new(),
+            in_flight: AtomicUsize::new(0),
             rotation: AtomicUsize::new(0),
         };
         pool.set_replicas(urls);
@@ -126,6 +131,25 @@ impl Pool {
             }));
         }
         *replicas = next;
+        self.changed.notify_waiters();
+    }
+
+    /// Returns once the pool has a replica.
+    pub async fn wait_for_replicas(&self) {
+        loop {
+            // Created before the check, so a change between the check and the wait is
+            // not missed.
+            let changed = self.changed.notified();
+            if !self.replicas.lock().expect("replica lock").is_empty() {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Calls sent to the pool and not yet answered, on replicas it still has or not.
+    pub fn outstanding(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
     }
 
     /// Sends one chat completion to the replica the balancer picks for `key`, giving up
@@ -134,7 +158,10 @@ impl Pool {
         let Some(replica) = self.choose(key) else {
             return Answer::NoReplica;
         };
-        let _in_flight = InFlight::new(&replica.outstanding);
+        let _in_flight = (
+            InFlight::new(&replica.outstanding),
+            InFlight::new(&self.in_flight),
+        );
         let chat = replica.client.chat();
         let call = chat.create_byot::<_, CreateChatCompletionResponse>(request);
         match tokio::time::timeout(timeout, call).await {

@@ -5,7 +5,10 @@ use kube::core::cel::Validator;
 use serde_json::Value;
 
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    // Read when the test runs, not when it was compiled: clones of the repository share
+    // one target directory, and a compiled-in path would name the clone that built it.
+    PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+        .join("..")
 }
 
 /// The openAPIV3Schema of a CRD's only version, as the API server sees it.

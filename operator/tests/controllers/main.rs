@@ -5,7 +5,12 @@
 
 #[path = "../shared/helm.rs"]
 mod helm;
+// Shared with the engine tests, which use all of it.
+#[allow(dead_code)]
+#[path = "../engine/mock.rs"]
+mod mock;
 mod result_store;
+mod swarm_job;
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;

@@ -30,6 +30,8 @@ impl Observer for Log {
                 format!("finished {} passed={}", record.index, record.passed())
             }
             Event::Aggregating => "aggregating".to_owned(),
+            Event::Call { pool, outcome, .. } => format!("call {pool} {}", outcome.as_str()),
+            Event::Recorded { .. } => return,
         };
         self.0.lock().unwrap().push(line);
     }
@@ -74,20 +76,32 @@ async fn run_with(
     store: &Memory,
     options: Options,
 ) -> Outcome {
+    run_logged(spec, pools, store, options).await.0
+}
+
+/// Runs a job and returns what its observer was told, one line per event.
+async fn run_logged(
+    spec: &SwarmJobSpec,
+    pools: &BTreeMap<String, Arc<Pool>>,
+    store: &Memory,
+    options: Options,
+) -> (Outcome, Vec<String>) {
     let (_tx, suspended) = watch::channel(false);
-    Run {
+    let log = Log::default();
+    let outcome = Run {
         name: "job",
         spec,
         pools,
         store,
-        observer: &Log::default(),
+        observer: &log,
         started: Instant::now(),
         suspended,
         options,
     }
     .execute()
     .await
-    .expect("the in-memory store never fails")
+    .expect("the in-memory store never fails");
+    (outcome, log.0.into_inner().unwrap())
 }
 
 /// Subagents answer with their subtask in upper case; the gate passes everything with
@@ -204,12 +218,23 @@ async fn server_errors_are_retried_and_client_errors_are_not() {
             .replace("{mode: adversarial, pool: gate}", "{mode: none}")
             .replace("synthesize", "collect"),
     );
-    let outcome = run_job(
+    let (outcome, log) = run_logged(
         &job,
         &pools(&[("workers", vec![workers.url.clone()])]),
         &Memory::default(),
+        fast(),
     )
     .await;
+    let calls = |outcome: &str| {
+        log.iter()
+            .filter(|line| **line == format!("call workers {outcome}"))
+            .count()
+    };
+    assert_eq!(
+        (calls("ok"), calls("server_error"), calls("rejected")),
+        (3, 6, 1),
+        "every HTTP call is reported with its outcome: {log:?}"
+    );
 
     let records = &outcome.checkpoint.subagents;
     assert_eq!(records[&0].attempts, 3, "two 500s, then success");
@@ -484,15 +509,26 @@ async fn a_resumed_run_never_repeats_or_recounts_a_finished_subagent() {
         ])
         .await
         .unwrap();
-    let outcome = run_job(
+    let (outcome, log) = run_logged(
         &job,
         &pools(&[("workers", vec![workers.url.clone()])]),
         &store,
+        fast(),
     )
     .await;
     assert_eq!(
         workers.requests().iter().map(last_user).collect::<Vec<_>>(),
         ["green"]
+    );
+    assert_eq!(
+        log[..4],
+        [
+            "planned 4",
+            "finished 0 passed=true",
+            "finished 2 passed=true",
+            "generated 3"
+        ],
+        "what was recorded before is reported first, so a status can count it"
     );
     let records = &outcome.checkpoint.subagents;
     assert_eq!(records[&0].output, "RED from before");
@@ -697,6 +733,40 @@ async fn a_result_too_large_for_a_configmap_is_refused_not_truncated() {
     for record in outcome.checkpoint.subagents.values() {
         assert_eq!(record.output.len(), 4000, "kept whole");
     }
+}
+
+#[tokio::test]
+async fn a_pool_without_ready_replicas_is_waited_for_without_spending_attempts() {
+    let workers = Mock::start("m", |body, _| text(last_user(body))).await;
+    let job = spec(
+        &FOUR
+            .replace("{mode: adversarial, pool: gate}", "{mode: none}")
+            .replace("synthesize", "collect")
+            .replace("retries: 2", "retries: 0"),
+    );
+    // A preempted pool: no replica until Kueue admits it again.
+    let pools = pools(&[("workers", vec![])]);
+    let readmit = {
+        let pool = pools["workers"].clone();
+        let url = workers.url.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            pool.set_replicas(&[url]);
+        }
+    };
+    let store = Memory::default();
+    let (outcome, ()) = tokio::join!(run_job(&job, &pools, &store), readmit);
+    assert_eq!(outcome.result.unwrap().0.chosen, [0, 1, 2, 3]);
+    assert!(
+        outcome
+            .checkpoint
+            .subagents
+            .values()
+            .all(|r| r.attempts == 1),
+        "the wait is not an attempt: {:?}",
+        outcome.checkpoint.subagents
+    );
+    assert_eq!(workers.count(), 4);
 }
 
 #[tokio::test]

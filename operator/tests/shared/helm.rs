@@ -7,7 +7,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    // Read when the test runs: clones share one target directory (see support.rs).
+    PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+        .join("..")
 }
 
 /// The pinned helm, built into the cache by `e2e/install-tool` (instant once built).

@@ -19,17 +19,17 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use thiserror::Error;
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, warn};
 
 use self::build::{Placement, Settings};
 use self::status::{Admission, Replica};
 use crate::api::{ModelPool, ModelPoolStatus};
 use crate::controllers::conditions::{self, Desired};
-use crate::controllers::{Backoff, FIELD_MANAGER};
+use crate::controllers::{Backoff, FIELD_MANAGER, typed};
 use crate::kueue::{self, ResourceFlavor, Workload};
 use crate::metrics::Metrics;
 
@@ -473,31 +473,13 @@ impl<'a> Reconciler<'a> {
     async fn publish(&self, condition: &Condition) {
         let bad = (condition.type_ == status::DEGRADED && condition.status == "True")
             || (condition.type_ == status::AVAILABLE && condition.status == "False");
-        let event = Event {
-            type_: if bad {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: condition.reason.clone(),
-            note: Some(format!(
-                "{}={}: {}",
-                condition.type_, condition.status, condition.message
-            )),
-            action: format!("Set{}", condition.type_),
-            secondary: None,
-        };
-        // An Event is a courtesy: failing to write one must not fail the reconcile.
-        if let Err(err) = self
-            .ctx
-            .recorder
-            .publish(&event, &self.pool.object_ref(&()))
-            .await
-        {
-            warn!(%err, "could not publish an Event");
-        } else {
-            info!(condition = %condition.type_, status = %condition.status, reason = %condition.reason, "condition changed");
-        }
+        conditions::publish(
+            &self.ctx.recorder,
+            &self.pool.object_ref(&()),
+            condition,
+            bad,
+        )
+        .await;
     }
 }
 
@@ -510,14 +492,6 @@ fn beyond<K: Resource>(child: &K, replicas: i32) -> bool {
         .and_then(|l| l.get(build::REPLICA_LABEL))
         .and_then(|i| i.parse::<i32>().ok())
         .is_some_and(|index| index >= replicas)
-}
-
-/// A typed object with apiVersion and kind set, for server-side apply.
-fn typed<K: Resource<DynamicType = ()> + serde::Serialize>(object: &K) -> serde_json::Value {
-    let mut value = serde_json::to_value(object).expect("built objects serialize");
-    value["apiVersion"] = json!(K::api_version(&()));
-    value["kind"] = json!(K::kind(&()));
-    value
 }
 
 /// Asks an OpenAI-compatible endpoint whether it serves `model`.

@@ -1,6 +1,638 @@
-//! The SwarmJob controller's parts. So far: resolving the pools a job calls to ready
-//! endpoints, and the result ConfigMap the engine checkpoints into, so that a restarted
-//! operator resumes a job where it stopped.
+//! The SwarmJob controller: resolves the pools a job calls, creates its job-scoped pools,
+//! runs the swarm engine as one task per job (on the leader only, as the whole operator
+//! is), and reports each phase as a condition.
+//!
+//! The engine checkpoints into the job's result ConfigMap (`store`) before it reports a
+//! subagent, and a reconcile writes only what the engine has reported (`progress`), so
+//! the status never counts work that a restarted operator would do again. A job whose
+//! engine is running carries a finalizer: deleting the job cancels its calls in flight
+//! before the job goes. Finished jobs drop it, and their pools.
 
+pub mod build;
 pub mod pools;
+pub mod progress;
+pub mod runs;
+pub mod status;
 pub mod store;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::channel::mpsc::UnboundedSender;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use thiserror::Error;
+use tokio::sync::watch;
+use tracing::{Instrument, info, warn};
+
+use self::pools::Endpoints;
+use self::progress::{Progress, State};
+use self::runs::{Ended, Running};
+use self::status::Admission;
+use crate::api::{ModelPool, ResultReference, SwarmJob, SwarmJobStatus};
+use crate::controllers::conditions::{self, Desired};
+use crate::controllers::model_pool::build::{POOL_LABEL, built_hash};
+use crate::controllers::{Backoff, FIELD_MANAGER, typed};
+use crate::metrics::Metrics;
+use crate::swarm::pool::Pool;
+use crate::swarm::{self, Options, Outcome, Run, pools_used};
+
+/// Keeps a job's calls cancellable: removed once no run of the job is left.
+pub const FINALIZER: &str = "kubeswarm.dev/cancel-calls";
+/// How often a running job's pool endpoints are refreshed without any other change
+/// (a worker restarted with a new IP and the same ready count).
+const RUNNING_RESYNC: Duration = Duration::from_secs(30);
+/// How often a waiting job looks at its pools again; a ModelPool change wakes it sooner.
+const WAITING_RECHECK: Duration = Duration::from_secs(30);
+/// How soon a suspended job looks again whether its calls in flight have finished, so
+/// that its pools can be released.
+const DRAIN_CHECK: Duration = Duration::from_secs(2);
+/// The status keeps the start of the answer; the rest is in the ConfigMap.
+const PREVIEW_BYTES: usize = 256;
+
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("{action} {kind} {name}: {source}")]
+    Api {
+        action: &'static str,
+        kind: String,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// The records could not be read or written; the next attempt resumes from them.
+    #[error(transparent)]
+    Interrupted(#[from] swarm::Interrupted),
+    #[error("the job's engine task ended without an outcome: {0}")]
+    Engine(String),
+}
+
+impl Error {
+    /// A short label for the reconcile-error metric.
+    pub fn kind(&self) -> &str {
+        match self {
+            Error::Api { kind, .. } => kind,
+            Error::Interrupted(_) => "ResultConfigMap",
+            Error::Engine(_) => "Engine",
+        }
+    }
+}
+
+fn api_error(
+    action: &'static str,
+    kind: impl Into<String>,
+    name: impl Into<String>,
+) -> impl FnOnce(kube::Error) -> Error {
+    let (kind, name) = (kind.into(), name.into());
+    move |source| Error::Api {
+        action,
+        kind,
+        name,
+        source,
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: kube::Client,
+    /// Shared by every pool of every job, so connections to workers are pooled.
+    pub http: reqwest::Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub backoff: Backoff,
+    pub runs: runs::Runs,
+    /// Asks the controller for a reconcile of a job: its engine has news.
+    pub wake: UnboundedSender<ObjectRef<SwarmJob>>,
+    pub options: Options,
+}
+
+fn key(job: &SwarmJob) -> String {
+    format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any())
+}
+
+/// The controller's entry point: one span, one timer, then the pipeline.
+pub async fn reconcile(job: Arc<SwarmJob>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let span = tracing::info_span!("reconcile", kind = "SwarmJob", namespace = %job.namespace().unwrap_or_default(), name = %job.name_any());
+    let _timer = ctx.metrics.reconcile_timer("SwarmJob");
+    ctx.metrics.reconciled("SwarmJob");
+    let action = async { Reconciler::new(&job, &ctx).run().await }
+        .instrument(span)
+        .await?;
+    ctx.backoff.succeeded(&key(&job));
+    Ok(action)
+}
+
+/// Transient errors back off per object; kube-runtime retries after the returned delay.
+pub fn error_policy(job: Arc<SwarmJob>, error: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.backoff.failed(&key(&job));
+    warn!(job = %key(&job), %error, retry_in = ?delay, "reconcile failed");
+    ctx.metrics.reconcile_failed("SwarmJob", error.kind());
+    Action::requeue(delay)
+}
+
+/// The jobs a ModelPool change concerns: those in its namespace that call it and have
+/// not finished.
+pub fn jobs_calling<'a>(
+    pool: &'a ModelPool,
+    jobs: impl IntoIterator<Item = Arc<SwarmJob>> + 'a,
+) -> impl Iterator<Item = ObjectRef<SwarmJob>> + 'a {
+    let namespace = pool.namespace();
+    let name = pool.name_any();
+    jobs.into_iter()
+        .filter(move |job| job.namespace() == namespace && !finished(job.status.as_ref()))
+        .filter(move |job| {
+            pools_used(&job.spec)
+                .iter()
+                .any(|used| pools::pool_object_name(job, used) == name)
+        })
+        .map(|job| ObjectRef::from_obj(job.as_ref()))
+}
+
+/// Whether the job has completed or failed.
+pub fn finished(status: Option<&SwarmJobStatus>) -> bool {
+    status.is_some_and(|s| {
+        s.conditions.iter().any(|c| {
+            (c.type_ == status::COMPLETE || c.type_ == status::FAILED) && c.status == "True"
+        })
+    })
+}
+
+struct Reconciler<'a> {
+    job: &'a SwarmJob,
+    ctx: &'a Context,
+    namespace: String,
+    key: String,
+}
+
+impl<'a> Reconciler<'a> {
+    fn new(job: &'a SwarmJob, ctx: &'a Context) -> Self {
+        Self {
+            job,
+            ctx,
+            namespace: job.namespace().unwrap_or_default(),
+            key: key(job),
+        }
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.ctx.client.clone(), &self.namespace)
+    }
+
+    async fn run(&self) -> Result<Action, Error> {
+        let uid = self.job.uid().unwrap_or_default();
+        if self.job.metadata.deletion_timestamp.is_some() {
+            // Dropping the run drops the engine's future, which closes the connections of
+            // its calls in flight.
+            self.ctx.runs.remove(&self.key);
+            self.set_finalizer(false).await?;
+            return Ok(Action::await_change());
+        }
+        let old = self.job.status.clone().unwrap_or_default();
+        if finished(Some(&old)) {
+            self.ctx.runs.remove(&self.key);
+            return self.after_finish(&old).await;
+        }
+        let running = self.ctx.runs.get(&self.key, &uid);
+        if let Some(run) = running.as_ref().filter(|r| r.is_finished()) {
+            self.ctx.runs.remove(&self.key);
+            let ended = run.ended().await;
+            return self.conclude(&old, run, ended).await;
+        }
+
+        let suspended = self.job.spec.suspend == Some(true);
+        let name = self.job.name_any();
+        let pools: Vec<ModelPool> = self
+            .api::<ModelPool>()
+            .list(&ListParams::default())
+            .await
+            .map_err(api_error("list", "ModelPool", &name))?
+            .items;
+        if let Some(run) = &running {
+            run.suspend(suspended);
+        }
+        let mut pools = pools;
+        if !suspended {
+            let created = self.ensure_pools(&pools).await?;
+            pools.extend(created);
+        } else if running.as_ref().is_none_or(|r| r.in_flight() == 0) {
+            // Calls in flight finish on the pools they started on; then the quota goes back.
+            self.release_pools(&pools).await?;
+        }
+        let pods: Vec<Pod> = self
+            .api::<Pod>()
+            .list(&ListParams::default().labels(POOL_LABEL))
+            .await
+            .map_err(api_error("list", "Pod", &name))?
+            .items;
+        let used = pools_used(&self.job.spec);
+
+        match running {
+            Some(run) => {
+                // A pool that lost its workers (preempted, restarting) gets no replicas:
+                // its calls wait for them instead of failing.
+                let mut waiting = None;
+                for (used_name, pool) in &run.pools {
+                    match pools::endpoints(self.job, used_name, &pools, &pods) {
+                        Ok(endpoints) => pool.set_replicas(&endpoints.urls),
+                        Err(why) => {
+                            pool.set_replicas(&[]);
+                            waiting.get_or_insert(why);
+                        }
+                    }
+                }
+                let admission = match (&waiting, suspended) {
+                    (_, true) => Admission::Suspended,
+                    (Some(why), false) => Admission::Waiting(why),
+                    (None, false) => Admission::Ready { pools: &used },
+                };
+                let state = run.progress.state();
+                self.update_status(&old, admission, &state, None, None)
+                    .await?;
+                Ok(Action::requeue(if suspended && run.in_flight() > 0 {
+                    DRAIN_CHECK
+                } else {
+                    RUNNING_RESYNC
+                }))
+            }
+            None => {
+                let state = State::from_status(&old, planned(&old, &self.job.spec));
+                if suspended {
+                    self.update_status(&old, Admission::Suspended, &state, None, None)
+                        .await?;
+                    return Ok(Action::await_change());
+                }
+                let endpoints = match pools::resolve(self.job, &pools, &pods) {
+                    Ok(endpoints) => endpoints,
+                    Err(why) => {
+                        self.update_status(&old, Admission::Waiting(&why), &state, None, None)
+                            .await?;
+                        return Ok(Action::requeue(WAITING_RECHECK));
+                    }
+                };
+                // The finalizer first: from the first call on, a delete must cancel.
+                self.set_finalizer(true).await?;
+                let start = old.start_time.as_ref().map_or_else(Timestamp::now, |t| t.0);
+                self.update_status(
+                    &old,
+                    Admission::Ready { pools: &used },
+                    &state,
+                    Some(start),
+                    None,
+                )
+                .await?;
+                let run = self.start(&endpoints, start, state);
+                info!(pools = ?used, "started the job's engine");
+                self.ctx.runs.insert(self.key.clone(), Arc::new(run));
+                Ok(Action::requeue(RUNNING_RESYNC))
+            }
+        }
+    }
+
+    /// The engine as a task, resuming from the job's records.
+    fn start(&self, endpoints: &[Endpoints], start: Timestamp, state: State) -> Running {
+        let pools: BTreeMap<String, Arc<Pool>> = endpoints
+            .iter()
+            .map(|e| {
+                let pool = Pool::new(&e.name, &e.model, e.server, &e.urls, self.ctx.http.clone());
+                (e.name.clone(), Arc::new(pool))
+            })
+            .collect();
+        let objects = endpoints
+            .iter()
+            .map(|e| (e.name.clone(), pools::pool_object_name(self.job, &e.name)))
+            .collect();
+        let wake = {
+            let sender = self.ctx.wake.clone();
+            let job = ObjectRef::from_obj(self.job);
+            Box::new(move || {
+                // Closed only when the controller stops, and then nobody needs waking.
+                let _ = sender.unbounded_send(job.clone());
+            })
+        };
+        let progress = Arc::new(Progress::new(
+            self.namespace.clone(),
+            objects,
+            self.ctx.metrics.clone(),
+            state,
+            wake,
+        ));
+        let (suspend, suspended) = watch::channel(self.job.spec.suspend == Some(true));
+        let work = {
+            let name = self.job.name_any();
+            let spec = self.job.spec.clone();
+            let store = store::ResultConfigMap::new(self.ctx.client.clone(), self.job);
+            let pools = pools.clone();
+            let observer = progress.clone();
+            let options = self.ctx.options;
+            let started = runs::started_at(start);
+            async move {
+                Run {
+                    name: &name,
+                    spec: &spec,
+                    pools: &pools,
+                    store: &store,
+                    observer: observer.as_ref(),
+                    started,
+                    suspended,
+                    options,
+                }
+                .execute()
+                .await
+            }
+        };
+        Running::spawn(
+            self.job.uid().unwrap_or_default(),
+            pools,
+            progress,
+            suspend,
+            work,
+        )
+    }
+
+    /// Writes the engine's outcome: `Complete` or `Failed`, the result, the times.
+    async fn conclude(
+        &self,
+        old: &SwarmJobStatus,
+        run: &Running,
+        ended: Option<Ended>,
+    ) -> Result<Action, Error> {
+        let outcome: Outcome = match ended {
+            Some(Ok(Ok(outcome))) => outcome,
+            Some(Ok(Err(interrupted))) => return Err(interrupted.into()),
+            Some(Err(join)) => return Err(Error::Engine(join.to_string())),
+            None => return Err(Error::Engine("its outcome was already read".to_owned())),
+        };
+        let state = run.progress.state();
+        let now = Timestamp::now();
+        let result = outcome.result;
+        let preview = result
+            .as_ref()
+            .ok()
+            .map(|(_, answer)| progress::bounded(answer.trim(), PREVIEW_BYTES));
+        let verdict = result
+            .as_ref()
+            .map(|(r, _)| r.clone())
+            .map_err(Clone::clone);
+        let admission = Admission::Ready {
+            pools: &pools_used(&self.job.spec),
+        };
+        let new = self
+            .update_status(
+                old,
+                admission,
+                &state,
+                old.start_time.as_ref().map(|t| t.0),
+                Some((&verdict, now, preview)),
+            )
+            .await?;
+        let (condition, reason) = match &verdict {
+            Ok(_) => (status::COMPLETE, "Succeeded"),
+            Err(failure) => (status::FAILED, failure.reason.as_str()),
+        };
+        let seconds = old
+            .start_time
+            .as_ref()
+            .map_or(0.0, |t| now.duration_since(t.0).as_secs_f64().max(0.0));
+        self.ctx
+            .metrics
+            .job_finished(&self.namespace, condition, reason, seconds);
+        info!(condition, reason, seconds, "the job finished");
+        self.after_finish(&new).await
+    }
+
+    /// A finished job: its pools go, its finalizer goes, and after
+    /// `ttlSecondsAfterFinished` the job goes.
+    async fn after_finish(&self, status: &SwarmJobStatus) -> Result<Action, Error> {
+        if !self.job.spec.pools.is_empty() {
+            let selector = format!("{}={}", build::JOB_LABEL, self.job.name_any());
+            let pools = self
+                .api::<ModelPool>()
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .map_err(api_error("list", "ModelPool", self.job.name_any()))?
+                .items;
+            self.release_pools(&pools).await?;
+        }
+        self.set_finalizer(false).await?;
+        let (Some(ttl), Some(done)) = (
+            self.job.spec.ttl_seconds_after_finished,
+            status.completion_time.as_ref(),
+        ) else {
+            return Ok(Action::await_change());
+        };
+        let expires = done.0 + SignedDuration::from_secs(i64::from(ttl.max(0)));
+        let left = expires.duration_since(Timestamp::now());
+        if left.is_positive() {
+            return Ok(Action::requeue(left.unsigned_abs()));
+        }
+        let name = self.job.name_any();
+        info!(
+            ttl,
+            "deleting the finished job: its ttlSecondsAfterFinished has passed"
+        );
+        match self
+            .api::<SwarmJob>()
+            .delete(&name, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => Ok(Action::await_change()),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(Action::await_change()),
+            Err(err) => Err(api_error("delete", "SwarmJob", name)(err)),
+        }
+    }
+
+    /// Creates the job-scoped pools that are missing, and applies those whose spec changed.
+    /// Returns the pools it created.
+    async fn ensure_pools(&self, existing: &[ModelPool]) -> Result<Vec<ModelPool>, Error> {
+        let mut created = Vec::new();
+        for entry in &self.job.spec.pools {
+            let want = build::job_pool(self.job, entry);
+            let name = want.name_any();
+            match existing.iter().find(|p| p.name_any() == name) {
+                None => {
+                    let params = PostParams {
+                        field_manager: Some(FIELD_MANAGER.to_owned()),
+                        ..PostParams::default()
+                    };
+                    let pool = self
+                        .api::<ModelPool>()
+                        .create(&params, &want)
+                        .await
+                        .map_err(api_error("create", "ModelPool", &name))?;
+                    info!(pool = %name, "created a job-scoped pool");
+                    created.push(pool);
+                }
+                Some(current) if built_hash(current) != built_hash(&want) => {
+                    self.api::<ModelPool>()
+                        .patch(
+                            &name,
+                            &PatchParams::apply(FIELD_MANAGER).force(),
+                            &Patch::Apply(typed(&want)),
+                        )
+                        .await
+                        .map_err(api_error("apply", "ModelPool", &name))?;
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(created)
+    }
+
+    /// Deletes the job's own pools among `existing`, so their quota returns to the queue.
+    async fn release_pools(&self, existing: &[ModelPool]) -> Result<(), Error> {
+        let uid = self.job.uid();
+        let owned = existing.iter().filter(|p| {
+            p.metadata.deletion_timestamp.is_none()
+                && p.owner_references()
+                    .iter()
+                    .any(|o| Some(&o.uid) == uid.as_ref())
+        });
+        for pool in owned {
+            let name = pool.name_any();
+            match self
+                .api::<ModelPool>()
+                .delete(&name, &DeleteParams::background())
+                .await
+            {
+                Ok(_) => info!(pool = %name, "released a job-scoped pool"),
+                Err(kube::Error::Api(status)) if status.code == 404 => {}
+                Err(err) => return Err(api_error("delete", "ModelPool", name)(err)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds or removes the finalizer; a merge patch conditional on the resourceVersion,
+    /// so a concurrent change to the list is not overwritten.
+    async fn set_finalizer(&self, present: bool) -> Result<(), Error> {
+        let current = self.job.finalizers();
+        if current.iter().any(|f| f == FINALIZER) == present {
+            return Ok(());
+        }
+        let mut next: Vec<&str> = current
+            .iter()
+            .map(String::as_str)
+            .filter(|f| *f != FINALIZER)
+            .collect();
+        if present {
+            next.push(FINALIZER);
+        }
+        let name = self.job.name_any();
+        let patch = json!({
+            "metadata": {"finalizers": next, "resourceVersion": self.job.resource_version()},
+        });
+        match self
+            .api::<SwarmJob>()
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Gone already: nothing is left to hold.
+            Err(kube::Error::Api(status)) if status.code == 404 && !present => Ok(()),
+            Err(err) => Err(api_error("patch finalizers of", "SwarmJob", name)(err)),
+        }
+    }
+
+    /// Writes the status when it differs from the stored one, with an Event per condition
+    /// transition. `end` is the outcome, when the job has one, its time and the preview.
+    async fn update_status(
+        &self,
+        old: &SwarmJobStatus,
+        admission: Admission<'_>,
+        state: &State,
+        start: Option<Timestamp>,
+        end: Option<(
+            &Result<swarm::record::JobResult, swarm::Failure>,
+            Timestamp,
+            Option<String>,
+        )>,
+    ) -> Result<SwarmJobStatus, Error> {
+        let generation = self.job.metadata.generation;
+        let started = start.is_some() || old.start_time.is_some();
+        let mut desired: Vec<Desired> = vec![status::admitted(admission)];
+        desired.extend(status::phases(
+            &self.job.spec,
+            started,
+            state,
+            end.as_ref().map(|(outcome, _, _)| *outcome),
+        ));
+        let conditions = conditions::merge(&old.conditions, &desired, generation, Timestamp::now());
+        let new = SwarmJobStatus {
+            conditions,
+            observed_generation: generation,
+            start_time: start.map(Time).or_else(|| old.start_time.clone()),
+            completion_time: end.as_ref().map(|(_, at, _)| Time(*at)),
+            finished_subagents: state.finished() as i32,
+            subagents: state.subagents.values().cloned().collect(),
+            usage: state.usage_status(),
+            result: match &end {
+                Some((Ok(_), _, preview)) => Some(ResultReference {
+                    config_map_name: store::result_name(self.job),
+                    preview: preview.clone(),
+                }),
+                _ => None,
+            },
+        };
+        // merge keeps transition times when nothing changed, so an unchanged status
+        // compares equal and is not written.
+        if *old == new {
+            return Ok(new);
+        }
+        let name = self.job.name_any();
+        let patch = json!({
+            "apiVersion": SwarmJob::api_version(&()),
+            "kind": SwarmJob::kind(&()),
+            "status": new,
+        });
+        self.api::<SwarmJob>()
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(api_error("apply status of", "SwarmJob", &name))?;
+        for changed in conditions::transitions(&old.conditions, &new.conditions) {
+            self.publish(changed).await;
+        }
+        Ok(new)
+    }
+
+    async fn publish(&self, condition: &Condition) {
+        // A phase the job has not reached is no news.
+        if condition.reason == "Pending" {
+            return;
+        }
+        let bad = (condition.type_ == status::FAILED && condition.status == "True")
+            || (condition.type_ == status::ADMITTED
+                && condition.status == "False"
+                && condition.reason != "Suspended");
+        conditions::publish(
+            &self.ctx.recorder,
+            &self.job.object_ref(&()),
+            condition,
+            bad,
+        )
+        .await;
+    }
+}
+
+/// The subagents a stored status says are planned: known once `Planned` is true.
+fn planned(stored: &SwarmJobStatus, spec: &crate::api::SwarmJobSpec) -> Option<usize> {
+    stored
+        .conditions
+        .iter()
+        .any(|c| c.type_ == status::PLANNED && c.status == "True")
+        .then_some(spec.fan_out.subagents.max(0) as usize)
+}

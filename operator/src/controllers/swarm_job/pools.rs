@@ -44,59 +44,69 @@ pub fn resolve(
     pools: &[ModelPool],
     pods: &[Pod],
 ) -> Result<Vec<Endpoints>, Waiting> {
-    let namespace = job.namespace().unwrap_or_default();
     pools_used(&job.spec)
         .into_iter()
-        .map(|name| {
-            let object = pool_object_name(job, &name);
-            let pool = pools.iter().find(|p| p.name_any() == object).ok_or_else(|| Waiting {
-                reason: "PoolNotFound",
-                message: format!(
-                    "the job calls pool {name}, and namespace {namespace} has no ModelPool {object}: create it, or fix the pool name in the job"
-                ),
-            })?;
-            let available = pool
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.iter().find(|c| c.type_ == AVAILABLE));
-            let unavailable = |detail: String| Waiting {
-                reason: "PoolUnavailable",
-                message: format!("ModelPool {object} is not available: {detail}"),
-            };
-            if let Some(external) = &pool.spec.external {
-                return match available {
-                    Some(c) if c.status == "True" => Ok(Endpoints {
-                        name,
-                        model: external.model.clone(),
-                        server: Server::OpenAi,
-                        urls: vec![external.url.clone()],
-                    }),
-                    Some(c) => Err(unavailable(c.message.clone())),
-                    None => Err(unavailable("its endpoint has not been probed yet".to_owned())),
-                };
-            }
-            // Pod IPs rather than the headless Service's names: they work the same in the
-            // cluster and for an operator running outside it.
-            let urls: Vec<String> = pods
-                .iter()
-                .filter(|p| p.labels().get(POOL_LABEL) == Some(&object) && pod_health(p).ready)
-                .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
-                .map(|ip| format!("http://{ip}:{WORKER_PORT}/v1"))
-                .collect();
-            if urls.is_empty() {
-                let why = available
-                    .map(|c| c.message.clone())
-                    .unwrap_or_else(|| "no worker is ready yet".to_owned());
-                return Err(unavailable(why));
-            }
-            Ok(Endpoints {
-                name,
-                model: object,
-                server: Server::Worker,
-                urls,
-            })
-        })
+        .map(|name| endpoints(job, &name, pools, pods))
         .collect()
+}
+
+/// The ready endpoints of the pool the job calls `name`, or why there are none.
+pub fn endpoints(
+    job: &SwarmJob,
+    name: &str,
+    pools: &[ModelPool],
+    pods: &[Pod],
+) -> Result<Endpoints, Waiting> {
+    let namespace = job.namespace().unwrap_or_default();
+    let object = pool_object_name(job, name);
+    let pool = pools.iter().find(|p| p.name_any() == object).ok_or_else(|| Waiting {
+        reason: "PoolNotFound",
+        message: format!(
+            "the job calls pool {name}, and namespace {namespace} has no ModelPool {object}: create it, or fix the pool name in the job"
+        ),
+    })?;
+    let available = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == AVAILABLE));
+    let unavailable = |detail: String| Waiting {
+        reason: "PoolUnavailable",
+        message: format!("ModelPool {object} is not available: {detail}"),
+    };
+    if let Some(external) = &pool.spec.external {
+        return match available {
+            Some(c) if c.status == "True" => Ok(Endpoints {
+                name: name.to_owned(),
+                model: external.model.clone(),
+                server: Server::OpenAi,
+                urls: vec![external.url.clone()],
+            }),
+            Some(c) => Err(unavailable(c.message.clone())),
+            None => Err(unavailable(
+                "its endpoint has not been probed yet".to_owned(),
+            )),
+        };
+    }
+    // Pod IPs rather than the headless Service's names: they work the same in the
+    // cluster and for an operator running outside it.
+    let urls: Vec<String> = pods
+        .iter()
+        .filter(|p| p.labels().get(POOL_LABEL) == Some(&object) && pod_health(p).ready)
+        .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .map(|ip| format!("http://{ip}:{WORKER_PORT}/v1"))
+        .collect();
+    if urls.is_empty() {
+        let why = available
+            .map(|c| c.message.clone())
+            .unwrap_or_else(|| "no worker is ready yet".to_owned());
+        return Err(unavailable(why));
+    }
+    Ok(Endpoints {
+        name: name.to_owned(),
+        model: object,
+        server: Server::Worker,
+        urls,
+    })
 }
 
 #[cfg(test)]

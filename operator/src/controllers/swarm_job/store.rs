@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
+use kube::ResourceExt;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use crate::api::SwarmJob;
@@ -32,14 +32,8 @@ impl ResultConfigMap {
             metadata: ObjectMeta {
                 name: Some(result_name(job)),
                 namespace: Some(namespace.clone()),
-                labels: Some(BTreeMap::from([
-                    (
-                        "app.kubernetes.io/managed-by".to_owned(),
-                        "kubeswarm".to_owned(),
-                    ),
-                    ("kubeswarm.dev/swarm-job".to_owned(), job.name_any()),
-                ])),
-                owner_references: job.controller_owner_ref(&()).map(|owner| vec![owner]),
+                labels: Some(super::build::job_labels(job)),
+                owner_references: Some(vec![super::build::owner(job)]),
                 ..ObjectMeta::default()
             },
             ..ConfigMap::default()

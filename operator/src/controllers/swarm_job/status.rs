@@ -1,0 +1,352 @@
+//! A SwarmJob's conditions, from where it waits and how far it got. Pure.
+
+use crate::api::{AggregationStrategy, SwarmJobSpec, VerificationMode};
+use crate::controllers::conditions::Desired;
+use crate::swarm::Failure;
+use crate::swarm::record::JobResult;
+
+use super::pools::Waiting;
+use super::progress::State;
+
+pub const ADMITTED: &str = "Admitted";
+pub const PLANNED: &str = "Planned";
+pub const FAN_OUT_COMPLETE: &str = "FanOutComplete";
+pub const VERIFIED: &str = "Verified";
+pub const AGGREGATED: &str = "Aggregated";
+pub const COMPLETE: &str = "Complete";
+pub const FAILED: &str = "Failed";
+
+/// Why a job may or may not call its pools now.
+pub enum Admission<'a> {
+    /// Every pool has a ready endpoint.
+    Ready {
+        pools: &'a [String],
+    },
+    Waiting(&'a Waiting),
+    Suspended,
+}
+
+pub fn admitted(admission: Admission<'_>) -> Desired {
+    match admission {
+        Admission::Ready { pools } => Desired::new(
+            ADMITTED,
+            true,
+            "PoolsReady",
+            format!(
+                "every pool the job calls has a ready endpoint: {}",
+                pools.join(", ")
+            ),
+        ),
+        Admission::Waiting(waiting) => {
+            Desired::new(ADMITTED, false, waiting.reason, waiting.message.clone())
+        }
+        Admission::Suspended => Desired::new(
+            ADMITTED,
+            false,
+            "Suspended",
+            "spec.suspend is true: no new model call starts and the job's own pools are released; set it to false to resume",
+        ),
+    }
+}
+
+/// The phase conditions, and `Complete` or `Failed` once the job has an outcome.
+pub fn phases(
+    spec: &SwarmJobSpec,
+    started: bool,
+    state: &State,
+    outcome: Option<&Result<JobResult, Failure>>,
+) -> Vec<Desired> {
+    let n = spec.fan_out.subagents.max(0) as usize;
+    let mut out = Vec::with_capacity(6);
+
+    out.push(match state.planned {
+        Some(count) => match (&spec.subtasks, &spec.planner) {
+            (Some(_), _) => Desired::new(
+                PLANNED,
+                true,
+                "SubtasksGiven",
+                format!("{count} subtasks from spec.subtasks"),
+            ),
+            (None, Some(planner)) => Desired::new(
+                PLANNED,
+                true,
+                "Planned",
+                format!("pool {} split the task into {count} subtasks", planner.pool),
+            ),
+            (None, None) => Desired::new(
+                PLANNED,
+                true,
+                "NotSplit",
+                format!("all {count} subagents work on the task as given"),
+            ),
+        },
+        None if started && spec.planner.is_some() => Desired::new(
+            PLANNED,
+            false,
+            "Planning",
+            "the planner is splitting the task",
+        ),
+        None => pending(PLANNED, "waiting for the job's pools"),
+    });
+
+    let outputs = state.with_output();
+    out.push(if state.planned.is_some() && outputs >= n {
+        let failed = state.failed();
+        Desired::new(
+            FAN_OUT_COMPLETE,
+            true,
+            "OutputsReceived",
+            match failed {
+                0 => format!("all {n} subagents produced an output"),
+                _ => format!(
+                    "{} of {n} subagents produced an output; {failed} gave up (see status.subagents)",
+                    n - failed
+                ),
+            },
+        )
+    } else if state.planned.is_some() {
+        Desired::new(
+            FAN_OUT_COMPLETE,
+            false,
+            "InProgress",
+            format!("{outputs} of {n} subagents have an output"),
+        )
+    } else {
+        pending(FAN_OUT_COMPLETE, "waiting for the subtasks")
+    });
+
+    let finished = state.finished();
+    let passed = state.passed();
+    let gate = spec.verification.mode == VerificationMode::Adversarial;
+    out.push(if state.planned.is_some() && finished >= n {
+        let reason = if gate { "Verified" } else { "ChecksOnly" };
+        Desired::new(
+            VERIFIED,
+            true,
+            reason,
+            format!("{passed} of {n} outputs passed verification"),
+        )
+    } else if outputs > 0 {
+        Desired::new(
+            VERIFIED,
+            false,
+            "InProgress",
+            format!("{finished} of {n} outputs verified, {passed} passed"),
+        )
+    } else {
+        pending(VERIFIED, "waiting for the subagents' outputs")
+    });
+
+    out.push(match outcome {
+        Some(Ok(result)) => Desired::new(
+            AGGREGATED,
+            true,
+            "Aggregated",
+            format!(
+                "{} over {} outputs",
+                strategy_name(result.strategy),
+                result.chosen.len()
+            ),
+        ),
+        _ if state.aggregating => Desired::new(
+            AGGREGATED,
+            false,
+            "InProgress",
+            format!(
+                "{} over {passed} outputs",
+                strategy_name(spec.aggregation.strategy)
+            ),
+        ),
+        _ => pending(AGGREGATED, "waiting for verification"),
+    });
+
+    match outcome {
+        Some(Ok(_)) => out.push(Desired::new(
+            COMPLETE,
+            true,
+            "Succeeded",
+            "the result is in the ConfigMap named by status.result",
+        )),
+        Some(Err(failure)) => {
+            // Phases the job never finished say so rather than look as if they go on.
+            for phase in out.iter_mut().filter(|d| !d.status) {
+                phase.reason = "Stopped";
+                phase.message =
+                    "the job failed before this phase finished: see the Failed condition"
+                        .to_owned();
+            }
+            out.push(Desired::new(
+                FAILED,
+                true,
+                failure.reason.as_str(),
+                failure.message.clone(),
+            ));
+        }
+        None => {}
+    }
+    out
+}
+
+fn pending(type_: &'static str, message: &str) -> Desired {
+    Desired::new(type_, false, "Pending", message)
+}
+
+fn strategy_name(strategy: AggregationStrategy) -> &'static str {
+    match strategy {
+        AggregationStrategy::Synthesize => "synthesize",
+        AggregationStrategy::Vote => "vote",
+        AggregationStrategy::BestOf => "bestOf",
+        AggregationStrategy::Collect => "collect",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::swarm::{Event, Observer, Reason};
+
+    fn spec(extra: &str) -> SwarmJobSpec {
+        serde_yaml_ng::from_str(&format!(
+            "task: t\nfanOut: {{pool: worker, subagents: 2}}\nverification: {{pool: gate}}\n{extra}"
+        ))
+        .unwrap()
+    }
+
+    fn summary(desired: &[Desired]) -> Vec<(&str, bool, &str)> {
+        desired
+            .iter()
+            .map(|d| (d.type_, d.status, d.reason))
+            .collect()
+    }
+
+    #[test]
+    fn a_job_that_has_not_started_is_pending_in_every_phase() {
+        let phases = phases(&spec(""), false, &State::default(), None);
+        assert_eq!(
+            summary(&phases),
+            [
+                (PLANNED, false, "Pending"),
+                (FAN_OUT_COMPLETE, false, "Pending"),
+                (VERIFIED, false, "Pending"),
+                (AGGREGATED, false, "Pending"),
+            ]
+        );
+    }
+
+    #[test]
+    fn phases_turn_true_as_outputs_and_verdicts_are_recorded() {
+        let spec = spec("planner: {pool: worker}\n");
+        let mut state = State::default();
+        assert_eq!(phases(&spec, true, &state, None)[0].reason, "Planning");
+
+        let progress = super::super::progress::Progress::new(
+            "ns".to_owned(),
+            Default::default(),
+            Default::default(),
+            state.clone(),
+            Box::new(|| {}),
+        );
+        progress.event(Event::Planned { subagents: 2 });
+        progress.event(Event::Generated { index: 0 });
+        state = progress.state();
+        let mid = phases(&spec, true, &state, None);
+        assert_eq!(
+            summary(&mid),
+            [
+                (PLANNED, true, "Planned"),
+                (FAN_OUT_COMPLETE, false, "InProgress"),
+                (VERIFIED, false, "InProgress"),
+                (AGGREGATED, false, "Pending"),
+            ]
+        );
+        assert_eq!(mid[1].message, "1 of 2 subagents have an output");
+
+        let record = |index| crate::swarm::record::SubagentRecord {
+            index,
+            stage: crate::swarm::record::Stage::Finished,
+            subtask: None,
+            output: "o".to_owned(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            attempts: 1,
+            verdict: Some(crate::swarm::record::VerdictRecord {
+                pass: index == 0,
+                score: Some(50),
+                issues: vec![],
+            }),
+            repaired: false,
+            error: None,
+        };
+        progress.event(Event::Finished { record: &record(0) });
+        progress.event(Event::Finished { record: &record(1) });
+        progress.event(Event::Aggregating);
+        let result = JobResult {
+            strategy: AggregationStrategy::Synthesize,
+            chosen: vec![0],
+            votes: None,
+        };
+        let done = phases(&spec, true, &progress.state(), Some(&Ok(result)));
+        assert_eq!(
+            summary(&done),
+            [
+                (PLANNED, true, "Planned"),
+                (FAN_OUT_COMPLETE, true, "OutputsReceived"),
+                (VERIFIED, true, "Verified"),
+                (AGGREGATED, true, "Aggregated"),
+                (COMPLETE, true, "Succeeded"),
+            ]
+        );
+        assert_eq!(done[2].message, "1 of 2 outputs passed verification");
+        assert_eq!(done[3].message, "synthesize over 1 outputs");
+    }
+
+    #[test]
+    fn a_failure_names_its_reason_and_stops_the_unfinished_phases() {
+        let state = State {
+            planned: Some(2),
+            ..State::default()
+        };
+        let failure = Failure {
+            reason: Reason::BudgetExceeded,
+            message: "the job's token budget of 100 tokens is spent".to_owned(),
+        };
+        let failed = phases(
+            &spec("subtasks: [a, b]\n"),
+            true,
+            &state,
+            Some(&Err(failure)),
+        );
+        assert_eq!(
+            summary(&failed),
+            [
+                (PLANNED, true, "SubtasksGiven"),
+                (FAN_OUT_COMPLETE, false, "Stopped"),
+                (VERIFIED, false, "Stopped"),
+                (AGGREGATED, false, "Stopped"),
+                (FAILED, true, "BudgetExceeded"),
+            ]
+        );
+        assert_eq!(
+            failed[4].message,
+            "the job's token budget of 100 tokens is spent"
+        );
+    }
+
+    #[test]
+    fn admission_says_what_the_job_waits_for() {
+        let waiting = Waiting {
+            reason: "PoolNotFound",
+            message: "no ModelPool gate".to_owned(),
+        };
+        let d = admitted(Admission::Waiting(&waiting));
+        assert_eq!(
+            (d.status, d.reason, d.message.as_str()),
+            (false, "PoolNotFound", "no ModelPool gate")
+        );
+        assert_eq!(admitted(Admission::Suspended).reason, "Suspended");
+        let pools = ["worker".to_owned(), "gate".to_owned()];
+        let ready = admitted(Admission::Ready { pools: &pools });
+        assert!(ready.status);
+        assert!(ready.message.ends_with("worker, gate"));
+    }
+}

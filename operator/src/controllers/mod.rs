@@ -211,6 +211,77 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>)
     }
 }
 
+/// A request to the API server that failed, and what it was for.
+#[derive(Debug, Error)]
+#[error("{action} {kind} {name}: {source}")]
+pub struct ApiError {
+    pub action: &'static str,
+    pub kind: String,
+    pub name: String,
+    #[source]
+    pub source: kube::Error,
+}
+
+/// Names a failed request: `.map_err(api_error("list", "Pod", &name))`.
+pub(crate) fn api_error(
+    action: &'static str,
+    kind: impl Into<String>,
+    name: impl Into<String>,
+) -> impl FnOnce(kube::Error) -> ApiError {
+    let (kind, name) = (kind.into(), name.into());
+    move |source| ApiError {
+        action,
+        kind,
+        name,
+        source,
+    }
+}
+
+/// A namespaced child of a pool or a job, as the reconciles read and write it.
+pub(crate) trait Child:
+    kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+    + Clone
+    + serde::Serialize
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+{
+}
+
+impl<K> Child for K where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+{
+}
+
+/// Creates `object` under the operator's field manager.
+pub(crate) async fn create<K: Child>(api: &Api<K>, object: &K) -> Result<K, ApiError> {
+    let params = kube::api::PostParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..Default::default()
+    };
+    api.create(&params, object).await.map_err(api_error(
+        "create",
+        K::kind(&()),
+        kube::ResourceExt::name_any(object),
+    ))
+}
+
+/// Deletes `name`, its dependents in the background; one that is gone already counts as
+/// deleted.
+pub(crate) async fn delete<K: Child>(api: &Api<K>, name: &str) -> Result<(), ApiError> {
+    match api
+        .delete(name, &kube::api::DeleteParams::background())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(err) => Err(api_error("delete", K::kind(&()), name)(err)),
+    }
+}
+
 /// A typed object with apiVersion and kind set, for server-side apply.
 pub(crate) fn typed<K: kube::Resource<DynamicType = ()> + serde::Serialize>(
     object: &K,

@@ -263,6 +263,17 @@ async fn serve(mut handle: Handle, steps: Vec<Step>) {
     }
 }
 
+/// The Event recorder of the scenarios' reconciles.
+fn recorder(client: kube::Client) -> Recorder {
+    Recorder::new(
+        client,
+        Reporter {
+            controller: "kubeswarm".to_owned(),
+            instance: None,
+        },
+    )
+}
+
 /// Runs one reconcile of `pool` against `steps`.
 async fn scenario(pool: ModelPool, steps: Vec<Step>) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
@@ -271,13 +282,7 @@ async fn scenario(pool: ModelPool, steps: Vec<Step>) {
         client: client.clone(),
         settings: settings(),
         http: reqwest::Client::new(),
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: "kubeswarm".to_owned(),
-                instance: None,
-            },
-        ),
+        recorder: recorder(client),
         metrics: Arc::new(Metrics::default()),
         backoff: Default::default(),
     });

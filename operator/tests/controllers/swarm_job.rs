@@ -9,7 +9,6 @@ use futures::channel::mpsc::UnboundedReceiver;
 use http::{Method, Request, Response};
 use kube::client::Body;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kubeswarm::api::{ModelPool, ModelPoolSpec, SwarmJob, SwarmJobSpec};
 use kubeswarm::controllers::swarm_job::{Context, FINALIZER, reconcile};
@@ -18,7 +17,7 @@ use kubeswarm::swarm::Options;
 use serde_json::{Value, json};
 
 use crate::mock::{Mock, Reply, last_user, text};
-use crate::{NS, condition, event, list, not_found, serve, step};
+use crate::{NS, condition, event, list, not_found, recorder, serve, step};
 
 const POOLS: &str = "/apis/kubeswarm.dev/v1alpha1/namespaces/team-a/modelpools";
 const PODS: &str = "/api/v1/namespaces/team-a/pods";
@@ -85,13 +84,7 @@ fn harness(steps: Vec<crate::Step>) -> Harness {
     let ctx = Arc::new(Context {
         client: client.clone(),
         http: reqwest::Client::new(),
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: "kubeswarm".to_owned(),
-                instance: None,
-            },
-        ),
+        recorder: recorder(client),
         metrics: Arc::new(Metrics::default()),
         backoff: Default::default(),
         runs: Default::default(),

@@ -17,7 +17,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
 use kube::{Resource, ResourceExt};
@@ -29,7 +29,9 @@ use self::build::{Placement, Settings};
 use self::status::{Admission, Replica};
 use crate::api::{ModelPool, ModelPoolStatus};
 use crate::controllers::conditions::{self, Desired};
-use crate::controllers::{Backoff, FIELD_MANAGER, typed};
+use crate::controllers::{
+    ApiError, Backoff, Child, FIELD_MANAGER, api_error, create, delete, typed,
+};
 use crate::kueue::{self, ResourceFlavor, Workload};
 use crate::metrics::Metrics;
 
@@ -41,36 +43,16 @@ const KUEUE_RECHECK: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("{action} {kind} {name}: {source}")]
-    Api {
-        action: &'static str,
-        kind: String,
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error(transparent)]
+    Api(#[from] ApiError),
 }
 
 impl Error {
     /// A short label for the reconcile-error metric.
     pub fn kind(&self) -> &str {
         match self {
-            Error::Api { kind, .. } => kind,
+            Error::Api(err) => &err.kind,
         }
-    }
-}
-
-fn api_error(
-    action: &'static str,
-    kind: impl Into<String>,
-    name: impl Into<String>,
-) -> impl FnOnce(kube::Error) -> Error {
-    let (kind, name) = (kind.into(), name.into());
-    move |source| Error::Api {
-        action,
-        kind,
-        name,
-        source,
     }
 }
 
@@ -110,25 +92,6 @@ pub fn error_policy(pool: Arc<ModelPool>, error: &Error, ctx: Arc<Context>) -> A
     warn!(pool = %key(&pool), %error, retry_in = ?delay, "reconcile failed");
     ctx.metrics.reconcile_failed("ModelPool", error.kind());
     Action::requeue(delay)
-}
-
-/// A namespaced child of a pool, as the reconcile reads and writes it.
-trait Child:
-    Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-    + Clone
-    + serde::Serialize
-    + serde::de::DeserializeOwned
-    + std::fmt::Debug
-{
-}
-
-impl<K> Child for K where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-{
 }
 
 struct Reconciler<'a> {
@@ -197,7 +160,7 @@ impl<'a> Reconciler<'a> {
                         .await?;
                     return Ok(Action::requeue(KUEUE_RECHECK));
                 }
-                Err(err) => return Err(api_error("list", "Workload", &name)(err)),
+                Err(err) => return Err(api_error("list", "Workload", &name)(err).into()),
             },
         };
 
@@ -377,27 +340,13 @@ impl<'a> Reconciler<'a> {
     }
 
     async fn create<K: Child>(&self, object: &K) -> Result<(), Error> {
-        let params = PostParams {
-            field_manager: Some(FIELD_MANAGER.to_owned()),
-            ..Default::default()
-        };
-        self.api::<K>()
-            .create(&params, object)
-            .await
-            .map_err(api_error("create", K::kind(&()), object.name_any()))?;
+        create(&self.api::<K>(), object).await?;
         Ok(())
     }
 
     async fn delete<K: Child>(&self, name: &str) -> Result<(), Error> {
-        match self
-            .api::<K>()
-            .delete(name, &DeleteParams::background())
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-            Err(err) => Err(api_error("delete", K::kind(&()), name)(err)),
-        }
+        delete(&self.api::<K>(), name).await?;
+        Ok(())
     }
 
     async fn patch_workload_status(

@@ -23,7 +23,7 @@ use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
@@ -40,7 +40,7 @@ use self::status::Admission;
 use crate::api::{ModelPool, ResultReference, SwarmJob, SwarmJobStatus};
 use crate::controllers::conditions::{self, Desired};
 use crate::controllers::model_pool::build::{POOL_LABEL, built_hash};
-use crate::controllers::{Backoff, FIELD_MANAGER, typed};
+use crate::controllers::{ApiError, Backoff, FIELD_MANAGER, api_error, create, delete, typed};
 use crate::metrics::Metrics;
 use crate::swarm::pool::Pool;
 use crate::swarm::{self, Options, Outcome, Run, pools_used};
@@ -60,14 +60,8 @@ const PREVIEW_BYTES: usize = 256;
 
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("{action} {kind} {name}: {source}")]
-    Api {
-        action: &'static str,
-        kind: String,
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error(transparent)]
+    Api(#[from] ApiError),
     /// The records could not be read or written; the next attempt resumes from them.
     #[error(transparent)]
     Interrupted(#[from] swarm::Interrupted),
@@ -79,24 +73,10 @@ impl Error {
     /// A short label for the reconcile-error metric.
     pub fn kind(&self) -> &str {
         match self {
-            Error::Api { kind, .. } => kind,
+            Error::Api(err) => &err.kind,
             Error::Interrupted(_) => "ResultConfigMap",
             Error::Engine(_) => "Engine",
         }
-    }
-}
-
-fn api_error(
-    action: &'static str,
-    kind: impl Into<String>,
-    name: impl Into<String>,
-) -> impl FnOnce(kube::Error) -> Error {
-    let (kind, name) = (kind.into(), name.into());
-    move |source| Error::Api {
-        action,
-        kind,
-        name,
-        source,
     }
 }
 
@@ -436,20 +416,12 @@ impl<'a> Reconciler<'a> {
         if left.is_positive() {
             return Ok(Action::requeue(left.unsigned_abs()));
         }
-        let name = self.job.name_any();
         info!(
             ttl,
             "deleting the finished job: its ttlSecondsAfterFinished has passed"
         );
-        match self
-            .api::<SwarmJob>()
-            .delete(&name, &DeleteParams::background())
-            .await
-        {
-            Ok(_) => Ok(Action::await_change()),
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(Action::await_change()),
-            Err(err) => Err(api_error("delete", "SwarmJob", name)(err)),
-        }
+        delete(&self.api::<SwarmJob>(), &self.job.name_any()).await?;
+        Ok(Action::await_change())
     }
 
     /// Creates the job-scoped pools that are missing, and applies those whose spec changed.
@@ -461,15 +433,7 @@ impl<'a> Reconciler<'a> {
             let name = want.name_any();
             match existing.iter().find(|p| p.name_any() == name) {
                 None => {
-                    let params = PostParams {
-                        field_manager: Some(FIELD_MANAGER.to_owned()),
-                        ..PostParams::default()
-                    };
-                    let pool = self
-                        .api::<ModelPool>()
-                        .create(&params, &want)
-                        .await
-                        .map_err(api_error("create", "ModelPool", &name))?;
+                    let pool = create(&self.api::<ModelPool>(), &want).await?;
                     info!(pool = %name, "created a job-scoped pool");
                     created.push(pool);
                 }
@@ -500,15 +464,8 @@ impl<'a> Reconciler<'a> {
         });
         for pool in owned {
             let name = pool.name_any();
-            match self
-                .api::<ModelPool>()
-                .delete(&name, &DeleteParams::background())
-                .await
-            {
-                Ok(_) => info!(pool = %name, "released a job-scoped pool"),
-                Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(err) => return Err(api_error("delete", "ModelPool", name)(err)),
-            }
+            delete(&self.api::<ModelPool>(), &name).await?;
+            info!(pool = %name, "released a job-scoped pool");
         }
         Ok(())
     }
@@ -540,7 +497,7 @@ impl<'a> Reconciler<'a> {
             Ok(_) => Ok(()),
             // Gone already: nothing is left to hold.
             Err(kube::Error::Api(status)) if status.code == 404 && !present => Ok(()),
-            Err(err) => Err(api_error("patch finalizers of", "SwarmJob", name)(err)),
+            Err(err) => Err(api_error("patch finalizers of", "SwarmJob", name)(err).into()),
         }
     }
 

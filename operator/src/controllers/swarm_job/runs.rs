@@ -114,12 +114,8 @@ impl Runs {
         self.0.lock().expect("runs lock").remove(key)
     }
 
-    pub fn len(&self) -> usize {
-        self.0.lock().expect("runs lock").len()
-    }
-
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.0.lock().expect("runs lock").is_empty()
     }
 }
 

@@ -48,8 +48,10 @@ RUN_FLAGS ?= --max-tokens 400
 run: build $(MODEL) ## Run the gallery SwarmJob locally on the embedded default model
 	KUBESWARM_MODEL=$(MODEL) $(CARGO_TARGET_DIR)/release/kubeswarm run examples/gallery.yaml $(RUN_FLAGS)
 
+# The e2e suite (e2e/tests/e2e) is one of the test binaries: it starts its own control plane
+# from these tools, built from the Go module proxy once per machine.
 .PHONY: test
-test: lint $(HELM) $(MODEL) ## Run every check: format, clippy, unit, API and worker tests, CRD drift, chart
+test: lint $(HELM) $(MODEL) e2e-tools ## Run every check: format, clippy, unit, API, worker and e2e tests, CRD drift, chart
 	HELM=$(HELM) KUBESWARM_TEST_MODEL=$(MODEL) $(CARGO) test $(PROFILE) --locked $(SELECT) --all-targets
 
 .PHONY: lint
@@ -80,10 +82,26 @@ bench-worker: build $(MODEL) ## The inference worker against llama.cpp's server:
 bench-engine: third-party ## The swarm engine's calls/s and added latency against Python asyncio + openai, same mock server
 	OPENAI_PYTHON="$$(e2e/install-tool openai-python)" $(CARGO) bench --locked $(SELECT) --bench engine
 
+# Only the e2e binary runs; cargo finds it with the same flags as `make test`, so nothing
+# is built twice. E2E_ARGS selects tests by name.
+E2E_ARGS ?=
 .PHONY: e2e
-e2e: ## Run the end-to-end tests on a local control plane with Kueue and fake GPU nodes
-	@echo "make e2e: the end-to-end test bed arrives with issue #6." >&2
-	@exit 2
+e2e: build $(MODEL) e2e-tools ## Run the end-to-end tests on a local control plane with Kueue and fake GPU nodes
+	bin=$$($(CARGO) test $(PROFILE) --locked $(SELECT) --all-targets --no-run --message-format=json \
+	  | python3 -c 'import json,sys; print(*[m["executable"] for m in map(json.loads, sys.stdin) if m.get("target",{}).get("name")=="e2e" and m.get("executable")])'); \
+	cd e2e && CARGO_MANIFEST_DIR=$$PWD KUBESWARM_TEST_MODEL=$(MODEL) $$bin $(E2E_ARGS)
+
+.PHONY: e2e-tools
+e2e-tools: ## Build the e2e control plane's binaries (Kubernetes, etcd, KWOK, Kueue) into the cache
+	for tool in kubernetes etcd kwok kueue; do e2e/install-tool $$tool >/dev/null; done
+
+# A control plane to look at by hand: `make cluster-up`, then the KUBECONFIG it prints.
+CLUSTER_DIR ?= $(KUBESWARM_CACHE)/cluster
+.PHONY: cluster-up cluster-down
+cluster-up: build e2e-tools ## Start the e2e control plane in $(CLUSTER_DIR) and leave it running
+	e2e/cluster up $(CLUSTER_DIR)
+cluster-down: ## Stop the control plane cluster-up started
+	e2e/cluster down $(CLUSTER_DIR)
 
 # Built from the Go module proxy at the version pinned in e2e/versions.env, once per machine.
 $(HELM): e2e/versions.env e2e/install-tool

@@ -97,6 +97,9 @@ fn parse_label(value: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
+    // kube and reqwest each compile in a different rustls provider, so rustls has no default
+    // and the first TLS connection to an API server would panic.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Operator {

@@ -70,8 +70,9 @@ pub struct SwarmJobSpec {
     /// How the subagents run.
     pub fan_out: FanOutSpec,
 
-    /// The adversarial check of every subagent's output.
-    #[serde(default)]
+    /// The adversarial check of every subagent's output: name the gate pool, or set
+    /// `mode: none` to go without. Required, with no default: the API server checks a
+    /// default against the rules too, and an adversarial pass has no pool to default to.
     pub verification: VerificationSpec,
 
     /// How the outputs that passed verification become the result.

@@ -22,7 +22,7 @@ fn minimal_job() -> Value {
         "apiVersion": "kubeswarm.dev/v1alpha1",
         "kind": "SwarmJob",
         "metadata": {"name": "j", "namespace": "n"},
-        "spec": {"task": "t", "fanOut": {"pool": "w", "subagents": 3}}
+        "spec": {"task": "t", "fanOut": {"pool": "w", "subagents": 3}, "verification": {"pool": "g"}}
     })
 }
 

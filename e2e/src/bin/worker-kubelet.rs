@@ -1,0 +1,400 @@
+//! The kubelet of the e2e test bed's fake nodes, for inference workers only.
+//!
+//! KWOK gives a pod bound to a fake node the Running phase and an address from the node's
+//! pod CIDR (inside 127.0.0.0/8). This process starts the real `inference-worker` for each
+//! such worker pod, listening on that address, with the pod's arguments and environment and
+//! its volumes mapped to directories here; it marks the pod Ready when the worker's
+//! readiness endpoint answers, as the readiness probe would, reports an exited worker in
+//! the container's status, and stops the worker when its pod goes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Container, Node, Pod};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+#[derive(Parser)]
+struct Args {
+    /// The inference-worker binary every worker pod runs, whatever its image.
+    #[arg(long)]
+    worker: PathBuf,
+    /// Where each pod gets a directory: its log, its pid, its emptyDir volumes.
+    #[arg(long)]
+    pods_dir: PathBuf,
+    /// Label selector of the nodes this kubelet plays.
+    #[arg(long)]
+    node_selector: String,
+    /// Label selector of the pods it runs.
+    #[arg(long, default_value = "app.kubernetes.io/name=inference-worker")]
+    pod_selector: String,
+}
+
+/// How often readiness is probed, like the worker pods' readinessProbe period.
+const PROBE_PERIOD: Duration = Duration::from_secs(1);
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
+    let args = Args::parse();
+    // Two rustls providers are compiled in (see the workspace's Cargo.toml): pick one.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let client = Client::try_default().await?;
+    let pods: Api<Pod> = Api::all(client.clone());
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut running: HashMap<String, Worker> = HashMap::new();
+    // Pods seen during a (re)list; the workers of pods missing from it are stopped.
+    let mut listed: Vec<String> = Vec::new();
+
+    let config = watcher::Config::default().labels(&args.pod_selector);
+    let mut events = watcher::watcher(pods.clone(), config).boxed();
+    loop {
+        let event = match events.try_next().await {
+            Ok(Some(event)) => event,
+            Ok(None) => bail!("the pod watch ended"),
+            // The watcher re-lists after an error; keep going.
+            Err(err) => {
+                warn!(%err, "pod watch");
+                continue;
+            }
+        };
+        match event {
+            Event::Init => listed.clear(),
+            Event::InitApply(pod) => {
+                listed.push(pod.uid().unwrap_or_default());
+                sync(&args, &client, &nodes, &mut running, pod).await;
+            }
+            Event::InitDone => {
+                let gone: Vec<String> = running
+                    .keys()
+                    .filter(|uid| !listed.contains(uid))
+                    .cloned()
+                    .collect();
+                for uid in gone {
+                    if let Some(worker) = running.remove(&uid) {
+                        worker.stop().await;
+                    }
+                }
+            }
+            Event::Apply(pod) => sync(&args, &client, &nodes, &mut running, pod).await,
+            Event::Delete(pod) => {
+                if let Some(worker) = running.remove(&pod.uid().unwrap_or_default()) {
+                    worker.stop().await;
+                }
+            }
+        }
+    }
+}
+
+async fn sync(
+    args: &Args,
+    client: &Client,
+    nodes: &Api<Node>,
+    running: &mut HashMap<String, Worker>,
+    pod: Pod,
+) {
+    let uid = pod.uid().unwrap_or_default();
+    if pod.metadata.deletion_timestamp.is_some() {
+        if let Some(worker) = running.remove(&uid) {
+            worker.stop().await;
+        }
+        return;
+    }
+    if running.contains_key(&uid) {
+        return;
+    }
+    let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
+        return;
+    };
+    let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+        return;
+    };
+    match plays(nodes, &node, &args.node_selector).await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(err) => {
+            warn!(%err, node, "reading the pod's node");
+            return;
+        }
+    }
+    let name = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+    match Worker::start(args, client, &pod, &ip).await {
+        Ok(worker) => {
+            info!(pod = name, %ip, "worker started");
+            running.insert(uid, worker);
+        }
+        Err(err) => {
+            warn!(pod = name, "{err:#}");
+            let api: Api<Pod> =
+                Api::namespaced(client.clone(), &pod.namespace().unwrap_or_default());
+            report_exit(
+                &api,
+                &pod.name_any(),
+                container_name(&pod),
+                128,
+                &format!("{err:#}"),
+            )
+            .await;
+        }
+    }
+}
+
+/// Whether a node is one of ours: its labels match the selector (KEY=VALUE, comma-separated).
+async fn plays(nodes: &Api<Node>, node: &str, selector: &str) -> kube::Result<bool> {
+    let Some(node) = nodes.get_opt(node).await? else {
+        return Ok(false);
+    };
+    let labels = node.labels();
+    Ok(selector.split(',').all(|term| match term.split_once('=') {
+        Some((key, value)) => labels.get(key).is_some_and(|v| v == value),
+        None => labels.contains_key(term),
+    }))
+}
+
+fn container_name(pod: &Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .map_or("worker", |c| c.name.as_str())
+}
+
+/// One worker process and the task that watches it.
+struct Worker {
+    pid: Option<u32>,
+    watch: JoinHandle<()>,
+}
+
+impl Worker {
+    async fn start(args: &Args, client: &Client, pod: &Pod, ip: &str) -> anyhow::Result<Self> {
+        let spec = pod.spec.as_ref().context("the pod has no spec")?;
+        let container = spec
+            .containers
+            .first()
+            .context("the pod has no container")?;
+        let namespace = pod.namespace().unwrap_or_default();
+        let dir = args
+            .pods_dir
+            .join(format!("{namespace}_{}", pod.name_any()));
+        std::fs::create_dir_all(&dir)?;
+        let mounts = mounts(pod, container, &dir)?;
+        let argv: Vec<String> = container
+            .args
+            .iter()
+            .flatten()
+            .map(|arg| in_this_host(arg, ip, &mounts))
+            .collect();
+        let mut command = Command::new(&args.worker);
+        command
+            .args(&argv)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(dir.join("log"))?)
+            .stderr(
+                std::fs::File::options()
+                    .append(true)
+                    .open(dir.join("log"))?,
+            );
+        for var in container.env.iter().flatten() {
+            if let Some(value) = &var.value {
+                command.env(&var.name, value);
+            }
+        }
+        // The worker's scratch files go to the volume the pod mounts at /tmp.
+        if let Some(tmp) = mounts.get("/tmp") {
+            command.env("TMPDIR", tmp);
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("starting {}", args.worker.display()))?;
+        let pid = child.id();
+        if let Some(pid) = pid {
+            std::fs::write(dir.join("pid"), pid.to_string())?;
+        }
+        let port = container
+            .ports
+            .iter()
+            .flatten()
+            .next()
+            .map_or(8000, |p| p.container_port);
+        let api: Api<Pod> = Api::namespaced(client.clone(), &namespace);
+        let watch = tokio::spawn(watch(
+            api,
+            pod.name_any(),
+            container.name.clone(),
+            format!("http://{ip}:{port}/ready"),
+            child,
+            dir,
+        ));
+        Ok(Self { pid, watch })
+    }
+
+    /// SIGTERM, as the kubelet does, then SIGKILL after the worker's drain would be over.
+    async fn stop(self) {
+        self.watch.abort();
+        let Some(pid) = self.pid else { return };
+        let pid = pid.to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status().await;
+        for _ in 0..100 {
+            let alive = Command::new("kill")
+                .args(["-0", &pid])
+                .stderr(Stdio::null())
+                .status()
+                .await
+                .is_ok_and(|s| s.success());
+            if !alive {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = Command::new("kill").args(["-KILL", &pid]).status().await;
+    }
+}
+
+/// The pod's mount paths and the directories here that stand in for their volumes.
+fn mounts(
+    pod: &Pod,
+    container: &Container,
+    dir: &Path,
+) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+    let volumes = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .unwrap_or_default();
+    let mut mounts = BTreeMap::new();
+    for mount in container.volume_mounts.iter().flatten() {
+        let volume = volumes
+            .iter()
+            .find(|v| v.name == mount.name)
+            .with_context(|| format!("volume {} is not in the pod", mount.name))?;
+        let path = if let Some(host) = &volume.host_path {
+            PathBuf::from(&host.path)
+        } else if volume.empty_dir.is_some() {
+            let path = dir.join("volumes").join(&volume.name);
+            std::fs::create_dir_all(&path)?;
+            path
+        } else {
+            bail!(
+                "volume {}: only hostPath and emptyDir volumes exist on the test bed's nodes",
+                volume.name
+            );
+        };
+        mounts.insert(mount.mount_path.clone(), path);
+    }
+    Ok(mounts)
+}
+
+/// An argument as it reads on this host: the listen address on the pod's IP, and paths
+/// under a mount in the directory that stands in for it.
+fn in_this_host(arg: &str, ip: &str, mounts: &BTreeMap<String, PathBuf>) -> String {
+    let Some((flag, value)) = arg.split_once('=') else {
+        return arg.to_owned();
+    };
+    if flag == "--listen" {
+        let port = value.rsplit_once(':').map_or("8000", |(_, port)| port);
+        return format!("{flag}={ip}:{port}");
+    }
+    for (mount, path) in mounts.iter().rev() {
+        if let Some(rest) = value.strip_prefix(mount.as_str())
+            && (rest.is_empty() || rest.starts_with('/'))
+        {
+            return format!("{flag}={}{rest}", path.display());
+        }
+    }
+    arg.to_owned()
+}
+
+/// Probes readiness until the worker exits, writing each change to the pod's status, and
+/// reports the exit.
+async fn watch(
+    api: Api<Pod>,
+    pod: String,
+    container: String,
+    ready_url: String,
+    mut child: Child,
+    dir: PathBuf,
+) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("a plain HTTP client builds");
+    let mut ready = false;
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                let code = status.ok().and_then(|s| s.code()).unwrap_or(137);
+                let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+                let last = log.lines().last().unwrap_or_default();
+                warn!(pod, code, last, "worker exited");
+                report_exit(&api, &pod, &container, code, last).await;
+                return;
+            }
+            () = tokio::time::sleep(PROBE_PERIOD) => {
+                let now = http
+                    .get(&ready_url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                if now != ready {
+                    match set_ready(&api, &pod, &container, now).await {
+                        Ok(()) => ready = now,
+                        Err(err) => warn!(pod, %err, "writing readiness"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn condition(type_: &str, status: bool) -> serde_json::Value {
+    json!({
+        "type": type_,
+        "status": if status { "True" } else { "False" },
+        "reason": if status { serde_json::Value::Null } else { json!("ContainersNotReady") },
+        "lastTransitionTime": k8s_openapi::jiff::Timestamp::now(),
+    })
+}
+
+async fn set_ready(api: &Api<Pod>, pod: &str, container: &str, ready: bool) -> kube::Result<()> {
+    let patch = json!({"status": {
+        "conditions": [condition("Ready", ready), condition("ContainersReady", ready)],
+        "containerStatuses": [{"name": container, "ready": ready}],
+    }});
+    api.patch_status(pod, &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+        .map(drop)
+}
+
+async fn report_exit(api: &Api<Pod>, pod: &str, container: &str, code: i32, message: &str) {
+    let patch = json!({"status": {
+        "conditions": [condition("Ready", false), condition("ContainersReady", false)],
+        "containerStatuses": [{
+            "name": container,
+            "ready": false,
+            "started": false,
+            "state": {"running": null, "terminated": {
+                "exitCode": code,
+                "reason": "Error",
+                "message": message,
+                "finishedAt": k8s_openapi::jiff::Timestamp::now(),
+            }},
+        }],
+    }});
+    if let Err(err) = api
+        .patch_status(pod, &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+    {
+        warn!(pod, %err, "reporting the worker's exit");
+    }
+}

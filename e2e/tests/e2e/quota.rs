@@ -1,0 +1,214 @@
+//! Tests 2 and 6: tenants' GPU quotas and priorities, enforced by Kueue.
+
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use kube::Api;
+use kube::ResourceExt;
+use kubeswarm::api::{ModelPool, SwarmJob};
+
+use crate::bed::{Bed, condition, gone, has_condition, json_condition, until};
+use crate::swarm::{pool_spec, tenant, wait_available};
+
+const ADMISSION_TIMEOUT: Duration = Duration::from_secs(120);
+const JOB_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// A job of four subtasks on one job-scoped pool of `gpus`, long enough (`tokens` each,
+/// one at a time) to still run while another pool is admitted or preempts it.
+fn job(bed: &Bed, name: &str, gpus: u32, tokens: u32, extra: &str) -> String {
+    format!(
+        r#"
+apiVersion: kubeswarm.dev/v1alpha1
+kind: SwarmJob
+metadata: {{name: {name}}}
+spec:
+  task: You write one short sentence for a picture book.
+  subtasks: [Describe a lighthouse., Describe a fox., Describe a balloon., Describe a cat.]
+  fanOut: {{pool: model, subagents: 4, maxConcurrency: 1, maxTokens: {tokens}, temperature: 0.2, timeoutSeconds: 300}}
+  verification: {{mode: none}}
+  aggregation: {{strategy: collect}}
+  pools: [{{name: model, spec: {spec}}}]
+  budget: {{deadlineSeconds: 900}}
+"#,
+        spec = pool_spec(bed, 1, gpus, extra),
+    )
+}
+
+fn standalone_pool(bed: &Bed, name: &str, gpus: u32, extra: &str) -> String {
+    format!(
+        "apiVersion: kubeswarm.dev/v1alpha1\nkind: ModelPool\nmetadata: {{name: {name}}}\nspec: {}\n",
+        pool_spec(bed, 1, gpus, extra)
+    )
+}
+
+fn complete(job: &serde_json::Value) -> bool {
+    has_condition(job, "Complete", "True") || has_condition(job, "Failed", "True")
+}
+
+pub async fn second_tenant_waits(bed: &Bed) -> anyhow::Result<()> {
+    // Tenant A owns 2 H100s, tenant B 1, in one cohort: B's 2-GPU pool needs A's unused
+    // GPU, and gets it only once A's job has released its pool.
+    let a = bed.namespace("e2e-tenant-a").await?;
+    let b = bed.namespace("e2e-tenant-b").await?;
+    tenant(bed, &a, "e2e-quota", 2, 0, "").await?;
+    tenant(bed, &b, "e2e-quota", 1, 0, "").await?;
+    bed.apply(Some(&a), &job(bed, "first", 2, 128, "")).await?;
+    wait_available(bed, &a, "first-model").await?;
+
+    bed.apply(Some(&b), &standalone_pool(bed, "second", 2, ""))
+        .await?;
+    let pools: Api<ModelPool> = Api::namespaced(bed.client.clone(), &b);
+    let waiting = until(
+        &pools,
+        "second",
+        ADMISSION_TIMEOUT,
+        "waiting for quota",
+        json_condition(|p| {
+            condition(p, "Admitted").is_some_and(|c| {
+                c["status"] == "False" && c["message"].as_str().is_some_and(|m| m.contains("quota"))
+            })
+        }),
+    )
+    .await?;
+    let jobs: Api<SwarmJob> = Api::namespaced(bed.client.clone(), &a);
+    let first = serde_json::to_value(jobs.get("first").await?)?;
+    ensure!(
+        !complete(&first),
+        "tenant A's job ended before B's pool was seen waiting"
+    );
+    let message = serde_json::to_value(&waiting)?;
+    let message = condition(&message, "Admitted").context("no Admitted")?["message"].clone();
+
+    let first = until(
+        &jobs,
+        "first",
+        JOB_TIMEOUT,
+        "finished",
+        json_condition(complete),
+    )
+    .await?;
+    ensure!(
+        has_condition(&serde_json::to_value(&first)?, "Complete", "True"),
+        "tenant A's job failed"
+    );
+    wait_available(bed, &b, "second")
+        .await
+        .with_context(|| format!("B's pool waited with {message}"))?;
+    Ok(())
+}
+
+pub async fn preemption(bed: &Bed) -> anyhow::Result<()> {
+    let ns = bed.namespace("e2e-preempt").await?;
+    bed.apply(
+        None,
+        r#"
+apiVersion: scheduling.k8s.io/v1
+kind: PriorityClass
+metadata: {name: e2e-low}
+value: 100
+---
+apiVersion: scheduling.k8s.io/v1
+kind: PriorityClass
+metadata: {name: e2e-high}
+value: 1000
+"#,
+    )
+    .await?;
+    tenant(
+        bed,
+        &ns,
+        "e2e-preempt",
+        2,
+        0,
+        "preemption: {withinClusterQueue: LowerPriority}",
+    )
+    .await?;
+    bed.apply(
+        Some(&ns),
+        &job(bed, "batch", 2, 256, ", priorityClassName: e2e-low"),
+    )
+    .await?;
+    let jobs: Api<SwarmJob> = Api::namespaced(bed.client.clone(), &ns);
+    wait_available(bed, &ns, "batch-model").await?;
+    until(
+        &jobs,
+        "batch",
+        JOB_TIMEOUT,
+        "started",
+        json_condition(|j| !j["status"]["startTime"].is_null()),
+    )
+    .await?;
+
+    // The urgent pool takes the queue's only 2 GPUs from the running job's pool.
+    bed.apply(
+        Some(&ns),
+        &standalone_pool(bed, "urgent", 2, ", priorityClassName: e2e-high"),
+    )
+    .await?;
+    let pools: Api<ModelPool> = Api::namespaced(bed.client.clone(), &ns);
+    let evicted = until(
+        &pools,
+        "batch-model",
+        ADMISSION_TIMEOUT,
+        "evicted",
+        json_condition(|p| {
+            condition(p, "Admitted")
+                .is_some_and(|c| c["status"] == "False" && c["reason"] == "Evicted")
+        }),
+    )
+    .await?;
+    let evicted = serde_json::to_value(&evicted)?;
+    let message = condition(&evicted, "Admitted").context("no Admitted")?["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    ensure!(
+        message.contains("Preempted"),
+        "the evicted pool says {message:?}"
+    );
+    wait_available(bed, &ns, "urgent").await?;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(bed.client.clone(), &ns);
+    let batch_pods = pods
+        .list(&kube::api::ListParams::default().labels("kubeswarm.dev/pool=batch-model"))
+        .await?;
+    for pod in batch_pods {
+        gone(
+            &pods,
+            &pod.name_any(),
+            &pod.uid().unwrap_or_default(),
+            ADMISSION_TIMEOUT,
+        )
+        .await?;
+    }
+    let job = serde_json::to_value(jobs.get("batch").await?)?;
+    ensure!(
+        !complete(&job),
+        "the preempted job finished without its pool"
+    );
+
+    // The urgent pool goes; the job's pool is readmitted and the job completes.
+    let urgent = pools.get("urgent").await?;
+    pools.delete("urgent", &Default::default()).await?;
+    gone(
+        &pools,
+        "urgent",
+        &urgent.uid().unwrap_or_default(),
+        ADMISSION_TIMEOUT,
+    )
+    .await?;
+    let job = until(
+        &jobs,
+        "batch",
+        JOB_TIMEOUT,
+        "finished",
+        json_condition(complete),
+    )
+    .await?;
+    let job = serde_json::to_value(job)?;
+    ensure!(
+        has_condition(&job, "Complete", "True"),
+        "the readmitted job failed: {:#}",
+        job["status"]["conditions"]
+    );
+    Ok(())
+}

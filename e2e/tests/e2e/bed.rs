@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::GroupVersionKind;
 use kube::discovery::{ApiResource, Discovery, Scope};
 use kube::runtime::wait::conditions::is_deleted;
 use kube::runtime::wait::{Condition, await_condition};
-use kube::{Api, Client, Config, Resource};
+use kube::{Api, Client, Config, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
@@ -36,7 +36,8 @@ pub struct Bed {
     discovery: Discovery,
 }
 
-fn cluster(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+/// Runs `e2e/cluster ACTION DIR ARGS...`.
+pub fn cluster(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
     let status = Command::new(repo_root().join("e2e/cluster"))
         .args([args[0], dir.to_str().context("a UTF-8 directory")?])
         .args(&args[1..])
@@ -151,22 +152,20 @@ impl Bed {
         Ok(())
     }
 
-    /// Creates an object with a server-side dry run: the API server's answer, nothing stored.
-    pub async fn dry_run_create(&self, namespace: &str, object: &Value) -> kube::Result<()> {
-        let api = self
-            .api_for(object, Some(namespace))
-            .map_err(|e| kube::Error::Service(e.into()))?;
-        let object: DynamicObject =
-            serde_json::from_value(object.clone()).map_err(kube::Error::SerdeError)?;
-        api.create(
-            &PostParams {
-                dry_run: true,
-                ..PostParams::default()
-            },
-            &object,
-        )
-        .await
-        .map(drop)
+    /// Creates an object with a server-side dry run, nothing stored. The outer error is
+    /// ours (a kind the server does not serve); the inner result is the API server's answer.
+    pub async fn dry_run_create(
+        &self,
+        namespace: &str,
+        object: &Value,
+    ) -> anyhow::Result<kube::Result<()>> {
+        let api = self.api_for(object, Some(namespace))?;
+        let object: DynamicObject = serde_json::from_value(object.clone())?;
+        let dry_run = PostParams {
+            dry_run: true,
+            ..PostParams::default()
+        };
+        Ok(api.create(&dry_run, &object).await.map(drop))
     }
 
     pub fn resource(&self, group: &str, version: &str, kind: &str) -> ApiResource {
@@ -207,6 +206,39 @@ where
         Ok(Err(err)) => Err(err).with_context(|| format!("watching {name}")),
         Err(_) => bail!("{name} is still there after {timeout:?}"),
     }
+}
+
+/// Deletes an object (its dependents in the background) and waits until it is gone.
+pub async fn delete_and_wait<K>(api: &Api<K>, name: &str, timeout: Duration) -> anyhow::Result<()>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let object = api.get(name).await?;
+    api.delete(name, &DeleteParams::background()).await?;
+    gone(api, name, &object.uid().unwrap_or_default(), timeout).await
+}
+
+/// Waits until every object the list returns now is gone.
+pub async fn all_gone<K>(
+    api: &Api<K>,
+    list: &ListParams,
+    timeout: Duration,
+    what: &str,
+) -> anyhow::Result<()>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    for object in api.list(list).await? {
+        gone(
+            api,
+            &object.name_any(),
+            &object.uid().unwrap_or_default(),
+            timeout,
+        )
+        .await
+        .with_context(|| format!("{what} left behind"))?;
+    }
+    Ok(())
 }
 
 /// A condition of a kubeswarm or Kueue object's status.conditions, as JSON.

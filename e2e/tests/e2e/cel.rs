@@ -18,7 +18,7 @@ pub async fn rules_are_enforced(bed: &Bed) -> anyhow::Result<()> {
         object["metadata"]["namespace"] = json!(ns);
         // A dry run: the API server validates and stores nothing, so no valid case
         // starts a pool or a job.
-        let answer = bed.dry_run_create(&ns, &object).await;
+        let answer = bed.dry_run_create(&ns, &object).await?;
         match (case.breaks, answer) {
             (None, Ok(())) => {}
             (Some(message), Err(kube::Error::Api(err)))

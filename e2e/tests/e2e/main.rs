@@ -103,9 +103,8 @@ fn main() -> ExitCode {
                 "e2e: the test bed did not start: {err:#}\nlogs: {}/logs",
                 dir.display()
             );
-            let _ = std::process::Command::new(bed::repo_root().join("e2e/cluster"))
-                .args(["down", dir.to_str().unwrap_or_default()])
-                .status();
+            // The cluster may be up when what failed came after `e2e/cluster up`.
+            let _ = bed::cluster(&dir, &["down"]);
             return ExitCode::FAILURE;
         }
     };

@@ -3,15 +3,15 @@
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
+use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::ResourceExt;
+use kube::api::ListParams;
 use kubeswarm::api::{ModelPool, SwarmJob};
 
-use crate::bed::{Bed, condition, gone, has_condition, json_condition, until};
-use crate::swarm::{pool_spec, tenant, wait_available};
+use crate::bed::{Bed, all_gone, condition, delete_and_wait, json_condition, until};
+use crate::swarm::{finished, pool_spec, tenant, wait_available, wait_finished, wait_started};
 
 const ADMISSION_TIMEOUT: Duration = Duration::from_secs(120);
-const JOB_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// A job of four subtasks on one job-scoped pool of `gpus`, long enough (`tokens` each,
 /// one at a time) to still run while another pool is admitted or preempts it.
@@ -39,10 +39,6 @@ fn standalone_pool(bed: &Bed, name: &str, gpus: u32, extra: &str) -> String {
         "apiVersion: kubeswarm.dev/v1alpha1\nkind: ModelPool\nmetadata: {{name: {name}}}\nspec: {}\n",
         pool_spec(bed, 1, gpus, extra)
     )
-}
-
-fn complete(job: &serde_json::Value) -> bool {
-    has_condition(job, "Complete", "True") || has_condition(job, "Failed", "True")
 }
 
 pub async fn second_tenant_waits(bed: &Bed) -> anyhow::Result<()> {
@@ -73,24 +69,13 @@ pub async fn second_tenant_waits(bed: &Bed) -> anyhow::Result<()> {
     let jobs: Api<SwarmJob> = Api::namespaced(bed.client.clone(), &a);
     let first = serde_json::to_value(jobs.get("first").await?)?;
     ensure!(
-        !complete(&first),
+        !finished(&first),
         "tenant A's job ended before B's pool was seen waiting"
     );
     let message = serde_json::to_value(&waiting)?;
     let message = condition(&message, "Admitted").context("no Admitted")?["message"].clone();
 
-    let first = until(
-        &jobs,
-        "first",
-        JOB_TIMEOUT,
-        "finished",
-        json_condition(complete),
-    )
-    .await?;
-    ensure!(
-        has_condition(&serde_json::to_value(&first)?, "Complete", "True"),
-        "tenant A's job failed"
-    );
+    wait_finished(&jobs, "first").await?;
     wait_available(bed, &b, "second")
         .await
         .with_context(|| format!("B's pool waited with {message}"))?;
@@ -130,14 +115,7 @@ value: 1000
     .await?;
     let jobs: Api<SwarmJob> = Api::namespaced(bed.client.clone(), &ns);
     wait_available(bed, &ns, "batch-model").await?;
-    until(
-        &jobs,
-        "batch",
-        JOB_TIMEOUT,
-        "started",
-        json_condition(|j| !j["status"]["startTime"].is_null()),
-    )
-    .await?;
+    wait_started(&jobs, "batch").await?;
 
     // The urgent pool takes the queue's only 2 GPUs from the running job's pool.
     bed.apply(
@@ -167,48 +145,23 @@ value: 1000
         "the evicted pool says {message:?}"
     );
     wait_available(bed, &ns, "urgent").await?;
-    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(bed.client.clone(), &ns);
-    let batch_pods = pods
-        .list(&kube::api::ListParams::default().labels("kubeswarm.dev/pool=batch-model"))
-        .await?;
-    for pod in batch_pods {
-        gone(
-            &pods,
-            &pod.name_any(),
-            &pod.uid().unwrap_or_default(),
-            ADMISSION_TIMEOUT,
-        )
-        .await?;
-    }
+    let pods: Api<Pod> = Api::namespaced(bed.client.clone(), &ns);
+    let batch = ListParams::default().labels("kubeswarm.dev/pool=batch-model");
+    all_gone(
+        &pods,
+        &batch,
+        ADMISSION_TIMEOUT,
+        "the preempted pool's pods",
+    )
+    .await?;
     let job = serde_json::to_value(jobs.get("batch").await?)?;
     ensure!(
-        !complete(&job),
+        !finished(&job),
         "the preempted job finished without its pool"
     );
 
     // The urgent pool goes; the job's pool is readmitted and the job completes.
-    let urgent = pools.get("urgent").await?;
-    pools.delete("urgent", &Default::default()).await?;
-    gone(
-        &pools,
-        "urgent",
-        &urgent.uid().unwrap_or_default(),
-        ADMISSION_TIMEOUT,
-    )
-    .await?;
-    let job = until(
-        &jobs,
-        "batch",
-        JOB_TIMEOUT,
-        "finished",
-        json_condition(complete),
-    )
-    .await?;
-    let job = serde_json::to_value(job)?;
-    ensure!(
-        has_condition(&job, "Complete", "True"),
-        "the readmitted job failed: {:#}",
-        job["status"]["conditions"]
-    );
+    delete_and_wait(&pools, "urgent", ADMISSION_TIMEOUT).await?;
+    wait_finished(&jobs, "batch").await?;
     Ok(())
 }

@@ -5,15 +5,15 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
-use kube::api::{DeleteParams, DynamicObject, ListParams};
+use kube::api::{DynamicObject, ListParams};
 use kube::{Api, ResourceExt};
 use kubeswarm::api::{ModelPool, SwarmJob};
 use serde_json::Value;
 
-use crate::bed::{Bed, gone, has_condition, json_condition, until};
+use crate::bed::{Bed, all_gone, delete_and_wait, gone, has_condition, json_condition, until};
 
 /// How long a job on the test model may take: its workers load, then 2 cores serve it.
-const JOB_TIMEOUT: Duration = Duration::from_secs(900);
+pub const JOB_TIMEOUT: Duration = Duration::from_secs(900);
 const POOLS_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The GPU types of the fake nodes, one ResourceFlavor each, and a tenant's ClusterQueue
@@ -114,11 +114,13 @@ spec:
     )
 }
 
-fn finished(job: &Value) -> bool {
+/// Complete or Failed.
+pub fn finished(job: &Value) -> bool {
     has_condition(job, "Complete", "True") || has_condition(job, "Failed", "True")
 }
 
-async fn wait_finished(jobs: &Api<SwarmJob>, name: &str) -> anyhow::Result<Value> {
+/// Waits until the job finishes, and fails unless it completed.
+pub async fn wait_finished(jobs: &Api<SwarmJob>, name: &str) -> anyhow::Result<Value> {
     let job = until(
         jobs,
         name,
@@ -134,6 +136,19 @@ async fn wait_finished(jobs: &Api<SwarmJob>, name: &str) -> anyhow::Result<Value
         job["status"]["conditions"]
     );
     Ok(job)
+}
+
+/// Waits until the job's engine has started (status.startTime is set).
+pub async fn wait_started(jobs: &Api<SwarmJob>, name: &str) -> anyhow::Result<()> {
+    until(
+        jobs,
+        name,
+        JOB_TIMEOUT,
+        "started",
+        json_condition(|j| !j["status"]["startTime"].is_null()),
+    )
+    .await
+    .map(drop)
 }
 
 /// Waits until a ModelPool has every replica ready.
@@ -275,20 +290,6 @@ pub async fn runs_to_completion(bed: &Bed) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until every object of a namespaced list is gone.
-async fn all_deleted<K>(api: &Api<K>, what: &str) -> anyhow::Result<()>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    for object in api.list(&ListParams::default()).await? {
-        let name = object.name_any();
-        gone(api, &name, &object.uid().unwrap_or_default(), POOLS_TIMEOUT)
-            .await
-            .with_context(|| format!("{what} left behind"))?;
-    }
-    Ok(())
-}
-
 pub async fn delete_mid_run(bed: &Bed) -> anyhow::Result<()> {
     let ns = bed.namespace("e2e-delete").await?;
     tenant(bed, &ns, "e2e-delete", 8, 4, "").await?;
@@ -296,36 +297,19 @@ pub async fn delete_mid_run(bed: &Bed) -> anyhow::Result<()> {
     let jobs: Api<SwarmJob> = Api::namespaced(bed.client.clone(), &ns);
     // Mid-run: its pools serve and the engine has started.
     wait_available(bed, &ns, "doomed-worker").await?;
-    until(
-        &jobs,
-        "doomed",
-        JOB_TIMEOUT,
-        "started",
-        json_condition(|j| !j["status"]["startTime"].is_null()),
-    )
-    .await?;
+    wait_started(&jobs, "doomed").await?;
     let pods: Api<Pod> = Api::namespaced(bed.client.clone(), &ns);
     ensure!(
         !pods.list(&ListParams::default()).await?.items.is_empty(),
         "no worker pods mid-run"
     );
 
-    let job = jobs.get("doomed").await?;
-    jobs.delete("doomed", &DeleteParams::background()).await?;
-    gone(
-        &jobs,
-        "doomed",
-        &job.uid().unwrap_or_default(),
-        POOLS_TIMEOUT,
-    )
-    .await?;
-    all_deleted(
-        &Api::<ModelPool>::namespaced(bed.client.clone(), &ns),
-        "job-scoped pools",
-    )
-    .await?;
-    all_deleted(&workloads(bed, &ns), "Workloads").await?;
-    all_deleted(&pods, "worker pods").await?;
+    delete_and_wait(&jobs, "doomed", POOLS_TIMEOUT).await?;
+    let all = ListParams::default();
+    let pools: Api<ModelPool> = Api::namespaced(bed.client.clone(), &ns);
+    all_gone(&pools, &all, POOLS_TIMEOUT, "job-scoped pools").await?;
+    all_gone(&workloads(bed, &ns), &all, POOLS_TIMEOUT, "Workloads").await?;
+    all_gone(&pods, &all, POOLS_TIMEOUT, "worker pods").await?;
     Ok(())
 }
 

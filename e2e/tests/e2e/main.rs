@@ -45,19 +45,15 @@ const TESTS: &[(&str, Scenario)] = &[
     ("an_operator_killed_mid_run_resumes", |b| {
         Box::pin(swarm::operator_killed_mid_run(b))
     }),
+    ("a_higher_priority_pool_preempts", |b| {
+        Box::pin(quota::preemption(b))
+    }),
 ];
-
-/// Tests that fail on a known operator bug: they run only when named. The ModelPool
-/// controller writes a Workload's priorityClassName without its priority value, which
-/// Kueue's validation refuses, so a pool with a priority class never gets a Workload.
-const KNOWN_FAILING: &[(&str, Scenario)] = &[("a_higher_priority_pool_preempts", |b| {
-    Box::pin(quota::preemption(b))
-})];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--list") {
-        for (name, _) in TESTS.iter().chain(KNOWN_FAILING) {
+        for (name, _) in TESTS {
             println!("{name}: test");
         }
         return ExitCode::SUCCESS;
@@ -67,11 +63,6 @@ fn main() -> ExitCode {
     let selected: Vec<_> = TESTS
         .iter()
         .filter(|(name, _)| filters.is_empty() || named(name))
-        .chain(
-            KNOWN_FAILING
-                .iter()
-                .filter(|(name, _)| !filters.is_empty() && named(name)),
-        )
         .collect();
     if selected.is_empty() {
         println!("running 0 tests");

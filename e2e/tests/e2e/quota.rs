@@ -41,6 +41,34 @@ fn standalone_pool(bed: &Bed, name: &str, gpus: u32, extra: &str) -> String {
     )
 }
 
+/// Waits until pool `name` is not admitted with a reason and message `why` accepts, and
+/// returns the message.
+async fn not_admitted(
+    pools: &Api<ModelPool>,
+    name: &str,
+    what: &str,
+    why: impl Fn(&str, &str) -> bool,
+) -> anyhow::Result<String> {
+    let admitted = |pool: &serde_json::Value| {
+        condition(pool, "Admitted")
+            .filter(|c| c["status"] == "False")
+            .map(|c| {
+                let text = |field: &str| c[field].as_str().unwrap_or_default().to_owned();
+                (text("reason"), text("message"))
+            })
+    };
+    let pool = until(
+        pools,
+        name,
+        ADMISSION_TIMEOUT,
+        what,
+        json_condition(|p| admitted(p).is_some_and(|(reason, message)| why(&reason, &message))),
+    )
+    .await?;
+    let (_, message) = admitted(&serde_json::to_value(&pool)?).context("no Admitted")?;
+    Ok(message)
+}
+
 pub async fn second_tenant_waits(bed: &Bed) -> anyhow::Result<()> {
     // Tenant A owns 2 H100s, tenant B 1, in one cohort: B's 2-GPU pool needs A's unused
     // GPU, and gets it only once A's job has released its pool.
@@ -54,17 +82,9 @@ pub async fn second_tenant_waits(bed: &Bed) -> anyhow::Result<()> {
     bed.apply(Some(&b), &standalone_pool(bed, "second", 2, ""))
         .await?;
     let pools: Api<ModelPool> = Api::namespaced(bed.client.clone(), &b);
-    let waiting = until(
-        &pools,
-        "second",
-        ADMISSION_TIMEOUT,
-        "waiting for quota",
-        json_condition(|p| {
-            condition(p, "Admitted").is_some_and(|c| {
-                c["status"] == "False" && c["message"].as_str().is_some_and(|m| m.contains("quota"))
-            })
-        }),
-    )
+    let message = not_admitted(&pools, "second", "waiting for quota", |_, message| {
+        message.contains("quota")
+    })
     .await?;
     let jobs: Api<SwarmJob> = Api::namespaced(bed.client.clone(), &a);
     let first = serde_json::to_value(jobs.get("first").await?)?;
@@ -72,8 +92,6 @@ pub async fn second_tenant_waits(bed: &Bed) -> anyhow::Result<()> {
         !finished(&first),
         "tenant A's job ended before B's pool was seen waiting"
     );
-    let message = serde_json::to_value(&waiting)?;
-    let message = condition(&message, "Admitted").context("no Admitted")?["message"].clone();
 
     wait_finished(&jobs, "first").await?;
     wait_available(bed, &b, "second")
@@ -91,11 +109,6 @@ apiVersion: scheduling.k8s.io/v1
 kind: PriorityClass
 metadata: {name: e2e-low}
 value: 100
----
-apiVersion: scheduling.k8s.io/v1
-kind: PriorityClass
-metadata: {name: e2e-high}
-value: 1000
 "#,
     )
     .await?;
@@ -117,29 +130,33 @@ value: 1000
     wait_available(bed, &ns, "batch-model").await?;
     wait_started(&jobs, "batch").await?;
 
-    // The urgent pool takes the queue's only 2 GPUs from the running job's pool.
+    // The urgent pool names a PriorityClass that does not exist yet: it says so and waits
+    // until the class is created, which wakes it.
     bed.apply(
         Some(&ns),
         &standalone_pool(bed, "urgent", 2, ", priorityClassName: e2e-high"),
     )
     .await?;
     let pools: Api<ModelPool> = Api::namespaced(bed.client.clone(), &ns);
-    let evicted = until(
+    not_admitted(
         &pools,
-        "batch-model",
-        ADMISSION_TIMEOUT,
-        "evicted",
-        json_condition(|p| {
-            condition(p, "Admitted")
-                .is_some_and(|c| c["status"] == "False" && c["reason"] == "Evicted")
-        }),
+        "urgent",
+        "waiting for its PriorityClass",
+        |reason, _| reason == "PriorityClassNotFound",
     )
     .await?;
-    let evicted = serde_json::to_value(&evicted)?;
-    let message = condition(&evicted, "Admitted").context("no Admitted")?["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+
+    // Once the class exists, the urgent pool takes the queue's only 2 GPUs from the
+    // running job's pool.
+    bed.apply(
+        None,
+        "{apiVersion: scheduling.k8s.io/v1, kind: PriorityClass, metadata: {name: e2e-high}, value: 1000}",
+    )
+    .await?;
+    let message = not_admitted(&pools, "batch-model", "evicted", |reason, _| {
+        reason == "Evicted"
+    })
+    .await?;
     ensure!(
         message.contains("Preempted"),
         "the evicted pool says {message:?}"

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::scheduling::v1::PriorityClass;
 use kube::api::Api;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
@@ -101,13 +102,19 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         backoff: Backoff::default(),
     });
     let children = watcher::Config::default().labels("app.kubernetes.io/managed-by=kubeswarm");
-    let mut controller = Controller::new(
+    let controller = Controller::new(
         Api::<ModelPool>::all(client.clone()),
         watcher::Config::default(),
     )
     .owns(Api::<Pod>::all(client.clone()), children.clone())
     .owns(Api::<Service>::all(client.clone()), children.clone())
     .owns(Api::<NetworkPolicy>::all(client.clone()), children.clone());
+    let known = controller.store();
+    let mut controller = controller.watches(
+        Api::<PriorityClass>::all(client.clone()),
+        watcher::Config::default(),
+        move |class| model_pool::pools_naming(&class, known.state()).collect::<Vec<_>>(),
+    );
     if kueue_served(&client).await {
         controller = controller.owns(Api::<Workload>::all(client.clone()), children);
     } else {

@@ -17,12 +17,13 @@ use std::time::Duration;
 
 use http::{Method, Request, Response};
 use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus};
+use k8s_openapi::api::scheduling::v1::PriorityClass;
 use kube::ResourceExt;
 use kube::client::Body;
 use kube::runtime::events::{Recorder, Reporter};
 use kubeswarm::api::{ModelPool, ModelPoolSpec, ModelPoolStatus};
 use kubeswarm::controllers::model_pool::build::{self, Placement, Settings};
-use kubeswarm::controllers::model_pool::{Context, reconcile};
+use kubeswarm::controllers::model_pool::{self, Context, reconcile};
 use kubeswarm::kueue::Workload;
 use kubeswarm::metrics::Metrics;
 use serde_json::{Value, json};
@@ -64,6 +65,7 @@ const WORKLOADS: &str = "/apis/kueue.x-k8s.io/v1beta1/namespaces/team-a/workload
 const STATUS: &str = "/apis/kubeswarm.dev/v1alpha1/namespaces/team-a/modelpools/gemma/status";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/team-a/events";
 const FLAVOR: &str = "/apis/kueue.x-k8s.io/v1beta1/resourceflavors/h100";
+const URGENT: &str = "/apis/scheduling.k8s.io/v1/priorityclasses/urgent";
 
 fn not_found() -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
@@ -114,7 +116,7 @@ fn built_pod(pool: &ModelPool, index: i32, placement: &Placement, ready: bool) -
 
 fn built_workload(pool: &ModelPool, index: i32, status: Value) -> Value {
     let template = build::worker_template(pool, &settings()).unwrap();
-    let mut wl = serde_json::to_value(build::workload(pool, &template, index)).unwrap();
+    let mut wl = serde_json::to_value(build::workload(pool, &template, index, None)).unwrap();
     wl["apiVersion"] = json!("kueue.x-k8s.io/v1beta1");
     wl["kind"] = json!("Workload");
     wl["metadata"]["resourceVersion"] = json!("42");
@@ -164,6 +166,20 @@ fn condition(status: &Value, type_: &str) -> (String, String, String) {
         c["reason"].as_str().unwrap().to_owned(),
         c["message"].as_str().unwrap().to_owned(),
     )
+}
+
+/// Asserts a condition in a request body: its status, its reason and a part of its message.
+fn says(body: &Value, type_: &str, (status, reason, part): (&str, &str, &str)) {
+    let (found_status, found_reason, message) = condition(body, type_);
+    assert_eq!(
+        (found_status.as_str(), found_reason.as_str()),
+        (status, reason),
+        "{type_}: {message}"
+    );
+    assert!(
+        message.contains(part),
+        "{type_}: {message:?} lacks {part:?}"
+    );
 }
 
 fn event(reason: &'static str) -> Step {
@@ -589,11 +605,14 @@ async fn eviction_stops_the_pod_then_gives_the_admission_back() {
                     built_pod(&evicted_pool, 0, &h100_placement(), true),
                 ),
                 step(Method::PATCH, STATUS, 200, stored()).check(|body| {
-                    let (status, reason, message) = condition(body, "Admitted");
-                    assert_eq!((status.as_str(), reason.as_str()), ("False", "Evicted"));
-                    assert!(
-                        message.contains("gemma-0: Preempted: Preempted to accommodate"),
-                        "{message}"
+                    says(
+                        body,
+                        "Admitted",
+                        (
+                            "False",
+                            "Evicted",
+                            "gemma-0: Preempted: Preempted to accommodate",
+                        ),
                     );
                 }),
                 event("Evicted"),
@@ -805,9 +824,11 @@ async fn a_queue_without_kueue_is_reported_and_rechecked() {
             json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "the server could not find the requested resource"}),
         ),
         step(Method::PATCH, STATUS, 200, stored()).check(|body| {
-            let (status, reason, message) = condition(body, "Admitted");
-            assert_eq!((status.as_str(), reason.as_str()), ("False", "KueueNotInstalled"));
-            assert!(message.contains("install Kueue or remove spec.queueName"), "{message}");
+            says(
+                body,
+                "Admitted",
+                ("False", "KueueNotInstalled", "install Kueue or remove spec.queueName"),
+            );
         }),
         event("KueueNotInstalled"),
         event("NoReadyReplicas"),
@@ -817,12 +838,88 @@ async fn a_queue_without_kueue_is_reported_and_rechecked() {
     scenario(queued, steps).await;
 }
 
+fn urgent_pool() -> ModelPool {
+    let mut urgent = pool(1, true, None);
+    urgent.spec.priority_class_name = Some("urgent".to_owned());
+    urgent
+}
+
+#[tokio::test]
+async fn a_missing_priority_class_is_reported_and_nothing_is_created() {
+    scenario(
+        urgent_pool(),
+        vec![
+            step(Method::GET, URGENT, 404, not_found()),
+            step(Method::PATCH, STATUS, 200, stored()).check(|body| {
+                let missing = "spec.priorityClassName urgent names no PriorityClass";
+                says(
+                    body,
+                    "Admitted",
+                    ("False", "PriorityClassNotFound", missing),
+                );
+                assert_eq!(condition(body, "Progressing").1, "PriorityClassNotFound");
+            }),
+            event("PriorityClassNotFound"),
+            event("NoReadyReplicas"),
+            event("PriorityClassNotFound"),
+            event("AsExpected"),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_workloads_carry_the_value_of_the_pools_priority_class() {
+    let urgent = urgent_pool();
+    let mut steps = vec![step(
+        Method::GET,
+        URGENT,
+        200,
+        json!({
+            "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+            "metadata": {"name": "urgent"}, "value": 100000
+        }),
+    )];
+    steps.extend(settled_start(&urgent, vec![], Some(vec![])));
+    steps.extend([
+        step(Method::POST, WORKLOADS, 201, stored_workload()).check(|body| {
+            assert_eq!(body["spec"]["priorityClassName"], "urgent");
+            assert_eq!(
+                body["spec"]["priorityClassSource"],
+                "scheduling.k8s.io/priorityclass"
+            );
+            assert_eq!(body["spec"]["priority"], 100000);
+        }),
+        step(Method::PATCH, STATUS, 200, stored()),
+        event("WaitingForQuota"),
+        event("NoReadyReplicas"),
+        event("WaitingForAdmission"),
+        event("AsExpected"),
+    ]);
+    scenario(urgent, steps).await;
+}
+
+#[test]
+fn a_priority_class_wakes_only_the_pools_that_name_it() {
+    let class: PriorityClass = serde_json::from_value(json!({
+        "metadata": {"name": "urgent"}, "value": 100000
+    }))
+    .unwrap();
+    let mut elsewhere = urgent_pool();
+    elsewhere.metadata.namespace = Some("team-b".to_owned());
+    let pools = [urgent_pool(), pool(1, true, None), elsewhere].map(Arc::new);
+    let woken: Vec<String> = model_pool::pools_naming(&class, pools)
+        .map(|r| format!("{}/{}", r.namespace.unwrap_or_default(), r.name))
+        .collect();
+    assert_eq!(woken, ["team-a/gemma", "team-b/gemma"]);
+}
+
 #[test]
 fn every_child_is_owned_by_its_pool_so_deleting_the_pool_removes_them() {
     let pool = pool(1, true, None);
     let template = build::worker_template(&pool, &settings()).unwrap();
     let pod: Pod = build::pod(&pool, &template, 0, &Placement::default());
-    let wl: Workload = build::workload(&pool, &template, 0);
+    let wl: Workload = build::workload(&pool, &template, 0, None);
     let owners = [
         pod.metadata.owner_references.clone(),
         wl.metadata.owner_references.clone(),
@@ -965,17 +1062,8 @@ async fn an_external_pool_is_available_when_its_endpoint_serves_the_model() {
         external("gpt-4"),
         vec![
             step(Method::PATCH, STATUS, 200, stored()).check(|body| {
-                let (status, reason, message) = condition(body, "Available");
-                assert_eq!(
-                    (status.as_str(), reason.as_str()),
-                    ("False", "EndpointUnavailable")
-                );
-                assert!(
-                    message.ends_with(
-                        "does not serve gpt-4 (it serves: llama-3): fix spec.external.model"
-                    ),
-                    "{message}"
-                );
+                let why = "does not serve gpt-4 (it serves: llama-3): fix spec.external.model";
+                says(body, "Available", ("False", "EndpointUnavailable", why));
             }),
             event("NoQueue"),
             event("EndpointUnavailable"),

@@ -17,7 +17,7 @@ use kubeswarm::swarm::Options;
 use serde_json::{Value, json};
 
 use crate::mock::{Mock, Reply, last_user, text};
-use crate::{NS, condition, event, list, not_found, recorder, serve, step};
+use crate::{NS, condition, event, list, not_found, recorder, says, serve, step};
 
 const POOLS: &str = "/apis/kubeswarm.dev/v1alpha1/namespaces/team-a/modelpools";
 const PODS: &str = "/api/v1/namespaces/team-a/pods";
@@ -366,15 +366,8 @@ async fn a_missing_pool_makes_the_job_wait_with_a_reason_not_fail() {
         step(Method::GET, POOLS, 200, list("ModelPool", vec![])),
         step(Method::GET, PODS, 200, list("Pod", vec![])),
         step(Method::PATCH, JOB_STATUS, 200, stored_job()).check(|body| {
-            let (status, reason, message) = condition(body, "Admitted");
-            assert_eq!(
-                (status.as_str(), reason.as_str()),
-                ("False", "PoolNotFound")
-            );
-            assert!(
-                message.contains("has no ModelPool ext: create it"),
-                "{message}"
-            );
+            let missing = "has no ModelPool ext: create it";
+            says(body, "Admitted", ("False", "PoolNotFound", missing));
             assert!(body["status"].get("startTime").is_none());
             assert!(
                 body["status"]["conditions"]

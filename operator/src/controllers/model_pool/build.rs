@@ -389,10 +389,19 @@ pub fn pod(pool: &ModelPool, template: &PodTemplateSpec, index: i32, placement: 
 /// deletes Workloads at the end instead of requeueing the whole pool (Kueue does not let
 /// an admitted Workload's pod sets change); and a preemption takes one replica's GPUs,
 /// not the pool's.
-pub fn workload(pool: &ModelPool, template: &PodTemplateSpec, index: i32) -> Workload {
+///
+/// `priority` is the value of the pool's PriorityClass: Kueue orders and preempts by the
+/// value, and refuses a Workload that names a class without it.
+pub fn workload(
+    pool: &ModelPool,
+    template: &PodTemplateSpec,
+    index: i32,
+    priority: Option<i32>,
+) -> Workload {
     let spec = WorkloadSpec {
         queue_name: pool.spec.queue_name.clone(),
         priority_class_name: pool.spec.priority_class_name.clone(),
+        priority,
         priority_class_source: pool
             .spec
             .priority_class_name
@@ -687,10 +696,11 @@ template:
     fn a_workload_per_replica_carries_the_template_queue_and_priority() {
         let pool = pool(GGUF_ON_PVC);
         let template = worker_template(&pool, &settings()).unwrap();
-        let wl = workload(&pool, &template, 1);
+        let wl = workload(&pool, &template, 1, Some(1000));
         assert_eq!(wl.metadata.name.as_deref(), Some("gemma-1"));
         assert_eq!(wl.spec.queue_name.as_deref(), Some("team-a"));
         assert_eq!(wl.spec.priority_class_name.as_deref(), Some("high"));
+        assert_eq!(wl.spec.priority, Some(1000));
         assert_eq!(
             wl.spec.priority_class_source,
             Some(WorkloadPriorityClassSource::SchedulingK8sIoPriorityclass)

@@ -15,11 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use thiserror::Error;
@@ -135,6 +137,18 @@ impl<'a> Reconciler<'a> {
                 return Ok(Action::await_change());
             }
         };
+        let priority = match &self.pool.spec.priority_class_name {
+            None => None,
+            Some(class) => match self.priority(class).await? {
+                Some(value) => Some(value),
+                None => {
+                    // The PriorityClass watch wakes the pool when the class appears.
+                    self.update_status(status::priority_class_missing(class), 0, 0)
+                        .await?;
+                    return Ok(Action::await_change());
+                }
+            },
+        };
         self.ensure(build::service(self.pool)).await?;
         self.ensure(build::network_policy(self.pool, &self.ctx.settings))
             .await?;
@@ -173,7 +187,7 @@ impl<'a> Reconciler<'a> {
             let admission = match queue {
                 None => Admission::Direct,
                 Some(_) => {
-                    let want = build::workload(self.pool, &template, index);
+                    let want = build::workload(self.pool, &template, index, priority);
                     self.sync_workload(want, workloads.get(&replica_name), pod)
                         .await?
                 }
@@ -206,6 +220,15 @@ impl<'a> Reconciler<'a> {
         let (conditions, ready) = status::workers(desired, queue.is_some(), &replicas);
         self.update_status(conditions, desired, ready).await?;
         Ok(Action::requeue(RESYNC))
+    }
+
+    /// The value of PriorityClass `class`, or None when there is no such class.
+    async fn priority(&self, class: &str) -> Result<Option<i32>, Error> {
+        let found = Api::<PriorityClass>::all(self.ctx.client.clone())
+            .get_opt(class)
+            .await
+            .map_err(api_error("get", "PriorityClass", class))?;
+        Ok(found.map(|c| c.value))
     }
 
     /// Creates or replaces a namespaced child whose build hash differs from what exists.
@@ -430,6 +453,18 @@ impl<'a> Reconciler<'a> {
         )
         .await;
     }
+}
+
+/// The pools that name PriorityClass `class`, to reconcile when it appears or changes.
+pub fn pools_naming<'a>(
+    class: &'a PriorityClass,
+    pools: impl IntoIterator<Item = Arc<ModelPool>> + 'a,
+) -> impl Iterator<Item = ObjectRef<ModelPool>> + 'a {
+    let name = class.name_any();
+    pools
+        .into_iter()
+        .filter(move |pool| pool.spec.priority_class_name.as_ref() == Some(&name))
+        .map(|pool| ObjectRef::from_obj(pool.as_ref()))
 }
 
 /// A child whose replica label is at or past `replicas`.

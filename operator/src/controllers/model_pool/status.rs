@@ -219,27 +219,38 @@ pub fn workers(desired: i32, queued: bool, replicas: &[Replica]) -> (Vec<Desired
 
 /// The conditions of a pool whose queue names Kueue on a cluster without it.
 pub fn kueue_missing(queue: &str) -> Vec<Desired> {
-    vec![
-        Desired::new(
-            ADMITTED,
-            false,
-            "KueueNotInstalled",
-            format!(
-                "spec.queueName {queue} needs Kueue (workloads.kueue.x-k8s.io), which this cluster does not serve: install Kueue or remove spec.queueName"
-            ),
+    not_admissible(
+        "KueueNotInstalled",
+        format!(
+            "spec.queueName {queue} needs Kueue (workloads.kueue.x-k8s.io), which this cluster does not serve: install Kueue or remove spec.queueName"
         ),
+        "waiting for Kueue to be installed",
+    )
+}
+
+/// The conditions of a pool whose spec.priorityClassName names no PriorityClass: the API
+/// server refuses its pods and Kueue its Workloads until the class exists.
+pub fn priority_class_missing(class: &str) -> Vec<Desired> {
+    not_admissible(
+        "PriorityClassNotFound",
+        format!(
+            "spec.priorityClassName {class} names no PriorityClass (scheduling.k8s.io/v1): create it, or set spec.priorityClassName to one that exists"
+        ),
+        format!("waiting for PriorityClass {class}"),
+    )
+}
+
+/// A pool whose workers cannot be admitted until something outside it changes.
+fn not_admissible(reason: &'static str, why: String, waiting: impl Into<String>) -> Vec<Desired> {
+    vec![
+        Desired::new(ADMITTED, false, reason, why),
         Desired::new(
             AVAILABLE,
             false,
             "NoReadyReplicas",
-            "no worker runs until Kueue admits it",
+            "no worker runs until it can be admitted",
         ),
-        Desired::new(
-            PROGRESSING,
-            false,
-            "KueueNotInstalled",
-            "waiting for Kueue to be installed",
-        ),
+        Desired::new(PROGRESSING, false, reason, waiting),
         Desired::new(DEGRADED, false, "AsExpected", "no worker is failing"),
     ]
 }

@@ -244,7 +244,8 @@ pub(crate) fn api_error(
     }
 }
 
-/// A namespaced child of a pool or a job, as the reconciles read and write it.
+/// A namespaced kind the reconciles read and write: the pools' and jobs' children, and the
+/// pools and jobs themselves for their status.
 pub(crate) trait Child:
     kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
     + Clone
@@ -287,6 +288,36 @@ pub(crate) async fn delete<K: Child>(api: &Api<K>, name: &str) -> Result<(), Api
         Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
         Err(err) => Err(api_error("delete", K::kind(&()), name)(err)),
     }
+}
+
+/// Writes `status` to `name`'s status by server-side apply, owning every field in it.
+pub(crate) async fn apply_status<K: Child>(
+    api: &Api<K>,
+    name: &str,
+    status: &impl serde::Serialize,
+) -> Result<(), ApiError> {
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &kube::api::PatchParams::apply(FIELD_MANAGER).force(),
+        &kube::api::Patch::Apply(&patch),
+    )
+    .await
+    .map_err(api_error("apply status of", K::kind(&()), name))?;
+    Ok(())
+}
+
+/// `namespace/name`: how the logs and the backoff name an object.
+pub(crate) fn key(object: &impl kube::Resource) -> String {
+    format!(
+        "{}/{}",
+        kube::ResourceExt::namespace(object).unwrap_or_default(),
+        kube::ResourceExt::name_any(object)
+    )
 }
 
 /// A typed object with apiVersion and kind set, for server-side apply.

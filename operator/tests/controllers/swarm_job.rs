@@ -403,6 +403,24 @@ fn owned_pool() -> Value {
     pool
 }
 
+/// A job letting go of its pools: the owned pool is listed, then deleted.
+fn release_owned_pool() -> Vec<crate::Step> {
+    vec![
+        step(
+            Method::GET,
+            POOLS,
+            200,
+            list("ModelPool", vec![owned_pool()]),
+        ),
+        step(
+            Method::DELETE,
+            &format!("{POOLS}/review-worker"),
+            200,
+            owned_pool(),
+        ),
+    ]
+}
+
 #[tokio::test]
 async fn job_scoped_pools_are_created_for_the_job_and_it_waits_for_their_workers() {
     let steps = vec![
@@ -430,25 +448,14 @@ async fn job_scoped_pools_are_created_for_the_job_and_it_waits_for_their_workers
 
 #[tokio::test]
 async fn a_suspended_job_releases_its_pools_and_says_so() {
-    let steps = vec![
-        step(
-            Method::GET,
-            POOLS,
-            200,
-            list("ModelPool", vec![owned_pool()]),
-        ),
-        step(
-            Method::DELETE,
-            &format!("{POOLS}/review-worker"),
-            200,
-            owned_pool(),
-        ),
+    let mut steps = release_owned_pool();
+    steps.extend([
         step(Method::GET, PODS, 200, list("Pod", vec![])),
         step(Method::PATCH, JOB_STATUS, 200, stored_job()).check(|body| {
             assert_eq!(reason(body, "Admitted"), "Suspended");
         }),
         event("Suspended"),
-    ];
+    ]);
     let harness = harness(steps);
     let suspended = job(&format!("{SCOPED}suspend: true\n"), false, Value::Null);
     assert_eq!(harness.reconcile(suspended).await, Action::await_change());
@@ -462,24 +469,13 @@ async fn a_finished_job_releases_its_pools_and_is_deleted_after_its_ttl() {
         "completionTime": "2026-01-02T09:05:00Z",
         "conditions": [{"type": "Complete", "status": "True", "reason": "Succeeded", "message": "", "lastTransitionTime": "2026-01-02T09:05:00Z"}],
     });
-    let steps = vec![
-        step(
-            Method::GET,
-            POOLS,
-            200,
-            list("ModelPool", vec![owned_pool()]),
-        ),
-        step(
-            Method::DELETE,
-            &format!("{POOLS}/review-worker"),
-            200,
-            owned_pool(),
-        ),
+    let mut steps = release_owned_pool();
+    steps.extend([
         step(Method::PATCH, JOB, 200, stored_job()).check(|body| {
             assert_eq!(body["metadata"]["finalizers"], json!([]));
         }),
         step(Method::DELETE, JOB, 200, stored_job()),
-    ];
+    ]);
     let harness = harness(steps);
     let job = job(
         &format!("{SCOPED}ttlSecondsAfterFinished: 60\n"),

@@ -32,7 +32,7 @@ use self::status::{Admission, Replica};
 use crate::api::{ModelPool, ModelPoolStatus};
 use crate::controllers::conditions::{self, Desired};
 use crate::controllers::{
-    ApiError, Backoff, Child, FIELD_MANAGER, api_error, create, delete, typed,
+    ApiError, Backoff, Child, FIELD_MANAGER, api_error, apply_status, create, delete, key, typed,
 };
 use crate::kueue::{self, ResourceFlavor, Workload};
 use crate::metrics::Metrics;
@@ -68,14 +68,6 @@ pub struct Context {
     pub backoff: Backoff,
 }
 
-fn key(pool: &ModelPool) -> String {
-    format!(
-        "{}/{}",
-        pool.namespace().unwrap_or_default(),
-        pool.name_any()
-    )
-}
-
 /// The controller's entry point: one span, one timer, then the pipeline.
 pub async fn reconcile(pool: Arc<ModelPool>, ctx: Arc<Context>) -> Result<Action, Error> {
     let span = tracing::info_span!("reconcile", kind = "ModelPool", namespace = %pool.namespace().unwrap_or_default(), name = %pool.name_any());
@@ -84,14 +76,14 @@ pub async fn reconcile(pool: Arc<ModelPool>, ctx: Arc<Context>) -> Result<Action
     let action = async { Reconciler::new(&pool, &ctx).run().await }
         .instrument(span)
         .await?;
-    ctx.backoff.succeeded(&key(&pool));
+    ctx.backoff.succeeded(&key(pool.as_ref()));
     Ok(action)
 }
 
 /// Transient errors back off per object; kube-runtime retries after the returned delay.
 pub fn error_policy(pool: Arc<ModelPool>, error: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.backoff.failed(&key(&pool));
-    warn!(pool = %key(&pool), %error, retry_in = ?delay, "reconcile failed");
+    let delay = ctx.backoff.failed(&key(pool.as_ref()));
+    warn!(pool = %key(pool.as_ref()), %error, retry_in = ?delay, "reconcile failed");
     ctx.metrics.reconcile_failed("ModelPool", error.kind());
     Action::requeue(delay)
 }
@@ -420,19 +412,7 @@ impl<'a> Reconciler<'a> {
             return Ok(());
         }
         let name = self.pool.name_any();
-        let patch = json!({
-            "apiVersion": ModelPool::api_version(&()),
-            "kind": ModelPool::kind(&()),
-            "status": new,
-        });
-        self.api::<ModelPool>()
-            .patch_status(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-            .map_err(api_error("apply status of", "ModelPool", &name))?;
+        apply_status(&self.api::<ModelPool>(), &name, &new).await?;
         for changed in conditions::transitions(&old.conditions, &new.conditions) {
             self.publish(changed).await;
         }

@@ -40,7 +40,9 @@ use self::status::Admission;
 use crate::api::{ModelPool, ResultReference, SwarmJob, SwarmJobStatus};
 use crate::controllers::conditions::{self, Desired};
 use crate::controllers::model_pool::build::{POOL_LABEL, built_hash};
-use crate::controllers::{ApiError, Backoff, FIELD_MANAGER, api_error, create, delete, typed};
+use crate::controllers::{
+    ApiError, Backoff, FIELD_MANAGER, api_error, apply_status, create, delete, key, typed,
+};
 use crate::metrics::Metrics;
 use crate::swarm::pool::Pool;
 use crate::swarm::{self, Options, Outcome, Run, pools_used};
@@ -94,10 +96,6 @@ pub struct Context {
     pub options: Options,
 }
 
-fn key(job: &SwarmJob) -> String {
-    format!("{}/{}", job.namespace().unwrap_or_default(), job.name_any())
-}
-
 /// The controller's entry point: one span, one timer, then the pipeline.
 pub async fn reconcile(job: Arc<SwarmJob>, ctx: Arc<Context>) -> Result<Action, Error> {
     let span = tracing::info_span!("reconcile", kind = "SwarmJob", namespace = %job.namespace().unwrap_or_default(), name = %job.name_any());
@@ -106,14 +104,14 @@ pub async fn reconcile(job: Arc<SwarmJob>, ctx: Arc<Context>) -> Result<Action, 
     let action = async { Reconciler::new(&job, &ctx).run().await }
         .instrument(span)
         .await?;
-    ctx.backoff.succeeded(&key(&job));
+    ctx.backoff.succeeded(&key(job.as_ref()));
     Ok(action)
 }
 
 /// Transient errors back off per object; kube-runtime retries after the returned delay.
 pub fn error_policy(job: Arc<SwarmJob>, error: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.backoff.failed(&key(&job));
-    warn!(job = %key(&job), %error, retry_in = ?delay, "reconcile failed");
+    let delay = ctx.backoff.failed(&key(job.as_ref()));
+    warn!(job = %key(job.as_ref()), %error, retry_in = ?delay, "reconcile failed");
     ctx.metrics.reconcile_failed("SwarmJob", error.kind());
     Action::requeue(delay)
 }
@@ -546,20 +544,7 @@ impl<'a> Reconciler<'a> {
         if *old == new {
             return Ok(new);
         }
-        let name = self.job.name_any();
-        let patch = json!({
-            "apiVersion": SwarmJob::api_version(&()),
-            "kind": SwarmJob::kind(&()),
-            "status": new,
-        });
-        self.api::<SwarmJob>()
-            .patch_status(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-            .map_err(api_error("apply status of", "SwarmJob", &name))?;
+        apply_status(&self.api::<SwarmJob>(), &self.job.name_any(), &new).await?;
         for changed in conditions::transitions(&old.conditions, &new.conditions) {
             self.publish(changed).await;
         }

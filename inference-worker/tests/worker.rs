@@ -357,7 +357,7 @@ fn a_model_that_cannot_load_ends_the_worker_with_one_line() {
 async fn the_official_openai_python_client_completes_and_streams() {
     let worker = Worker::ready(&[]).await;
     let root = repo_root();
-    let python = Command::new(root.join("e2e/install-tool"))
+    let python = Command::new(root.join("hack/install-tool"))
         .arg("openai-python")
         .output()
         .unwrap();

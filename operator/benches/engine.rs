@@ -5,18 +5,14 @@
 //! Figures: calls per second with 64 in flight, and the latency the engine adds to one
 //! call (a sequential engine call minus a bare HTTP request to the same server).
 
-// Shared with the engine tests, which use the fault injection this benchmark does not.
-#[allow(dead_code)]
-#[path = "../tests/engine/mock.rs"]
-mod mock;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kubeswarm::api::SwarmJobSpec;
 use kubeswarm::swarm::pool::{Pool, Server};
-use kubeswarm::swarm::{Event, Observer, Options, Run};
+use kubeswarm::swarm::{Event, Job, Observer, Options};
+use kubeswarm_test_support::mock;
 
 const SUBAGENTS: usize = 100;
 const JOBS: usize = 40;
@@ -47,7 +43,7 @@ async fn run_jobs(
     let started = Instant::now();
     for _ in 0..jobs {
         let (_tx, suspended) = tokio::sync::watch::channel(false);
-        let outcome = Run {
+        let outcome = Job {
             name: "bench",
             spec,
             pools,

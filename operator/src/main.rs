@@ -137,7 +137,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("kubeswarm: {}", error_chain(err.as_ref()));
+            eprintln!("kubeswarm: {}", kubeswarm::telemetry::chain(err.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -169,16 +169,4 @@ fn run(args: kubeswarm::local::Args) -> Result<(), Box<dyn std::error::Error>> {
     let dir = runtime.block_on(kubeswarm::local::run(args))?;
     println!("{}", dir.join("answer.md").display());
     Ok(())
-}
-
-/// One line with every cause, so an error names what failed and why.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut line = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
 }

@@ -1,4 +1,4 @@
-// Builds etcd from the release pinned in e2e/versions.env (e2e/install-tool etcd). etcd's
+// Builds etcd from the release pinned in hack/versions.env (hack/install-tool etcd). etcd's
 // server module replaces its sibling modules with paths inside its own repository, so
 // `go install module@version` refuses it; as a dependency of this module those replace
 // lines are ignored and the siblings resolve to their published versions.

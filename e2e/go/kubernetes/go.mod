@@ -1,5 +1,5 @@
 // Builds kube-apiserver, kube-controller-manager, kube-scheduler and kubectl from the
-// Kubernetes release pinned in e2e/versions.env (e2e/install-tool kubernetes). The
+// Kubernetes release pinned in hack/versions.env (hack/install-tool kubernetes). The
 // release requires its staging modules at v0.0.0 and replaces them with its own tree;
 // the replace lines below map each to the version published with the release.
 module kubeswarm.dev/e2e/kubernetes

@@ -1,5 +1,5 @@
-// Builds the Kueue controller manager from the release pinned in e2e/versions.env
-// (e2e/install-tool kueue). The Go module proxy serves this release but not Kueue's version
+// Builds the Kueue controller manager from the release pinned in hack/versions.env
+// (hack/install-tool kueue). The Go module proxy serves this release but not Kueue's version
 // list, which `go install module@version` reads; as a dependency of this module it builds.
 module kubeswarm.dev/e2e/kueue
 

@@ -7,7 +7,9 @@ use kubeswarm::api::SwarmJob;
 use serde_json::json;
 
 use crate::bed::Bed;
-use crate::cel_cases::{creation_cases, job, merge_patch, started, transition_cases};
+use kubeswarm_test_support::cel_cases::{
+    creation_cases, job, merge_patch, started, transition_cases,
+};
 
 pub async fn rules_are_enforced(bed: &Bed) -> anyhow::Result<()> {
     let ns = bed.namespace("e2e-cel").await?;

@@ -8,8 +8,6 @@
 
 mod bed;
 mod cel;
-#[path = "../../../operator/tests/shared/cel_cases.rs"]
-mod cel_cases;
 mod columns;
 mod quota;
 mod swarm;

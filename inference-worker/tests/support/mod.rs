@@ -22,7 +22,7 @@ pub fn test_model() -> &'static Path {
         if let Some(path) = std::env::var_os("KUBESWARM_TEST_MODEL") {
             return PathBuf::from(path);
         }
-        let script = repo_root().join("e2e/fetch-model");
+        let script = repo_root().join("hack/fetch-model");
         let out = Command::new(&script)
             .arg("smollm2")
             .stderr(Stdio::inherit())

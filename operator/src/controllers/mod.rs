@@ -1,7 +1,7 @@
 //! The operator: the ModelPool and SwarmJob controllers behind a leader Lease, with
 //! /metrics and probes.
 
-pub mod conditions;
+pub mod children;
 pub mod leader;
 pub mod model_pool;
 pub mod swarm_job;
@@ -127,7 +127,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         .run(model_pool::reconcile, model_pool::error_policy, ctx)
         .for_each(|result| async move {
             if let Err(err) = result {
-                warn!(%err, "controller");
+                warn!(err = %crate::telemetry::chain(&err), "controller");
             }
         });
     let jobs = swarm_jobs(client, recorder, metrics);
@@ -175,7 +175,7 @@ async fn swarm_jobs(client: kube::Client, recorder: Recorder, metrics: Arc<Metri
         .run(swarm_job::reconcile, swarm_job::error_policy, ctx)
         .for_each(|result| async move {
             if let Err(err) = result {
-                warn!(%err, "controller");
+                warn!(err = %crate::telemetry::chain(&err), "controller");
             }
         })
         .await;
@@ -218,99 +218,6 @@ async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>)
     }
 }
 
-/// A request to the API server that failed, and what it was for.
-#[derive(Debug, Error)]
-#[error("{action} {kind} {name}: {source}")]
-pub struct ApiError {
-    pub action: &'static str,
-    pub kind: String,
-    pub name: String,
-    #[source]
-    pub source: kube::Error,
-}
-
-/// Names a failed request: `.map_err(api_error("list", "Pod", &name))`.
-pub(crate) fn api_error(
-    action: &'static str,
-    kind: impl Into<String>,
-    name: impl Into<String>,
-) -> impl FnOnce(kube::Error) -> ApiError {
-    let (kind, name) = (kind.into(), name.into());
-    move |source| ApiError {
-        action,
-        kind,
-        name,
-        source,
-    }
-}
-
-/// A namespaced kind the reconciles read and write: the pools' and jobs' children, and the
-/// pools and jobs themselves for their status.
-pub(crate) trait Child:
-    kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-    + Clone
-    + serde::Serialize
-    + serde::de::DeserializeOwned
-    + std::fmt::Debug
-{
-}
-
-impl<K> Child for K where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
-        + Clone
-        + serde::Serialize
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-{
-}
-
-/// Creates `object` under the operator's field manager.
-pub(crate) async fn create<K: Child>(api: &Api<K>, object: &K) -> Result<K, ApiError> {
-    let params = kube::api::PostParams {
-        field_manager: Some(FIELD_MANAGER.to_owned()),
-        ..Default::default()
-    };
-    api.create(&params, object).await.map_err(api_error(
-        "create",
-        K::kind(&()),
-        kube::ResourceExt::name_any(object),
-    ))
-}
-
-/// Deletes `name`, its dependents in the background; one that is gone already counts as
-/// deleted.
-pub(crate) async fn delete<K: Child>(api: &Api<K>, name: &str) -> Result<(), ApiError> {
-    match api
-        .delete(name, &kube::api::DeleteParams::background())
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-        Err(err) => Err(api_error("delete", K::kind(&()), name)(err)),
-    }
-}
-
-/// Writes `status` to `name`'s status by server-side apply, owning every field in it.
-pub(crate) async fn apply_status<K: Child>(
-    api: &Api<K>,
-    name: &str,
-    status: &impl serde::Serialize,
-) -> Result<(), ApiError> {
-    let patch = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        name,
-        &kube::api::PatchParams::apply(FIELD_MANAGER).force(),
-        &kube::api::Patch::Apply(&patch),
-    )
-    .await
-    .map_err(api_error("apply status of", K::kind(&()), name))?;
-    Ok(())
-}
-
 /// `namespace/name`: how the logs and the backoff name an object.
 pub(crate) fn key(object: &impl kube::Resource) -> String {
     format!(
@@ -318,16 +225,6 @@ pub(crate) fn key(object: &impl kube::Resource) -> String {
         kube::ResourceExt::namespace(object).unwrap_or_default(),
         kube::ResourceExt::name_any(object)
     )
-}
-
-/// A typed object with apiVersion and kind set, for server-side apply.
-pub(crate) fn typed<K: kube::Resource<DynamicType = ()> + serde::Serialize>(
-    object: &K,
-) -> serde_json::Value {
-    let mut value = serde_json::to_value(object).expect("built objects serialize");
-    value["apiVersion"] = serde_json::json!(K::api_version(&()));
-    value["kind"] = serde_json::json!(K::kind(&()));
-    value
 }
 
 /// Per-object backoff after failed reconciles: 5 s, doubling to at most 5 minutes, and

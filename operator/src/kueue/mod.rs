@@ -2,14 +2,14 @@
 //! `generate`), and the part of Kueue's protocol an integration owns: reading admission,
 //! reporting PodsReady, and giving an evicted Workload's admission back.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::Toleration;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 
-use crate::controllers::conditions::transition_time;
-use crate::controllers::model_pool::build::Placement;
-use crate::controllers::model_pool::status::Admission;
+use crate::conditions::transition_time;
 
 #[allow(clippy::all, missing_docs)]
 mod workload {
@@ -29,6 +29,28 @@ pub use workload::{
     Workload, WorkloadPodSets, WorkloadPriorityClassSource, WorkloadSpec, WorkloadStatus,
     WorkloadStatusAdmission, WorkloadStatusAdmissionPodSetAssignments,
 };
+
+/// Where Kueue placed a replica: the admitted flavors' node labels and tolerations.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Placement {
+    pub node_labels: BTreeMap<String, String>,
+    pub tolerations: Vec<Toleration>,
+}
+
+/// Where one replica stands with Kueue.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Admission {
+    /// No queue: the pod is created directly.
+    Direct,
+    /// The Workload waits; Kueue's message says for what.
+    Waiting(String),
+    Admitted,
+    /// Kueue took the admission back (preemption, pods-ready timeout, stopped queue).
+    Evicted {
+        reason: String,
+        message: String,
+    },
+}
 
 const QUOTA_RESERVED: &str = "QuotaReserved";
 const ADMITTED: &str = "Admitted";

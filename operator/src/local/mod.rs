@@ -16,7 +16,7 @@ use kube::ResourceExt;
 
 use crate::api::SwarmJob;
 use crate::swarm::pool::{Pool, Server};
-use crate::swarm::{self, Options, Run};
+use crate::swarm::{self, Job, Options};
 
 /// What `kubeswarm run` was asked.
 #[derive(Debug, Clone)]
@@ -173,7 +173,7 @@ pub async fn run(args: Args) -> Result<PathBuf, LocalError> {
     let store = store::Files::new(dir.join("records"));
     let (_suspend, suspended) = tokio::sync::watch::channel(false);
     let started = Instant::now();
-    let outcome = Run {
+    let outcome = Job {
         name: &name,
         spec: &job.spec,
         pools: &pools,

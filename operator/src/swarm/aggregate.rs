@@ -1,4 +1,113 @@
-//! The aggregation strategies that need no model: `vote` and `bestOf`.
+//! The aggregate step: the answer from the outputs that passed, by the job's strategy.
+//! `vote` and `bestOf` need no model; `synthesize` asks one; `collect` keeps them all.
+
+use tracing::Instrument;
+
+use super::call::Prompt;
+use super::failure::{Fail, Failure, Reason};
+use super::record::{self, JobResult, Store, SubagentRecord};
+use super::run::Run;
+use super::{Observer, prompts};
+use crate::api::AggregationStrategy;
+
+impl<S: Store, O: Observer> Run<'_, '_, S, O> {
+    /// The answer from the outputs that passed, by the job's strategy; recorded.
+    pub(super) async fn aggregate(&self) -> Result<(JobResult, String), Fail> {
+        let span = tracing::info_span!("aggregate");
+        async move {
+            let spec = self.spec();
+            let records = self.records.lock().expect("records lock").clone();
+            let passing: Vec<&SubagentRecord> = records.values().filter(|r| r.passed()).collect();
+            if passing.is_empty() {
+                let reasons: Vec<String> = records
+                    .values()
+                    .take(3)
+                    .map(|r| format!("subagent {}: {}", r.index, r.why_not()))
+                    .collect();
+                return Err(Failure::new(
+                    Reason::VerificationFailed,
+                    format!(
+                        "none of the {} outputs passed verification; {}",
+                        records.len(),
+                        reasons.join("; ")
+                    ),
+                )
+                .into());
+            }
+            let candidates: Vec<Candidate> = passing
+                .iter()
+                .map(|r| Candidate {
+                    index: r.index,
+                    output: &r.output,
+                    score: r.verdict.as_ref().and_then(|v| v.score),
+                })
+                .collect();
+            let strategy = spec.aggregation.strategy;
+            let mut result = JobResult {
+                strategy,
+                chosen: Vec::new(),
+                votes: None,
+            };
+            let answer = match strategy {
+                AggregationStrategy::Vote => {
+                    let tally = vote(&candidates).expect("candidates are not empty");
+                    result.chosen = vec![tally.index];
+                    result.votes = Some(tally.into());
+                    records[&tally.index].output.clone()
+                }
+                AggregationStrategy::BestOf => {
+                    let best = best_of(&candidates).expect("candidates are not empty");
+                    result.chosen = vec![best];
+                    records[&best].output.clone()
+                }
+                AggregationStrategy::Collect => {
+                    result.chosen = passing.iter().map(|r| r.index).collect();
+                    passing
+                        .iter()
+                        .map(|r| format!("## Subagent {}\n\n{}\n", r.index, r.output.trim()))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                }
+                AggregationStrategy::Synthesize => {
+                    let name = spec
+                        .aggregation
+                        .pool
+                        .as_ref()
+                        .or(spec.verification.pool.as_ref())
+                        .ok_or_else(|| Failure::new(Reason::InvalidSpec, "spec.aggregation.strategy synthesize needs spec.aggregation.pool or spec.verification.pool"))?;
+                    let pool = self.pool(name)?;
+                    result.chosen = passing.iter().map(|r| r.index).collect();
+                    let outputs: Vec<&str> = passing.iter().map(|r| r.output.as_str()).collect();
+                    let prompt = Prompt {
+                        messages: prompts::synthesize(&spec.task, spec.aggregation.prompt.as_deref(), &outputs),
+                        max_tokens: spec.fan_out.max_tokens.max(1) as u32,
+                        temperature: 0.2,
+                        schema: None,
+                        grammar: None,
+                        affinity: None,
+                    };
+                    self.wait_unsuspended().await;
+                    let reply = self.caller().call(pool, &prompt).await.map_err(|err| {
+                        if err.stops_job() {
+                            Failure::from(err)
+                        } else {
+                            Failure::new(Reason::AggregationFailed, format!("the synthesis call failed: {err}"))
+                        }
+                    })?;
+                    reply.content
+                }
+            };
+            self.save(vec![
+                (record::RESULT.to_owned(), record::encode(&result)),
+                (record::ANSWER.to_owned(), answer.clone()),
+            ])
+            .await?;
+            Ok((result, answer))
+        }
+        .instrument(span)
+        .await
+    }
+}
 
 /// An output that passed verification.
 #[derive(Debug, Clone, Copy)]

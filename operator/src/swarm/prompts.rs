@@ -16,6 +16,9 @@ factual errors, missed requirements, broken format, unsupported claims. Do not r
 or confidence. Give a score from 0 (useless) to 100 (flawless), pass only if the answer fully \
 does its part of the task, and list each issue in one sentence. Answer with JSON only.";
 
+/// What introduces a subagent's own part after the task.
+pub const SUBTASK: &str = "Your part of this task: ";
+
 const SYNTHESIZER: &str = "You merge several verified answers to the same task into one final \
 answer. Keep what they agree on and every correct detail only one of them found; drop \
 repetition and anything contradicted. Answer the task directly.";
@@ -89,13 +92,18 @@ pub fn read_plan(answer: &str, n: usize) -> Result<Vec<String>, String> {
         .collect())
 }
 
-/// A subagent's conversation. The task goes first, in the system message, so every
-/// subagent of a job shares the same prompt prefix and a replica's prefix cache serves it.
+/// A subagent's conversation: the task exactly as the user wrote it, in the user turn, as
+/// a direct call of the model would send it, so going through kubeswarm never makes an
+/// answer worse. A subtask follows the task in the same turn: every subagent of a job
+/// then shares the task as its prompt prefix, which a replica's prefix cache serves.
+///
+/// No system message: put there, the task followed by a bare "do the task" turn reads
+/// to small models as a yes/no question, and they answer "Yes."
 pub fn subagent(task: &str, subtask: Option<&str>) -> Vec<ChatCompletionRequestMessage> {
-    vec![
-        system(task),
-        user(subtask.unwrap_or("Do the task described above.")),
-    ]
+    match subtask {
+        None => vec![user(task)],
+        Some(subtask) => vec![user(format!("{task}\n\n{SUBTASK}{subtask}"))],
+    }
 }
 
 /// A subagent's conversation extended with its first answer and the critique of it.
@@ -233,10 +241,27 @@ mod tests {
         assert!(read_verdict("Looks good to me.").is_err());
     }
 
+    fn only_user_turn(conversation: &[ChatCompletionRequestMessage]) -> String {
+        let [ChatCompletionRequestMessage::User(message)] = conversation else {
+            panic!("one user turn, no system message: {conversation:?}");
+        };
+        serde_json::to_value(message).unwrap()["content"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    #[test]
+    fn a_subagent_gets_the_task_as_the_user_wrote_it() {
+        let task = "Solve the math word problem. Reply with the final number only.\nTom has 3 apples and buys 4 more. How many does he have?";
+        assert_eq!(only_user_turn(&subagent(task, None)), task);
+    }
+
     #[test]
     fn subagents_of_a_job_share_their_prefix() {
-        let a = serde_json::to_string(&subagent("T", Some("one"))[0]).unwrap();
-        let b = serde_json::to_string(&subagent("T", Some("two"))[0]).unwrap();
-        assert_eq!(a, b);
+        let a = only_user_turn(&subagent("Draw a gallery.", Some("A fox.")));
+        let b = only_user_turn(&subagent("Draw a gallery.", Some("A lighthouse.")));
+        assert_eq!(a, "Draw a gallery.\n\nYour part of this task: A fox.");
+        assert!(b.starts_with("Draw a gallery.\n\nYour part of this task: "));
     }
 }

@@ -9,8 +9,10 @@ use kube::core::cel::{ScopeContext, analyze_rule, compile_schema};
 use kubeswarm::api::{ModelPool, SwarmJob};
 use serde_json::{Value, json};
 
-use crate::cel_cases::{creation_cases, job, merge_patch, started, transition_cases};
 use crate::support::{cel_errors, cel_rules, schema};
+use kubeswarm_test_support::cel_cases::{
+    creation_cases, job, merge_patch, started, transition_cases,
+};
 
 fn crd_of(object: &Value) -> CustomResourceDefinition {
     match object["kind"].as_str() {

@@ -5,8 +5,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::helm::{helm, render};
 use crate::support::repo_root;
+use kubeswarm_test_support::helm::{helm, render};
 
 fn find<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
     docs.iter().filter(|d| d["kind"] == kind).collect()

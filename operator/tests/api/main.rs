@@ -1,13 +1,9 @@
 //! Tests of the public API surface: the CRDs, their CEL rules, defaults, the examples
 //! and the Helm chart. One test binary, so the suite links once.
 
-#[path = "../shared/cel_cases.rs"]
-mod cel_cases;
 mod cel_rules;
 mod chart;
 mod crds;
 mod defaults;
 mod examples;
-#[path = "../shared/helm.rs"]
-mod helm;
 mod support;

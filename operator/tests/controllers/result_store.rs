@@ -9,7 +9,7 @@ use kubeswarm::controllers::swarm_job::store::ResultConfigMap;
 use kubeswarm::swarm::record::Store;
 use serde_json::{Value, json};
 
-use crate::{NS, not_found, serve, step};
+use crate::harness::{NS, not_found, serve, step};
 
 const CM: &str = "/api/v1/namespaces/team-a/configmaps";
 

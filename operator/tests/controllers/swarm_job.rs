@@ -16,8 +16,8 @@ use kubeswarm::metrics::Metrics;
 use kubeswarm::swarm::Options;
 use serde_json::{Value, json};
 
-use crate::mock::{Mock, Reply, last_user, text};
-use crate::{NS, condition, event, list, not_found, recorder, says, serve, step};
+use crate::harness::{NS, condition, event, list, not_found, recorder, says, serve, step};
+use kubeswarm_test_support::mock::{Mock, Reply, part, text};
 
 const POOLS: &str = "/apis/kubeswarm.dev/v1alpha1/namespaces/team-a/modelpools";
 const PODS: &str = "/api/v1/namespaces/team-a/pods";
@@ -77,7 +77,7 @@ struct Harness {
 
 /// A context whose API calls are answered by `steps`, in order, across every reconcile
 /// and the engine's checkpoints.
-fn harness(steps: Vec<crate::Step>) -> Harness {
+fn harness(steps: Vec<crate::harness::Step>) -> Harness {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, NS);
     let (wake, woken) = futures::channel::mpsc::unbounded();
@@ -154,7 +154,7 @@ fn reason(body: &Value, type_: &str) -> String {
 
 /// The engine's checkpoints for a collect job without a gate: each subagent is recorded
 /// with its output, then finished; then the result; then the records are read back.
-fn checkpoints(first_save_creates: bool, subagents: &[usize]) -> Vec<crate::Step> {
+fn checkpoints(first_save_creates: bool, subagents: &[usize]) -> Vec<crate::harness::Step> {
     let mut steps = Vec::new();
     for (n, index) in subagents.iter().enumerate() {
         let key = format!("subagent-{index:03}.json");
@@ -187,7 +187,7 @@ fn checkpoints(first_save_creates: bool, subagents: &[usize]) -> Vec<crate::Step
 
 #[tokio::test]
 async fn a_job_runs_through_every_phase_to_complete_and_lets_go_of_its_finalizer() {
-    let model = Mock::start("m", |body, _| text(last_user(body).to_uppercase())).await;
+    let model = Mock::start("m", |body, _| text(part(body).to_uppercase())).await;
     let pools = list("ModelPool", vec![external_pool("ext", &model.url)]);
     let (started, keep_started) = kept();
     let (ended, keep_ended) = kept();
@@ -275,7 +275,7 @@ async fn a_job_runs_through_every_phase_to_complete_and_lets_go_of_its_finalizer
 
 #[tokio::test]
 async fn a_restarted_operator_resumes_from_the_records_and_never_repeats_a_subagent() {
-    let model = Mock::start("m", |body, _| text(last_user(body).to_uppercase())).await;
+    let model = Mock::start("m", |body, _| text(part(body).to_uppercase())).await;
     let pools = list("ModelPool", vec![external_pool("ext", &model.url)]);
     // The last operator recorded subagent 0 and its usage, then died.
     let recorded = json!({
@@ -323,7 +323,7 @@ async fn a_restarted_operator_resumes_from_the_records_and_never_repeats_a_subag
     harness.reconcile(job(TWO, true, running)).await;
     harness.done().await;
     assert_eq!(model.count(), 1, "only the unfinished subagent is called");
-    assert!(last_user(&model.requests()[0]).contains("cold"));
+    assert!(part(&model.requests()[0]).contains("cold"));
 }
 
 #[tokio::test]
@@ -404,7 +404,7 @@ fn owned_pool() -> Value {
 }
 
 /// A job letting go of its pools: the owned pool is listed, then deleted.
-fn release_owned_pool() -> Vec<crate::Step> {
+fn release_owned_pool() -> Vec<crate::harness::Step> {
     vec![
         step(
             Method::GET,

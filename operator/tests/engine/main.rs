@@ -1,8 +1,6 @@
 //! The swarm engine against scripted OpenAI-compatible servers: every phase, and the
 //! faults a fleet of GPU workers produces.
 
-mod mock;
-
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,8 +9,10 @@ use kubeswarm::api::SwarmJobSpec;
 use kubeswarm::swarm::call::Usage;
 use kubeswarm::swarm::pool::{Pool, Server};
 use kubeswarm::swarm::record::{self, Stage, Store, SubagentRecord, VerdictRecord};
-use kubeswarm::swarm::{Event, Observer, Options, Outcome, Reason, Run};
-use mock::{Memory, Mock, Reply, is_plan, is_verdict, last_user, text, verdict};
+use kubeswarm::swarm::{Event, Job, Observer, Options, Outcome, Reason};
+use kubeswarm_test_support::mock::{
+    self, Memory, Mock, Reply, is_plan, is_verdict, last_user, part, text, verdict,
+};
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -88,7 +88,7 @@ async fn run_logged(
 ) -> (Outcome, Vec<String>) {
     let (_tx, suspended) = watch::channel(false);
     let log = Log::default();
-    let outcome = Run {
+    let outcome = Job {
         name: "job",
         spec,
         pools,
@@ -116,7 +116,7 @@ fn happy(body: &Value, _: usize) -> Reply {
     {
         text("merged")
     } else {
-        text(last_user(body).to_uppercase())
+        text(part(body).to_uppercase())
     }
 }
 
@@ -143,18 +143,26 @@ async fn a_job_fans_out_verifies_every_output_and_synthesizes() {
     assert_eq!(answer, "merged");
     assert_eq!(result.chosen, [0, 1, 2, 3]);
     // Each subagent's request carries the shared task first and its own subtask last.
-    let mut subtasks: Vec<String> = workers.requests().iter().map(last_user).collect();
+    let mut subtasks: Vec<String> = workers.requests().iter().map(part).collect();
     subtasks.sort();
     assert_eq!(subtasks, ["black", "blue", "green", "red"]);
     for request in workers.requests() {
-        assert_eq!(request["messages"][0]["content"], "Describe a colour.");
+        // One user turn, as a direct call sends: the task as written, then the part.
+        assert_eq!(request["messages"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            last_user(&request),
+            format!(
+                "Describe a colour.\n\nYour part of this task: {}",
+                part(&request)
+            )
+        );
         assert_eq!(request["max_completion_tokens"], 64);
         assert_eq!(request["model"], "m");
     }
     // Four verdicts and one synthesis on the gate, which saw every output.
     assert_eq!(gate.requests().iter().filter(|r| is_verdict(r)).count(), 4);
     assert_eq!(gate.count(), 5);
-    let synthesis = last_user(gate.requests().iter().find(|r| !is_verdict(r)).unwrap());
+    let synthesis = part(gate.requests().iter().find(|r| !is_verdict(r)).unwrap());
     for colour in ["RED", "GREEN", "BLUE", "BLACK"] {
         assert!(synthesis.contains(colour), "{synthesis}");
     }
@@ -202,7 +210,7 @@ async fn server_errors_are_retried_and_client_errors_are_not() {
     let tries = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
     let seen = tries.clone();
     let workers = Mock::start("m", move |body, _| {
-        let subtask = last_user(body);
+        let subtask = part(body);
         let mut tries = seen.lock().unwrap();
         let n = tries.entry(subtask.clone()).or_default();
         *n += 1;
@@ -288,7 +296,7 @@ async fn a_slow_replica_times_out_and_the_call_moves_to_a_healthy_one() {
         Reply::After(Duration::from_secs(30), Box::new(text("late")))
     })
     .await;
-    let fast = Mock::start("m", |body, _| text(last_user(body))).await;
+    let fast = Mock::start("m", |body, _| text(part(body))).await;
     let job = spec(
         &FOUR
             .replace("timeoutSeconds: 5", "timeoutSeconds: 1")
@@ -316,7 +324,7 @@ async fn a_slow_replica_times_out_and_the_call_moves_to_a_healthy_one() {
 
 #[tokio::test]
 async fn a_replica_that_refuses_connections_is_skipped() {
-    let alive = Mock::start("m", |body, _| text(last_user(body))).await;
+    let alive = Mock::start("m", |body, _| text(part(body))).await;
     let job = spec(
         &FOUR
             .replace("{mode: adversarial, pool: gate}", "{mode: none}")
@@ -343,10 +351,10 @@ async fn a_replica_that_refuses_connections_is_skipped() {
 #[tokio::test]
 async fn malformed_verdicts_are_asked_again_then_reported() {
     // The gate rambles once per output, then answers properly; for "black" it never does.
-    let workers = Mock::start("m", |body, _| text(last_user(body))).await;
+    let workers = Mock::start("m", |body, _| text(part(body))).await;
     let rambled = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
     let gate = Mock::start("m", move |body, _| {
-        let about = last_user(body);
+        let about = part(body);
         let mut rambled = rambled.lock().unwrap();
         let n = rambled.entry(about.clone()).or_default();
         *n += 1;
@@ -384,7 +392,7 @@ async fn malformed_verdicts_are_asked_again_then_reported() {
 
 #[tokio::test]
 async fn the_token_budget_stops_new_calls_and_fails_the_job() {
-    let workers = Mock::start("m", |body, _| text(last_user(body))).await;
+    let workers = Mock::start("m", |body, _| text(part(body))).await;
     // 15 tokens a call: the third call finds 30 of 40 spent and is cut to 10 tokens, the
     // fourth finds the budget spent.
     let job = spec(
@@ -459,7 +467,7 @@ async fn dropping_a_run_cancels_its_calls_in_flight() {
 
 #[tokio::test]
 async fn a_resumed_run_never_repeats_or_recounts_a_finished_subagent() {
-    let workers = Mock::start("m", |body, _| text(last_user(body))).await;
+    let workers = Mock::start("m", |body, _| text(part(body))).await;
     let job = spec(
         &FOUR
             .replace("{mode: adversarial, pool: gate}", "{mode: none}")
@@ -517,7 +525,7 @@ async fn a_resumed_run_never_repeats_or_recounts_a_finished_subagent() {
     )
     .await;
     assert_eq!(
-        workers.requests().iter().map(last_user).collect::<Vec<_>>(),
+        workers.requests().iter().map(part).collect::<Vec<_>>(),
         ["green"]
     );
     assert_eq!(
@@ -571,7 +579,7 @@ async fn the_planner_is_asked_again_for_a_malformed_plan_then_the_job_fails() {
         }
     })
     .await;
-    let workers = Mock::start("m", |body, _| text(last_user(body))).await;
+    let workers = Mock::start("m", |body, _| text(part(body))).await;
     let job = spec(
         r#"
 task: Two things.
@@ -595,7 +603,7 @@ aggregation: {strategy: collect}
         store.0.lock().unwrap()[record::PLAN],
         record::encode(&vec!["a", "b"])
     );
-    let mut parts: Vec<String> = workers.requests().iter().map(last_user).collect();
+    let mut parts: Vec<String> = workers.requests().iter().map(part).collect();
     parts.sort();
     assert_eq!(parts, ["a", "b"]);
 
@@ -624,7 +632,7 @@ aggregation: {strategy: collect}
 async fn a_failed_check_gets_one_repair_with_the_critique() {
     let workers = Mock::start("m", |body, _| {
         let messages = body["messages"].as_array().unwrap();
-        if messages.len() > 2 {
+        if messages.len() > 1 {
             text(r#"{"colour": "red"}"#)
         } else {
             text("red, I think")
@@ -650,9 +658,12 @@ aggregation: {strategy: collect}
     assert_eq!(record.output, r#"{"colour": "red"}"#);
     assert_eq!(record.attempts, 2);
     let repair = &workers.requests()[1];
-    assert_eq!(repair["messages"][2]["content"], "red, I think");
+    // The task, the first answer, the critique: the conversation goes on.
+    assert_eq!(repair["messages"][0]["content"], "Name a colour as JSON.");
+    assert_eq!(repair["messages"][1]["role"], "assistant");
+    assert_eq!(repair["messages"][1]["content"], "red, I think");
     assert!(
-        last_user(repair).contains("the output is not valid JSON"),
+        part(repair).contains("the output is not valid JSON"),
         "{repair}"
     );
 }
@@ -662,11 +673,7 @@ async fn vote_and_best_of_choose_by_majority_and_score() {
     let answers = ["Paris", "paris.", "Lyon"];
     let workers = Mock::start("m", move |_, n| text(answers[n % 3])).await;
     let gate = Mock::start("m", |body, _| {
-        let score = if last_user(body).contains("Lyon") {
-            95
-        } else {
-            60
-        };
+        let score = if part(body).contains("Lyon") { 95 } else { 60 };
         verdict(true, score, &[])
     })
     .await;
@@ -737,7 +744,7 @@ async fn a_result_too_large_for_a_configmap_is_refused_not_truncated() {
 
 #[tokio::test]
 async fn a_pool_without_ready_replicas_is_waited_for_without_spending_attempts() {
-    let workers = Mock::start("m", |body, _| text(last_user(body))).await;
+    let workers = Mock::start("m", |body, _| text(part(body))).await;
     let job = spec(
         &FOUR
             .replace("{mode: adversarial, pool: gate}", "{mode: none}")
@@ -771,7 +778,7 @@ async fn a_pool_without_ready_replicas_is_waited_for_without_spending_attempts()
 
 #[tokio::test]
 async fn a_suspended_job_starts_no_call_until_resumed() {
-    let workers = Mock::start("m", |body, _| text(last_user(body))).await;
+    let workers = Mock::start("m", |body, _| text(part(body))).await;
     let job = spec(
         &FOUR
             .replace("{mode: adversarial, pool: gate}", "{mode: none}")
@@ -781,7 +788,7 @@ async fn a_suspended_job_starts_no_call_until_resumed() {
     let (suspend, suspended) = watch::channel(true);
     let store = Memory::default();
     let log = Log::default();
-    let run = Run {
+    let run = Job {
         name: "job",
         spec: &job,
         pools: &pools,
@@ -806,8 +813,8 @@ async fn a_suspended_job_starts_no_call_until_resumed() {
 
 #[tokio::test]
 async fn subagents_sharing_a_prefix_stay_on_one_replica_until_it_is_busy() {
-    let a = Mock::start("m", |body, _| text(last_user(body))).await;
-    let b = Mock::start("m", |body, _| text(last_user(body))).await;
+    let a = Mock::start("m", |body, _| text(part(body))).await;
+    let b = Mock::start("m", |body, _| text(part(body))).await;
     let job = spec(
         &FOUR
             .replace("subagents: 4,", "subagents: 4, maxConcurrency: 1,")

@@ -27,15 +27,17 @@ use serde_json::json;
 use thiserror::Error;
 use tracing::{Instrument, warn};
 
-use self::build::{Placement, Settings};
-use self::status::{Admission, Replica};
+use self::build::Settings;
+use self::status::Replica;
 use crate::api::{ModelPool, ModelPoolStatus};
-use crate::controllers::conditions::{self, Desired};
-use crate::controllers::{
-    ApiError, Backoff, Child, FIELD_MANAGER, api_error, apply_status, create, delete, key, typed,
+use crate::conditions::{self, Desired};
+use crate::controllers::children::{
+    ApiError, Child, api_error, apply_if_changed, apply_status, built_hash, create, delete,
 };
-use crate::kueue::{self, ResourceFlavor, Workload};
+use crate::controllers::{Backoff, key};
+use crate::kueue::{self, Admission, Placement, ResourceFlavor, Workload};
 use crate::metrics::Metrics;
+use crate::pool_contract;
 
 /// How often an external endpoint is probed, and a pool rechecked without any change.
 const EXTERNAL_PROBE: Duration = Duration::from_secs(30);
@@ -83,7 +85,7 @@ pub async fn reconcile(pool: Arc<ModelPool>, ctx: Arc<Context>) -> Result<Action
 /// Transient errors back off per object; kube-runtime retries after the returned delay.
 pub fn error_policy(pool: Arc<ModelPool>, error: &Error, ctx: Arc<Context>) -> Action {
     let delay = ctx.backoff.failed(&key(pool.as_ref()));
-    warn!(pool = %key(pool.as_ref()), %error, retry_in = ?delay, "reconcile failed");
+    warn!(pool = %key(pool.as_ref()), error = %crate::telemetry::chain(error), retry_in = ?delay, "reconcile failed");
     ctx.metrics.reconcile_failed("ModelPool", error.kind());
     Action::requeue(delay)
 }
@@ -146,7 +148,8 @@ impl<'a> Reconciler<'a> {
             .await?;
 
         let name = self.pool.name_any();
-        let selector = ListParams::default().labels(&format!("{}={name}", build::POOL_LABEL));
+        let selector =
+            ListParams::default().labels(&format!("{}={name}", pool_contract::POOL_LABEL));
         let pods: BTreeMap<String, Pod> = self
             .api::<Pod>()
             .list(&selector)
@@ -232,16 +235,7 @@ impl<'a> Reconciler<'a> {
             .get_opt(&name)
             .await
             .map_err(api_error("get", &kind, &name))?;
-        if current.as_ref().and_then(build::built_hash) == build::built_hash(&want) {
-            return Ok(());
-        }
-        api.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(typed(&want)),
-        )
-        .await
-        .map_err(api_error("apply", kind, &name))?;
+        apply_if_changed(&api, current.as_ref(), &want).await?;
         Ok(())
     }
 
@@ -253,8 +247,7 @@ impl<'a> Reconciler<'a> {
         pod: Option<&Pod>,
     ) -> Result<Admission, Error> {
         let name = want.name_any();
-        let Some(current) = current.filter(|c| build::built_hash(*c) == build::built_hash(&want))
-        else {
+        let Some(current) = current.filter(|c| built_hash(*c) == built_hash(&want)) else {
             // Kueue refuses changes to the pod sets of an admitted Workload: a changed
             // template is a new Workload, queued again.
             if current.is_some() {
@@ -288,7 +281,7 @@ impl<'a> Reconciler<'a> {
                 }
             }
             Admission::Admitted => {
-                let ready = pod.is_some_and(|p| status::pod_health(p).ready);
+                let ready = pod.is_some_and(|p| pool_contract::pod_health(p).ready);
                 if kueue::pods_ready(current) != Some(ready) {
                     self.patch_workload_status(
                         current,
@@ -334,11 +327,11 @@ impl<'a> Reconciler<'a> {
         &self,
         want: Pod,
         current: Option<&Pod>,
-    ) -> Result<Option<status::PodHealth>, Error> {
+    ) -> Result<Option<pool_contract::PodHealth>, Error> {
         let name = want.name_any();
         match current {
-            Some(pod) if build::built_hash(pod) == build::built_hash(&want) => {
-                Ok(Some(status::pod_health(pod)))
+            Some(pod) if built_hash(pod) == built_hash(&want) => {
+                Ok(Some(pool_contract::pod_health(pod)))
             }
             Some(_) => {
                 self.delete::<Pod>(&name).await?;
@@ -346,7 +339,7 @@ impl<'a> Reconciler<'a> {
             }
             None => {
                 self.create(&want).await?;
-                Ok(Some(status::PodHealth {
+                Ok(Some(pool_contract::PodHealth {
                     ready: false,
                     failure: None,
                 }))
@@ -403,7 +396,7 @@ impl<'a> Reconciler<'a> {
                 .spec
                 .queue_name
                 .as_ref()
-                .map(|_| format!("{}={}", build::POOL_LABEL, self.pool.name_any())),
+                .map(|_| format!("{}={}", pool_contract::POOL_LABEL, self.pool.name_any())),
             observed_generation: generation,
         };
         // merge keeps transition times when nothing changed, so an unchanged status
@@ -424,7 +417,7 @@ impl<'a> Reconciler<'a> {
 
     async fn publish(&self, condition: &Condition) {
         let bad = (condition.type_ == status::DEGRADED && condition.status == "True")
-            || (condition.type_ == status::AVAILABLE && condition.status == "False");
+            || (condition.type_ == pool_contract::AVAILABLE && condition.status == "False");
         conditions::publish(
             &self.ctx.recorder,
             &self.pool.object_ref(&()),

@@ -2,37 +2,19 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::ResourceExt;
 use kube::api::ObjectMeta;
-use kube::{Resource, ResourceExt};
 
 use super::pools::pool_object_name;
 use crate::api::{JobPool, ModelPool, SwarmJob};
-use crate::controllers::model_pool::build::{HASH_ANNOTATION, hash};
+use crate::controllers::children;
 
 /// The job a child belongs to.
 pub const JOB_LABEL: &str = "kubeswarm.dev/swarm-job";
 
-/// The job as controller of a child. blockOwnerDeletion: a job deleted in the foreground
-/// is gone only once its pools (and so their workers) are.
-pub fn owner(job: &SwarmJob) -> OwnerReference {
-    OwnerReference {
-        block_owner_deletion: Some(true),
-        ..job
-            .controller_owner_ref(&())
-            .expect("a stored SwarmJob has a name and uid")
-    }
-}
-
 /// Labels of every child of the job.
 pub fn job_labels(job: &SwarmJob) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (
-            "app.kubernetes.io/managed-by".to_owned(),
-            "kubeswarm".to_owned(),
-        ),
-        (JOB_LABEL.to_owned(), job.name_any()),
-    ])
+    children::labels([(JOB_LABEL, job.name_any())])
 }
 
 /// The ModelPool `<job>-<name>` for one of `spec.pools`.
@@ -42,13 +24,10 @@ pub fn job_pool(job: &SwarmJob, pool: &JobPool) -> ModelPool {
         name: object.metadata.name,
         namespace: job.namespace(),
         labels: Some(job_labels(job)),
-        annotations: Some(BTreeMap::from([(
-            HASH_ANNOTATION.to_owned(),
-            hash(&pool.spec),
-        )])),
-        owner_references: Some(vec![owner(job)]),
+        owner_references: Some(vec![children::controller_owner(job)]),
         ..ObjectMeta::default()
     };
+    object.metadata = children::with_hash(object.metadata, &pool.spec);
     object
 }
 
@@ -56,7 +35,7 @@ pub fn job_pool(job: &SwarmJob, pool: &JobPool) -> ModelPool {
 mod tests {
     use super::*;
     use crate::api::SwarmJobSpec;
-    use crate::controllers::model_pool::build::built_hash;
+    use crate::controllers::children::built_hash;
 
     fn job(replicas: i32) -> SwarmJob {
         let spec: SwarmJobSpec = serde_yaml_ng::from_str(&format!(

@@ -9,13 +9,13 @@
 //! before the job goes. Finished jobs drop it, and their pools.
 
 pub mod build;
+mod engine;
 pub mod pools;
 pub mod progress;
 pub mod runs;
 pub mod status;
 pub mod store;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,22 +30,20 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use thiserror::Error;
-use tokio::sync::watch;
 use tracing::{Instrument, info, warn};
 
-use self::pools::Endpoints;
-use self::progress::{Progress, State};
-use self::runs::{Ended, Running};
+use self::progress::State;
+use self::runs::Running;
 use self::status::Admission;
 use crate::api::{ModelPool, ResultReference, SwarmJob, SwarmJobStatus};
-use crate::controllers::conditions::{self, Desired};
-use crate::controllers::model_pool::build::{POOL_LABEL, built_hash};
-use crate::controllers::{
-    ApiError, Backoff, FIELD_MANAGER, api_error, apply_status, create, delete, key, typed,
+use crate::conditions::{self, Desired};
+use crate::controllers::children::{
+    ApiError, api_error, apply_if_changed, apply_status, create, delete,
 };
+use crate::controllers::{Backoff, key};
 use crate::metrics::Metrics;
-use crate::swarm::pool::Pool;
-use crate::swarm::{self, Options, Outcome, Run, pools_used};
+use crate::pool_contract::POOL_LABEL;
+use crate::swarm::{self, Options, pools_used};
 
 /// Keeps a job's calls cancellable: removed once no run of the job is left.
 pub const FINALIZER: &str = "kubeswarm.dev/cancel-calls";
@@ -111,7 +109,7 @@ pub async fn reconcile(job: Arc<SwarmJob>, ctx: Arc<Context>) -> Result<Action, 
 /// Transient errors back off per object; kube-runtime retries after the returned delay.
 pub fn error_policy(job: Arc<SwarmJob>, error: &Error, ctx: Arc<Context>) -> Action {
     let delay = ctx.backoff.failed(&key(job.as_ref()));
-    warn!(job = %key(job.as_ref()), %error, retry_in = ?delay, "reconcile failed");
+    warn!(job = %key(job.as_ref()), error = %crate::telemetry::chain(error), retry_in = ?delay, "reconcile failed");
     ctx.metrics.reconcile_failed("SwarmJob", error.kind());
     Action::requeue(delay)
 }
@@ -143,6 +141,27 @@ pub fn finished(status: Option<&SwarmJobStatus>) -> bool {
     })
 }
 
+/// How a job ended: its outcome, when, and the start of its answer for the status.
+struct Ending<'o> {
+    outcome: &'o Result<swarm::record::JobResult, swarm::Failure>,
+    at: Timestamp,
+    preview: Option<String>,
+}
+
+/// Where a job stands, as one reconcile sees it; each has one method of the reconciler.
+enum Stage {
+    /// Deleted: cancel the calls in flight, then let it go.
+    Deleting,
+    /// `Complete` or `Failed`: release what it holds, and expire it.
+    Finished(SwarmJobStatus),
+    /// Its engine has an outcome that is not written yet.
+    Ended(SwarmJobStatus, Arc<Running>),
+    /// Its engine runs on this replica.
+    Running(SwarmJobStatus, Arc<Running>),
+    /// No engine runs it here: not started, or started by a replica that is gone.
+    NotStarted(SwarmJobStatus),
+}
+
 struct Reconciler<'a> {
     job: &'a SwarmJob,
     ctx: &'a Context,
@@ -167,43 +186,72 @@ impl<'a> Reconciler<'a> {
         Api::namespaced(self.ctx.client.clone(), &self.namespace)
     }
 
-    async fn run(&self) -> Result<Action, Error> {
-        let uid = self.job.uid().unwrap_or_default();
+    /// Where the job stands, from the object and the runs this replica holds.
+    fn stage(&self) -> Stage {
         if self.job.metadata.deletion_timestamp.is_some() {
-            // Dropping the run drops the engine's future, which closes the connections of
-            // its calls in flight.
-            self.ctx.runs.remove(&self.key);
-            self.set_finalizer(false).await?;
-            return Ok(Action::await_change());
+            return Stage::Deleting;
         }
         let old = self.job.status.clone().unwrap_or_default();
         if finished(Some(&old)) {
-            self.ctx.runs.remove(&self.key);
-            return self.after_finish(&old).await;
+            return Stage::Finished(old);
         }
-        let running = self.ctx.runs.get(&self.key, &uid);
-        if let Some(run) = running.as_ref().filter(|r| r.is_finished()) {
-            self.ctx.runs.remove(&self.key);
-            let ended = run.ended().await;
-            return self.conclude(&old, run, ended).await;
+        match self
+            .ctx
+            .runs
+            .get(&self.key, &self.job.uid().unwrap_or_default())
+        {
+            Some(run) if run.is_finished() => Stage::Ended(old, run),
+            Some(run) => Stage::Running(old, run),
+            None => Stage::NotStarted(old),
         }
+    }
 
+    async fn run(&self) -> Result<Action, Error> {
+        match self.stage() {
+            Stage::Deleting => self.cancel().await,
+            Stage::Finished(old) => {
+                self.ctx.runs.remove(&self.key);
+                self.after_finish(&old).await
+            }
+            Stage::Ended(old, run) => {
+                self.ctx.runs.remove(&self.key);
+                let ended = run.ended().await;
+                self.conclude(&old, &run, ended).await
+            }
+            Stage::Running(old, run) => self.keep_running(&old, &run).await,
+            Stage::NotStarted(old) => self.start_when_ready(&old).await,
+        }
+    }
+
+    /// A deleted job: dropping its run drops the engine's future, which closes the
+    /// connections of its calls in flight; then the finalizer goes.
+    async fn cancel(&self) -> Result<Action, Error> {
+        self.ctx.runs.remove(&self.key);
+        self.set_finalizer(false).await?;
+        Ok(Action::await_change())
+    }
+
+    /// The pools and worker pods in the job's namespace, with the job-scoped pools
+    /// created (or, while suspended and once no call is in flight, released).
+    async fn observe_pools(
+        &self,
+        running: Option<&Running>,
+    ) -> Result<(Vec<ModelPool>, Vec<Pod>), Error> {
         let suspended = self.job.spec.suspend == Some(true);
         let name = self.job.name_any();
-        let pools: Vec<ModelPool> = self
+        let mut pools: Vec<ModelPool> = self
             .api::<ModelPool>()
             .list(&ListParams::default())
             .await
             .map_err(api_error("list", "ModelPool", &name))?
             .items;
-        if let Some(run) = &running {
+        if let Some(run) = running {
             run.suspend(suspended);
         }
-        let mut pools = pools;
         if !suspended {
             let created = self.ensure_pools(&pools).await?;
             pools.extend(created);
-        } else if running.as_ref().is_none_or(|r| r.in_flight() == 0) {
+        } else if running.is_none_or(|r| r.in_flight() == 0) {
             // Calls in flight finish on the pools they started on; then the quota goes back.
             self.release_pools(&pools).await?;
         }
@@ -213,180 +261,76 @@ impl<'a> Reconciler<'a> {
             .await
             .map_err(api_error("list", "Pod", &name))?
             .items;
-        let used = pools_used(&self.job.spec);
+        Ok((pools, pods))
+    }
 
-        match running {
-            Some(run) => {
-                // A pool that lost its workers (preempted, restarting) gets no replicas:
-                // its calls wait for them instead of failing.
-                let mut waiting = None;
-                for (used_name, pool) in &run.pools {
-                    match pools::endpoints(self.job, used_name, &pools, &pods) {
-                        Ok(endpoints) => pool.set_replicas(&endpoints.urls),
-                        Err(why) => {
-                            pool.set_replicas(&[]);
-                            waiting.get_or_insert(why);
-                        }
-                    }
+    /// A running job: its pools' replicas follow the ready workers, and the status the
+    /// engine's progress.
+    async fn keep_running(&self, old: &SwarmJobStatus, run: &Running) -> Result<Action, Error> {
+        let suspended = self.job.spec.suspend == Some(true);
+        let (pools, pods) = self.observe_pools(Some(run)).await?;
+        let used = pools_used(&self.job.spec);
+        // A pool that lost its workers (preempted, restarting) gets no replicas: its calls
+        // wait for them instead of failing.
+        let mut waiting = None;
+        for (used_name, pool) in &run.pools {
+            match pools::endpoints(self.job, used_name, &pools, &pods) {
+                Ok(endpoints) => pool.set_replicas(&endpoints.urls),
+                Err(why) => {
+                    pool.set_replicas(&[]);
+                    waiting.get_or_insert(why);
                 }
-                let admission = match (&waiting, suspended) {
-                    (_, true) => Admission::Suspended,
-                    (Some(why), false) => Admission::Waiting(why),
-                    (None, false) => Admission::Ready { pools: &used },
-                };
-                let state = run.progress.state();
-                self.update_status(&old, admission, &state, None, None)
-                    .await?;
-                Ok(Action::requeue(if suspended && run.in_flight() > 0 {
-                    DRAIN_CHECK
-                } else {
-                    RUNNING_RESYNC
-                }))
-            }
-            None => {
-                let state = State::from_status(&old, planned(&old, &self.job.spec));
-                if suspended {
-                    self.update_status(&old, Admission::Suspended, &state, None, None)
-                        .await?;
-                    return Ok(Action::await_change());
-                }
-                let endpoints = match pools::resolve(self.job, &pools, &pods) {
-                    Ok(endpoints) => endpoints,
-                    Err(why) => {
-                        self.update_status(&old, Admission::Waiting(&why), &state, None, None)
-                            .await?;
-                        return Ok(Action::requeue(WAITING_RECHECK));
-                    }
-                };
-                // The finalizer first: from the first call on, a delete must cancel.
-                self.set_finalizer(true).await?;
-                let start = old.start_time.as_ref().map_or_else(Timestamp::now, |t| t.0);
-                self.update_status(
-                    &old,
-                    Admission::Ready { pools: &used },
-                    &state,
-                    Some(start),
-                    None,
-                )
-                .await?;
-                let run = self.start(&endpoints, start, state);
-                info!(pools = ?used, "started the job's engine");
-                self.ctx.runs.insert(self.key.clone(), Arc::new(run));
-                Ok(Action::requeue(RUNNING_RESYNC))
             }
         }
-    }
-
-    /// The engine as a task, resuming from the job's records.
-    fn start(&self, endpoints: &[Endpoints], start: Timestamp, state: State) -> Running {
-        let pools: BTreeMap<String, Arc<Pool>> = endpoints
-            .iter()
-            .map(|e| {
-                let pool = Pool::new(&e.name, &e.model, e.server, &e.urls, self.ctx.http.clone());
-                (e.name.clone(), Arc::new(pool))
-            })
-            .collect();
-        let objects = endpoints
-            .iter()
-            .map(|e| (e.name.clone(), pools::pool_object_name(self.job, &e.name)))
-            .collect();
-        let wake = {
-            let sender = self.ctx.wake.clone();
-            let job = ObjectRef::from_obj(self.job);
-            Box::new(move || {
-                // Closed only when the controller stops, and then nobody needs waking.
-                let _ = sender.unbounded_send(job.clone());
-            })
-        };
-        let progress = Arc::new(Progress::new(
-            self.namespace.clone(),
-            objects,
-            self.ctx.metrics.clone(),
-            state,
-            wake,
-        ));
-        let (suspend, suspended) = watch::channel(self.job.spec.suspend == Some(true));
-        let work = {
-            let name = self.job.name_any();
-            let spec = self.job.spec.clone();
-            let store = store::ResultConfigMap::new(self.ctx.client.clone(), self.job);
-            let pools = pools.clone();
-            let observer = progress.clone();
-            let options = self.ctx.options;
-            let started = runs::started_at(start);
-            async move {
-                Run {
-                    name: &name,
-                    spec: &spec,
-                    pools: &pools,
-                    store: &store,
-                    observer: observer.as_ref(),
-                    started,
-                    suspended,
-                    options,
-                }
-                .execute()
-                .await
-            }
-        };
-        Running::spawn(
-            self.job.uid().unwrap_or_default(),
-            pools,
-            progress,
-            suspend,
-            work,
-        )
-    }
-
-    /// Writes the engine's outcome: `Complete` or `Failed`, the result, the times.
-    async fn conclude(
-        &self,
-        old: &SwarmJobStatus,
-        run: &Running,
-        ended: Option<Ended>,
-    ) -> Result<Action, Error> {
-        let outcome: Outcome = match ended {
-            Some(Ok(Ok(outcome))) => outcome,
-            Some(Ok(Err(interrupted))) => return Err(interrupted.into()),
-            Some(Err(join)) => return Err(Error::Engine(join.to_string())),
-            None => return Err(Error::Engine("its outcome was already read".to_owned())),
+        let admission = match (&waiting, suspended) {
+            (_, true) => Admission::Suspended,
+            (Some(why), false) => Admission::Waiting(why),
+            (None, false) => Admission::Ready { pools: &used },
         };
         let state = run.progress.state();
-        let now = Timestamp::now();
-        let result = outcome.result;
-        let preview = result
-            .as_ref()
-            .ok()
-            .map(|(_, answer)| progress::bounded(answer.trim(), PREVIEW_BYTES));
-        let verdict = result
-            .as_ref()
-            .map(|(r, _)| r.clone())
-            .map_err(Clone::clone);
-        let admission = Admission::Ready {
-            pools: &pools_used(&self.job.spec),
-        };
-        let new = self
-            .update_status(
-                old,
-                admission,
-                &state,
-                old.start_time.as_ref().map(|t| t.0),
-                Some((&verdict, now, preview)),
-            )
+        self.update_status(old, admission, &state, None, None)
             .await?;
-        let (condition, reason) = match &verdict {
-            Ok(_) => (status::COMPLETE, "Succeeded"),
-            Err(failure) => (status::FAILED, failure.reason.as_str()),
+        Ok(Action::requeue(if suspended && run.in_flight() > 0 {
+            DRAIN_CHECK
+        } else {
+            RUNNING_RESYNC
+        }))
+    }
+
+    /// A job with no run on this replica: started once every pool it calls is ready, or
+    /// resumed from its records after a restart.
+    async fn start_when_ready(&self, old: &SwarmJobStatus) -> Result<Action, Error> {
+        let (pools, pods) = self.observe_pools(None).await?;
+        let used = pools_used(&self.job.spec);
+        let state = State::from_status(old, planned(old, &self.job.spec));
+        if self.job.spec.suspend == Some(true) {
+            self.update_status(old, Admission::Suspended, &state, None, None)
+                .await?;
+            return Ok(Action::await_change());
+        }
+        let endpoints = match pools::resolve(self.job, &pools, &pods) {
+            Ok(endpoints) => endpoints,
+            Err(why) => {
+                self.update_status(old, Admission::Waiting(&why), &state, None, None)
+                    .await?;
+                return Ok(Action::requeue(WAITING_RECHECK));
+            }
         };
-        let seconds = old
-            .start_time
-            .as_ref()
-            .map_or(0.0, |t| now.duration_since(t.0).as_secs_f64().max(0.0));
-        self.ctx
-            .metrics
-            .job_finished(&self.namespace, condition, reason, seconds);
-        info!(condition, reason, seconds, "the job finished");
-        self.after_finish(&new).await
+        // The finalizer first: from the first call on, a delete must cancel.
+        self.set_finalizer(true).await?;
+        let start = old.start_time.as_ref().map_or_else(Timestamp::now, |t| t.0);
+        self.update_status(
+            old,
+            Admission::Ready { pools: &used },
+            &state,
+            Some(start),
+            None,
+        )
+        .await?;
+        let run = self.start(&endpoints, start, state);
+        info!(pools = ?used, "started the job's engine");
+        self.ctx.runs.insert(self.key.clone(), Arc::new(run));
+        Ok(Action::requeue(RUNNING_RESYNC))
     }
 
     /// A finished job: its pools go, its finalizer goes, and after
@@ -435,17 +379,9 @@ impl<'a> Reconciler<'a> {
                     info!(pool = %name, "created a job-scoped pool");
                     created.push(pool);
                 }
-                Some(current) if built_hash(current) != built_hash(&want) => {
-                    self.api::<ModelPool>()
-                        .patch(
-                            &name,
-                            &PatchParams::apply(FIELD_MANAGER).force(),
-                            &Patch::Apply(typed(&want)),
-                        )
-                        .await
-                        .map_err(api_error("apply", "ModelPool", &name))?;
+                Some(current) => {
+                    apply_if_changed(&self.api::<ModelPool>(), Some(current), &want).await?;
                 }
-                Some(_) => {}
             }
         }
         Ok(created)
@@ -500,18 +436,14 @@ impl<'a> Reconciler<'a> {
     }
 
     /// Writes the status when it differs from the stored one, with an Event per condition
-    /// transition. `end` is the outcome, when the job has one, its time and the preview.
+    /// transition. `end` is how the job ended, once it has.
     async fn update_status(
         &self,
         old: &SwarmJobStatus,
         admission: Admission<'_>,
         state: &State,
         start: Option<Timestamp>,
-        end: Option<(
-            &Result<swarm::record::JobResult, swarm::Failure>,
-            Timestamp,
-            Option<String>,
-        )>,
+        end: Option<&Ending<'_>>,
     ) -> Result<SwarmJobStatus, Error> {
         let generation = self.job.metadata.generation;
         let started = start.is_some() || old.start_time.is_some();
@@ -520,19 +452,23 @@ impl<'a> Reconciler<'a> {
             &self.job.spec,
             started,
             state,
-            end.as_ref().map(|(outcome, _, _)| *outcome),
+            end.map(|e| e.outcome),
         ));
         let conditions = conditions::merge(&old.conditions, &desired, generation, Timestamp::now());
         let new = SwarmJobStatus {
             conditions,
             observed_generation: generation,
             start_time: start.map(Time).or_else(|| old.start_time.clone()),
-            completion_time: end.as_ref().map(|(_, at, _)| Time(*at)),
+            completion_time: end.map(|e| Time(e.at)),
             finished_subagents: state.finished() as i32,
             subagents: state.subagents.values().cloned().collect(),
             usage: state.usage_status(),
-            result: match &end {
-                Some((Ok(_), _, preview)) => Some(ResultReference {
+            result: match end {
+                Some(Ending {
+                    outcome: Ok(_),
+                    preview,
+                    ..
+                }) => Some(ResultReference {
                     config_map_name: store::result_name(self.job),
                     preview: preview.clone(),
                 }),

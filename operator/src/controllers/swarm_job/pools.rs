@@ -6,8 +6,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
 use crate::api::{ModelPool, SwarmJob};
-use crate::controllers::model_pool::build::{POOL_LABEL, WORKER_PORT};
-use crate::controllers::model_pool::status::{AVAILABLE, pod_health};
+use crate::pool_contract;
 use crate::swarm::pool::Server;
 use crate::swarm::pools_used;
 
@@ -65,10 +64,7 @@ pub fn endpoints(
             "the job calls pool {name}, and namespace {namespace} has no ModelPool {object}: create it, or fix the pool name in the job"
         ),
     })?;
-    let available = pool
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.iter().find(|c| c.type_ == AVAILABLE));
+    let available = pool_contract::available(pool);
     let unavailable = |detail: String| Waiting {
         reason: "PoolUnavailable",
         message: format!("ModelPool {object} is not available: {detail}"),
@@ -87,13 +83,9 @@ pub fn endpoints(
             )),
         };
     }
-    // Pod IPs rather than the headless Service's names: they work the same in the
-    // cluster and for an operator running outside it.
     let urls: Vec<String> = pods
         .iter()
-        .filter(|p| p.labels().get(POOL_LABEL) == Some(&object) && pod_health(p).ready)
-        .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
-        .map(|ip| format!("http://{ip}:{WORKER_PORT}/v1"))
+        .filter_map(|p| pool_contract::ready_worker_url(p, &object))
         .collect();
     if urls.is_empty() {
         let why = available
@@ -113,6 +105,7 @@ pub fn endpoints(
 mod tests {
     use super::*;
     use crate::api::{ModelPoolSpec, SwarmJobSpec};
+    use crate::pool_contract::{AVAILABLE, POOL_LABEL};
     use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
     use kube::api::ObjectMeta;

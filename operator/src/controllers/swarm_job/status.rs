@@ -1,7 +1,7 @@
 //! A SwarmJob's conditions, from where it waits and how far it got. Pure.
 
 use crate::api::{AggregationStrategy, SwarmJobSpec, VerificationMode};
-use crate::controllers::conditions::Desired;
+use crate::conditions::Desired;
 use crate::swarm::Failure;
 use crate::swarm::record::JobResult;
 

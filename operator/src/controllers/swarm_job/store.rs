@@ -33,7 +33,7 @@ impl ResultConfigMap {
                 name: Some(result_name(job)),
                 namespace: Some(namespace.clone()),
                 labels: Some(super::build::job_labels(job)),
-                owner_references: Some(vec![super::build::owner(job)]),
+                owner_references: Some(vec![crate::controllers::children::controller_owner(job)]),
                 ..ObjectMeta::default()
             },
             ..ConfigMap::default()

@@ -12,15 +12,15 @@ fn repo_root() -> PathBuf {
         .join("..")
 }
 
-/// The pinned helm, built into the cache by `e2e/install-tool` (instant once built).
+/// The pinned helm, built into the cache by `hack/install-tool` (instant once built).
 pub fn helm() -> String {
     if let Ok(helm) = std::env::var("HELM") {
         return helm;
     }
-    let out = Command::new(repo_root().join("e2e/install-tool"))
+    let out = Command::new(repo_root().join("hack/install-tool"))
         .arg("helm")
         .output()
-        .expect("e2e/install-tool runs");
+        .expect("hack/install-tool runs");
     assert!(
         out.status.success(),
         "installing helm failed: {}",

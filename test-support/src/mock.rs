@@ -187,6 +187,16 @@ pub fn last_user(body: &Value) -> String {
         .unwrap_or_default()
 }
 
+/// What a request asks of the mock: its last user turn, less the job's task where a
+/// subagent's own part follows it.
+pub fn part(body: &Value) -> String {
+    let text = last_user(body);
+    match text.split_once(kubeswarm::swarm::prompts::SUBTASK) {
+        Some((_, part)) => part.to_owned(),
+        None => text,
+    }
+}
+
 /// Whether a request is the gate's (it asks for a verdict).
 pub fn is_verdict(body: &Value) -> bool {
     body["response_format"]["json_schema"]["name"] == "verdict"

@@ -7,33 +7,27 @@ use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, HostPathVolumeSource,
     PersistentVolumeClaimVolumeSource, Pod, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
     ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
-    Toleration, Volume, VolumeMount,
+    Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
     NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::{Resource, ResourceExt};
-use sha2::{Digest, Sha256};
+use kube::ResourceExt;
 use thiserror::Error;
 
 use crate::api::{ModelFormat, ModelPool, ModelSource};
-use crate::kueue::{Workload, WorkloadPodSets, WorkloadPriorityClassSource, WorkloadSpec};
+use crate::controllers::children::{self, with_hash};
+use crate::kueue::{
+    Placement, Workload, WorkloadPodSets, WorkloadPriorityClassSource, WorkloadSpec,
+};
+use crate::pool_contract::{POOL_LABEL, WORKER_CONTAINER, WORKER_PORT};
 
-/// Label on every child: the pool it belongs to.
-pub const POOL_LABEL: &str = "kubeswarm.dev/pool";
 /// Label on pods and Workloads: which replica they are.
 pub const REPLICA_LABEL: &str = "kubeswarm.dev/replica";
-/// Annotation with a hash of what the child was built from; a child whose hash differs
-/// from the desired one is replaced.
-pub const HASH_ANNOTATION: &str = "kubeswarm.dev/spec-hash";
-/// The workers' HTTP port.
-pub const WORKER_PORT: i32 = 8000;
-/// The worker's container name, which status messages about failing pods refer to.
-pub const WORKER_CONTAINER: &str = "worker";
 const MODEL_MOUNT: &str = "/models";
 
 /// What the builders need from the operator's own configuration.
@@ -168,28 +162,10 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
 
 /// Labels every child of the pool carries.
 pub fn pool_labels(pool: &ModelPool) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (
-            "app.kubernetes.io/name".to_owned(),
-            "inference-worker".to_owned(),
-        ),
-        (
-            "app.kubernetes.io/managed-by".to_owned(),
-            "kubeswarm".to_owned(),
-        ),
-        (POOL_LABEL.to_owned(), pool.name_any()),
+    children::labels([
+        ("app.kubernetes.io/name", "inference-worker".to_owned()),
+        (POOL_LABEL, pool.name_any()),
     ])
-}
-
-/// The pool as controller of a child. blockOwnerDeletion: a pool deleted in the foreground
-/// is gone only once its workers are.
-fn owner(pool: &ModelPool) -> OwnerReference {
-    OwnerReference {
-        block_owner_deletion: Some(true),
-        ..pool
-            .controller_owner_ref(&())
-            .expect("a stored ModelPool has a name and uid")
-    }
 }
 
 fn meta(pool: &ModelPool, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
@@ -197,7 +173,7 @@ fn meta(pool: &ModelPool, name: String, labels: BTreeMap<String, String>) -> Obj
         name: Some(name),
         namespace: pool.namespace(),
         labels: Some(labels),
-        owner_references: Some(vec![owner(pool)]),
+        owner_references: Some(vec![children::controller_owner(pool)]),
         ..ObjectMeta::default()
     }
 }
@@ -322,13 +298,6 @@ pub fn worker_template(
     })
 }
 
-/// Where Kueue placed a replica: the admitted flavors' node labels and tolerations.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Placement {
-    pub node_labels: BTreeMap<String, String>,
-    pub tolerations: Vec<Toleration>,
-}
-
 /// Name of replica `index`'s pod, and of its Workload.
 pub fn replica_name(pool: &ModelPool, index: i32) -> String {
     format!("{}-{index}", pool.name_any())
@@ -337,18 +306,6 @@ pub fn replica_name(pool: &ModelPool, index: i32) -> String {
 /// Name of the pool's headless Service, the pods' subdomain.
 pub fn service_name(pool: &ModelPool) -> String {
     format!("{}-workers", pool.name_any())
-}
-
-/// Short, stable hash of what a child is built from.
-pub fn hash<T: serde::Serialize>(value: &T) -> String {
-    let bytes = serde_json::to_vec(value).expect("built objects serialize");
-    let digest = Sha256::digest(bytes);
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn with_hash(mut meta: ObjectMeta, hash: String) -> ObjectMeta {
-    meta.annotations = Some(BTreeMap::from([(HASH_ANNOTATION.to_owned(), hash)]));
-    meta
 }
 
 fn replica_labels(pool: &ModelPool, index: i32) -> BTreeMap<String, String> {
@@ -373,9 +330,8 @@ pub fn pod(pool: &ModelPool, template: &PodTemplateSpec, index: i32, placement: 
     let name = replica_name(pool, index);
     spec.hostname = Some(name.clone());
     spec.subdomain = Some(service_name(pool));
-    let hash = hash(&spec);
     Pod {
-        metadata: with_hash(meta(pool, name, replica_labels(pool, index)), hash),
+        metadata: with_hash(meta(pool, name, replica_labels(pool, index)), &spec),
         spec: Some(spec),
         status: None,
     }
@@ -416,11 +372,10 @@ pub fn workload(
         }],
         ..WorkloadSpec::default()
     };
-    let hash = hash(&spec);
     Workload {
         metadata: with_hash(
             meta(pool, replica_name(pool, index), replica_labels(pool, index)),
-            hash,
+            &spec,
         ),
         spec,
         status: None,
@@ -444,9 +399,8 @@ pub fn service(pool: &ModelPool) -> Service {
         publish_not_ready_addresses: Some(true),
         ..ServiceSpec::default()
     };
-    let hash = hash(&spec);
     Service {
-        metadata: with_hash(meta(pool, service_name(pool), pool_labels(pool)), hash),
+        metadata: with_hash(meta(pool, service_name(pool), pool_labels(pool)), &spec),
         spec: Some(spec),
         status: None,
     }
@@ -483,318 +437,11 @@ pub fn network_policy(pool: &ModelPool, settings: &Settings) -> NetworkPolicy {
         }]),
         ..NetworkPolicySpec::default()
     };
-    let hash = hash(&spec);
     NetworkPolicy {
-        metadata: with_hash(meta(pool, service_name(pool), pool_labels(pool)), hash),
+        metadata: with_hash(meta(pool, service_name(pool), pool_labels(pool)), &spec),
         spec: Some(spec),
     }
 }
 
-/// The hash a child was built with, if any.
-pub fn built_hash<K: Resource>(child: &K) -> Option<&str> {
-    child
-        .meta()
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(HASH_ANNOTATION))
-        .map(String::as_str)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::api::ModelPoolSpec;
-
-    fn settings() -> Settings {
-        Settings {
-            worker_image: "ghcr.io/kubeswarm/inference-worker:0.1.0".to_owned(),
-            operator_namespace: "kubeswarm-system".to_owned(),
-            operator_labels: BTreeMap::from([(
-                "app.kubernetes.io/name".to_owned(),
-                "kubeswarm".to_owned(),
-            )]),
-        }
-    }
-
-    fn pool(yaml: &str) -> ModelPool {
-        let spec: ModelPoolSpec = serde_yaml_ng::from_str(yaml).unwrap();
-        let mut pool = ModelPool::new("gemma", spec);
-        pool.metadata.namespace = Some("team-a".to_owned());
-        pool.metadata.uid = Some("0f4c-uid".to_owned());
-        pool
-    }
-
-    const GGUF_ON_PVC: &str = "
-model: {source: pvc://weights/gemma/gemma-3-27b-q4.gguf}
-replicas: 2
-resources: {gpus: 2, memory: 64Gi, cpu: '8'}
-engine: {maxConcurrentSequences: 16, kvCacheMemoryPercent: 80, maxContextTokens: 32768}
-priorityClassName: high
-queueName: team-a
-template:
-  nodeSelector: {pool: inference}
-  env: [{name: HF_HUB_OFFLINE, value: '1'}]
-";
-
-    fn worker(pod: &Pod) -> &Container {
-        &pod.spec.as_ref().unwrap().containers[0]
-    }
-
-    #[test]
-    fn a_worker_pod_asks_for_its_gpus_and_loads_from_the_claim_read_only() {
-        let pool = pool(GGUF_ON_PVC);
-        let template = worker_template(&pool, &settings()).unwrap();
-        let pod = pod(&pool, &template, 1, &Placement::default());
-        let c = worker(&pod);
-        let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
-        let requests = c.resources.as_ref().unwrap().requests.as_ref().unwrap();
-        assert_eq!(limits["nvidia.com/gpu"], Quantity("2".to_owned()));
-        assert_eq!(requests["nvidia.com/gpu"], Quantity("2".to_owned()));
-        assert_eq!(limits["memory"], Quantity("64Gi".to_owned()));
-        assert_eq!(requests["cpu"], Quantity("8".to_owned()));
-        assert!(
-            !limits.contains_key("cpu"),
-            "no CPU limit: throttling a worker only slows decoding"
-        );
-        assert_eq!(
-            c.args.as_ref().unwrap(),
-            &[
-                "--model-path=/models/gemma/gemma-3-27b-q4.gguf",
-                "--served-model-name=gemma",
-                "--listen=0.0.0.0:8000",
-                "--max-seqs=16",
-                "--prefix-cache-sequences=16",
-                "--kv-cache-memory-percent=80",
-                "--max-prompt-tokens=32768",
-            ]
-        );
-        let spec = pod.spec.as_ref().unwrap();
-        let claim = spec.volumes.as_ref().unwrap()[0]
-            .persistent_volume_claim
-            .as_ref()
-            .unwrap();
-        assert_eq!(claim.claim_name, "weights");
-        assert_eq!(claim.read_only, Some(true));
-        assert_eq!(c.volume_mounts.as_ref().unwrap()[0].read_only, Some(true));
-        assert_eq!(spec.priority_class_name.as_deref(), Some("high"));
-        assert_eq!(spec.node_selector.as_ref().unwrap()["pool"], "inference");
-        assert_eq!(spec.hostname.as_deref(), Some("gemma-1"));
-        assert_eq!(spec.subdomain.as_deref(), Some("gemma-workers"));
-        assert!(
-            c.env
-                .as_ref()
-                .unwrap()
-                .iter()
-                .any(|e| e.name == "HF_HUB_OFFLINE")
-        );
-        assert_eq!(
-            c.image.as_deref(),
-            Some("ghcr.io/kubeswarm/inference-worker:0.1.0")
-        );
-        assert_eq!(pod.metadata.name.as_deref(), Some("gemma-1"));
-        assert_eq!(pod.metadata.labels.as_ref().unwrap()[REPLICA_LABEL], "1");
-    }
-
-    #[test]
-    fn probes_cover_loading_and_the_grace_period_covers_the_drain() {
-        let pool = pool(GGUF_ON_PVC);
-        let pod = pod(
-            &pool,
-            &worker_template(&pool, &settings()).unwrap(),
-            0,
-            &Placement::default(),
-        );
-        let c = worker(&pod);
-        let path = |p: &Option<Probe>| {
-            p.as_ref()
-                .unwrap()
-                .http_get
-                .as_ref()
-                .unwrap()
-                .path
-                .clone()
-                .unwrap()
-        };
-        assert_eq!(path(&c.liveness_probe), "/health");
-        assert_eq!(path(&c.readiness_probe), "/ready");
-        assert_eq!(path(&c.startup_probe), "/health");
-        let startup = c.startup_probe.as_ref().unwrap();
-        let budget = startup.period_seconds.unwrap() * startup.failure_threshold.unwrap();
-        assert!(
-            budget >= 1800,
-            "a large model gets 30 minutes to load, got {budget}s"
-        );
-        let grace = pod
-            .spec
-            .as_ref()
-            .unwrap()
-            .termination_grace_period_seconds
-            .unwrap();
-        assert!(
-            grace > 30,
-            "the worker drains for 30 s after SIGTERM; grace {grace}s"
-        );
-    }
-
-    #[test]
-    fn the_security_context_is_restricted() {
-        let pool = pool(GGUF_ON_PVC);
-        let pod = pod(
-            &pool,
-            &worker_template(&pool, &settings()).unwrap(),
-            0,
-            &Placement::default(),
-        );
-        let spec = pod.spec.as_ref().unwrap();
-        let psc = spec.security_context.as_ref().unwrap();
-        assert_eq!(psc.run_as_non_root, Some(true));
-        assert_eq!(
-            psc.seccomp_profile.as_ref().unwrap().type_,
-            "RuntimeDefault"
-        );
-        let sc = worker(&pod).security_context.as_ref().unwrap();
-        assert_eq!(sc.allow_privilege_escalation, Some(false));
-        assert_eq!(sc.read_only_root_filesystem, Some(true));
-        assert_eq!(
-            sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(),
-            &["ALL"]
-        );
-        assert_eq!(spec.automount_service_account_token, Some(false));
-    }
-
-    #[test]
-    fn kueues_placement_adds_the_flavors_labels_and_tolerations() {
-        let pool = pool(GGUF_ON_PVC);
-        let template = worker_template(&pool, &settings()).unwrap();
-        let placement = Placement {
-            node_labels: BTreeMap::from([("gpu.nvidia.com/class".to_owned(), "H100".to_owned())]),
-            tolerations: vec![Toleration {
-                key: Some("nvidia.com/gpu".to_owned()),
-                operator: Some("Exists".to_owned()),
-                effect: Some("NoSchedule".to_owned()),
-                ..Toleration::default()
-            }],
-        };
-        let placed = pod(&pool, &template, 0, &placement);
-        let spec = placed.spec.as_ref().unwrap();
-        let selector = spec.node_selector.as_ref().unwrap();
-        assert_eq!(selector["gpu.nvidia.com/class"], "H100");
-        assert_eq!(
-            selector["pool"], "inference",
-            "the pool's own selector stays"
-        );
-        assert_eq!(spec.tolerations.as_ref().unwrap(), &placement.tolerations);
-        let unplaced = pod(&pool, &template, 0, &Placement::default());
-        assert_ne!(
-            built_hash(&placed),
-            built_hash(&unplaced),
-            "a new placement is a new pod"
-        );
-    }
-
-    #[test]
-    fn a_workload_per_replica_carries_the_template_queue_and_priority() {
-        let pool = pool(GGUF_ON_PVC);
-        let template = worker_template(&pool, &settings()).unwrap();
-        let wl = workload(&pool, &template, 1, Some(1000));
-        assert_eq!(wl.metadata.name.as_deref(), Some("gemma-1"));
-        assert_eq!(wl.spec.queue_name.as_deref(), Some("team-a"));
-        assert_eq!(wl.spec.priority_class_name.as_deref(), Some("high"));
-        assert_eq!(wl.spec.priority, Some(1000));
-        assert_eq!(
-            wl.spec.priority_class_source,
-            Some(WorkloadPriorityClassSource::SchedulingK8sIoPriorityclass)
-        );
-        assert_eq!(wl.spec.pod_sets.len(), 1);
-        assert_eq!(wl.spec.pod_sets[0].count, 1);
-        assert_eq!(wl.spec.pod_sets[0].template, template);
-        let owner = &wl.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!(
-            (owner.kind.as_str(), owner.name.as_str(), owner.controller),
-            ("ModelPool", "gemma", Some(true))
-        );
-        let json = serde_json::to_value(&wl).unwrap();
-        assert_eq!(
-            json["spec"]["podSets"][0]["template"]["spec"]["containers"][0]["name"],
-            "worker"
-        );
-    }
-
-    #[test]
-    fn service_and_network_policy_admit_only_the_operator() {
-        let pool = pool(GGUF_ON_PVC);
-        let svc = service(&pool);
-        let spec = svc.spec.as_ref().unwrap();
-        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
-        assert_eq!(spec.selector.as_ref().unwrap()[POOL_LABEL], "gemma");
-        let np = network_policy(&pool, &settings());
-        let rule = &np.spec.as_ref().unwrap().ingress.as_ref().unwrap()[0];
-        let peer = &rule.from.as_ref().unwrap()[0];
-        assert_eq!(
-            peer.namespace_selector
-                .as_ref()
-                .unwrap()
-                .match_labels
-                .as_ref()
-                .unwrap()["kubernetes.io/metadata.name"],
-            "kubeswarm-system"
-        );
-        assert_eq!(
-            peer.pod_selector
-                .as_ref()
-                .unwrap()
-                .match_labels
-                .as_ref()
-                .unwrap()["app.kubernetes.io/name"],
-            "kubeswarm"
-        );
-        assert_eq!(
-            rule.ports.as_ref().unwrap()[0].port,
-            Some(IntOrString::Int(WORKER_PORT))
-        );
-        for owners in [
-            &svc.metadata.owner_references,
-            &np.metadata.owner_references,
-        ] {
-            assert_eq!(owners.as_ref().unwrap()[0].uid, "0f4c-uid");
-        }
-    }
-
-    #[test]
-    fn a_file_source_mounts_the_directory_and_cpu_pools_ask_for_no_gpu() {
-        let pool =
-            pool("model: {source: 'file:///var/lib/models/smollm2.gguf'}\nresources: {gpus: 0}");
-        let pod = pod(
-            &pool,
-            &worker_template(&pool, &settings()).unwrap(),
-            0,
-            &Placement::default(),
-        );
-        let host = pod.spec.as_ref().unwrap().volumes.as_ref().unwrap()[0]
-            .host_path
-            .clone()
-            .unwrap();
-        assert_eq!(host.path, "/var/lib/models");
-        let c = worker(&pod);
-        let args = c.args.as_ref().unwrap();
-        assert!(args.contains(&"--model-path=/models/smollm2.gguf".to_owned()));
-        assert!(args.contains(&"--cpu".to_owned()));
-        assert!(
-            c.resources
-                .as_ref()
-                .unwrap()
-                .limits
-                .as_ref()
-                .unwrap()
-                .is_empty()
-        );
-    }
-
-    #[test]
-    fn a_hub_source_waits_for_an_edit_with_the_fix_in_the_message() {
-        let pool =
-            pool("model: {source: 'hf://google/gemma-3-27b-it', format: safetensors, isq: Q4K}");
-        let err = worker_template(&pool, &settings()).unwrap_err();
-        assert!(err.to_string().contains("pvc://claim/path"), "{err}");
-    }
-}
+mod tests;

@@ -1,0 +1,139 @@
+//! The engine as one task per job: started from the job's spec and endpoints, resuming
+//! from its records; its outcome written as `Complete` or `Failed`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use tokio::sync::watch;
+use tracing::info;
+
+use super::pools::{self, Endpoints};
+use super::progress::{self, Progress, State};
+use super::runs::{self, Ended, Running};
+use super::status::{self, Admission};
+use super::{Ending, Error, PREVIEW_BYTES, Reconciler, store};
+use crate::api::SwarmJobStatus;
+use crate::swarm::pool::Pool;
+use crate::swarm::{Job, Outcome, pools_used};
+
+impl Reconciler<'_> {
+    /// The engine as a task, resuming from the job's records.
+    pub(super) fn start(&self, endpoints: &[Endpoints], start: Timestamp, state: State) -> Running {
+        let pools: BTreeMap<String, Arc<Pool>> = endpoints
+            .iter()
+            .map(|e| {
+                let pool = Pool::new(&e.name, &e.model, e.server, &e.urls, self.ctx.http.clone());
+                (e.name.clone(), Arc::new(pool))
+            })
+            .collect();
+        let objects = endpoints
+            .iter()
+            .map(|e| (e.name.clone(), pools::pool_object_name(self.job, &e.name)))
+            .collect();
+        let wake = {
+            let sender = self.ctx.wake.clone();
+            let job = ObjectRef::from_obj(self.job);
+            Box::new(move || {
+                // Closed only when the controller stops, and then nobody needs waking.
+                let _ = sender.unbounded_send(job.clone());
+            })
+        };
+        let progress = Arc::new(Progress::new(
+            self.namespace.clone(),
+            objects,
+            self.ctx.metrics.clone(),
+            state,
+            wake,
+        ));
+        let (suspend, suspended) = watch::channel(self.job.spec.suspend == Some(true));
+        let work = {
+            let name = self.job.name_any();
+            let spec = self.job.spec.clone();
+            let store = store::ResultConfigMap::new(self.ctx.client.clone(), self.job);
+            let pools = pools.clone();
+            let observer = progress.clone();
+            let options = self.ctx.options;
+            let started = runs::started_at(start);
+            async move {
+                Job {
+                    name: &name,
+                    spec: &spec,
+                    pools: &pools,
+                    store: &store,
+                    observer: observer.as_ref(),
+                    started,
+                    suspended,
+                    options,
+                }
+                .execute()
+                .await
+            }
+        };
+        Running::spawn(
+            self.job.uid().unwrap_or_default(),
+            pools,
+            progress,
+            suspend,
+            work,
+        )
+    }
+
+    /// Writes the engine's outcome: `Complete` or `Failed`, the result, the times.
+    pub(super) async fn conclude(
+        &self,
+        old: &SwarmJobStatus,
+        run: &Running,
+        ended: Option<Ended>,
+    ) -> Result<Action, Error> {
+        let outcome: Outcome = match ended {
+            Some(Ok(Ok(outcome))) => outcome,
+            Some(Ok(Err(interrupted))) => return Err(interrupted.into()),
+            Some(Err(join)) => return Err(Error::Engine(join.to_string())),
+            None => return Err(Error::Engine("its outcome was already read".to_owned())),
+        };
+        let state = run.progress.state();
+        let now = Timestamp::now();
+        let result = outcome.result;
+        let preview = result
+            .as_ref()
+            .ok()
+            .map(|(_, answer)| progress::bounded(answer.trim(), PREVIEW_BYTES));
+        let verdict = result
+            .as_ref()
+            .map(|(r, _)| r.clone())
+            .map_err(Clone::clone);
+        let admission = Admission::Ready {
+            pools: &pools_used(&self.job.spec),
+        };
+        let new = self
+            .update_status(
+                old,
+                admission,
+                &state,
+                old.start_time.as_ref().map(|t| t.0),
+                Some(&Ending {
+                    outcome: &verdict,
+                    at: now,
+                    preview,
+                }),
+            )
+            .await?;
+        let (condition, reason) = match &verdict {
+            Ok(_) => (status::COMPLETE, "Succeeded"),
+            Err(failure) => (status::FAILED, failure.reason.as_str()),
+        };
+        let seconds = old
+            .start_time
+            .as_ref()
+            .map_or(0.0, |t| now.duration_since(t.0).as_secs_f64().max(0.0));
+        self.ctx
+            .metrics
+            .job_finished(&self.namespace, condition, reason, seconds);
+        info!(condition, reason, seconds, "the job finished");
+        self.after_finish(&new).await
+    }
+}

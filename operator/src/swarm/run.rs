@@ -1,0 +1,183 @@
+//! The state of one run of a job, and what every step shares: the pools, the caller with
+//! the job's budget and retry policy, the records and their size limit, suspension.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::call::{Budget, Caller, Ledger, Policy};
+use super::failure::{Fail, Failure, Interrupted, Reason};
+use super::pool::Pool;
+use super::record::{self, JobResult, Stage, Store, SubagentRecord};
+use super::{Event, Job, Observer, checks};
+use crate::api::SwarmJobSpec;
+
+/// Attempts at a plan or a verdict that came back malformed, before giving up.
+pub(super) const STRUCTURED_ATTEMPTS: u32 = 3;
+
+/// The state of one run of a job: what it has spent and recorded so far.
+pub(super) struct Run<'r, 'a, S: Store, O: Observer> {
+    pub(super) job: &'r Job<'a, S, O>,
+    pub(super) budget: Budget,
+    pub(super) ledger: Ledger,
+    /// Bytes of every entry written, to refuse a result that outgrows a ConfigMap.
+    pub(super) sizes: Mutex<BTreeMap<String, usize>>,
+    pub(super) records: Mutex<BTreeMap<usize, SubagentRecord>>,
+}
+
+impl<S: Store, O: Observer> Run<'_, '_, S, O> {
+    pub(super) fn spec(&self) -> &SwarmJobSpec {
+        self.job.spec
+    }
+
+    pub(super) fn pool(&self, name: &str) -> Result<&Pool, Failure> {
+        self.job.pools.get(name).map(|p| p.as_ref()).ok_or_else(|| {
+            Failure::new(
+                Reason::PoolNotFound,
+                format!("ModelPool {name} is not known to this run"),
+            )
+        })
+    }
+
+    pub(super) fn caller(&self) -> Caller<'_> {
+        let fan_out = &self.spec().fan_out;
+        Caller {
+            budget: &self.budget,
+            ledger: &self.ledger,
+            policy: Policy {
+                timeout: Duration::from_secs(fan_out.timeout_seconds.max(1) as u64),
+                retries: fan_out.retries.max(0) as u32,
+                backoff_base: self.job.options.backoff_base,
+                backoff_cap: self.job.options.backoff_cap,
+            },
+            observer: self.job.observer,
+        }
+    }
+
+    /// Plan, fan out (each subagent verified as it finishes), aggregate.
+    pub(super) async fn drive(
+        &self,
+        plan: Option<Vec<String>>,
+    ) -> Result<Result<(JobResult, String), Failure>, Interrupted> {
+        let checks = match checks::compile(&self.spec().verification.checks) {
+            Ok(checks) => checks,
+            Err(message) => return Ok(Err(Failure::new(Reason::InvalidSpec, message))),
+        };
+        let subtasks = match plan {
+            Some(plan) => Some(plan),
+            None => match self.plan().await {
+                Ok(plan) => plan,
+                Err(Fail::Job(failure)) => return Ok(Err(failure)),
+                Err(Fail::Store(err)) => return Err(err),
+            },
+        };
+        let n = self.spec().fan_out.subagents.max(0) as usize;
+        self.job.observer.event(Event::Planned { subagents: n });
+        {
+            let records = self.records.lock().expect("records lock");
+            for record in records.values() {
+                self.job.observer.event(match record.stage {
+                    Stage::Generated => Event::Generated {
+                        index: record.index,
+                    },
+                    Stage::Finished => Event::Finished { record },
+                });
+            }
+            if !records.is_empty() {
+                self.job.observer.event(Event::Recorded {
+                    usage: &self.ledger.snapshot(),
+                });
+            }
+        }
+
+        let concurrency = self
+            .spec()
+            .fan_out
+            .max_concurrency
+            .map_or(n, |c| c.max(1) as usize)
+            .max(1);
+        let subtasks = subtasks.as_deref();
+        let mut stops = Vec::new();
+        let mut outcomes = futures::stream::iter(0..n)
+            .map(|index| self.subagent(index, subtasks.map(|s| s[index].as_str()), &checks))
+            .buffer_unordered(concurrency);
+        while let Some(outcome) = outcomes.next().await {
+            match outcome {
+                Ok(()) => {}
+                Err(Fail::Job(failure)) => stops.push(failure),
+                Err(Fail::Store(err)) => return Err(err),
+            }
+        }
+        drop(outcomes);
+        if let Some(failure) = stops.into_iter().next() {
+            return Ok(Err(failure));
+        }
+        self.job.observer.event(Event::Aggregating);
+        match self.aggregate().await {
+            Ok(result) => Ok(Ok(result)),
+            Err(Fail::Job(failure)) => Ok(Err(failure)),
+            Err(Fail::Store(err)) => Err(err),
+        }
+    }
+
+    /// Writes a subagent's record with the usage so far.
+    pub(super) async fn record(&self, record: &SubagentRecord) -> Result<(), Fail> {
+        self.save(vec![(
+            record::subagent_key(record.index),
+            record::encode(record),
+        )])
+        .await?;
+        self.records
+            .lock()
+            .expect("records lock")
+            .insert(record.index, record.clone());
+        Ok(())
+    }
+
+    /// Saves entries with the usage so far, unless they would take the result past what a
+    /// ConfigMap holds.
+    pub(super) async fn save(&self, mut entries: Vec<(String, String)>) -> Result<(), Fail> {
+        let usage = self.ledger.snapshot();
+        entries.push((record::USAGE.to_owned(), record::encode(&usage)));
+        {
+            let mut sizes = self.sizes.lock().expect("sizes lock");
+            let mut next = sizes.clone();
+            for (key, value) in &entries {
+                next.insert(key.clone(), key.len() + value.len());
+            }
+            let total: usize = next.values().sum();
+            let limit = self.job.options.max_result_bytes;
+            if total > limit {
+                let (key, value) = &entries[0];
+                return Err(Failure::new(
+                    Reason::ResultTooLarge,
+                    format!(
+                        "{key} ({} bytes) would take the job's result to {total} bytes, over the {limit} a ConfigMap holds: lower spec.fanOut.maxTokens or spec.fanOut.subagents",
+                        value.len()
+                    ),
+                )
+                .into());
+            }
+            *sizes = next;
+        }
+        self.job.store.save(entries).await?;
+        self.job.observer.event(Event::Recorded { usage: &usage });
+        Ok(())
+    }
+
+    /// Waits while the job is suspended; calls in flight are not affected.
+    pub(super) async fn wait_unsuspended(&self) {
+        let mut suspended = self.job.suspended.clone();
+        // A closed channel means nobody can suspend the job any more.
+        let _ = suspended.wait_for(|s| !*s).await;
+    }
+
+    /// Records a finished subagent and reports it.
+    pub(super) async fn finish(&self, record: SubagentRecord) -> Result<(), Fail> {
+        self.record(&record).await?;
+        self.job.observer.event(Event::Finished { record: &record });
+        Ok(())
+    }
+}

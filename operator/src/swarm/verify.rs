@@ -1,0 +1,114 @@
+//! The verify step: deterministic checks first, then the gate model's verdict.
+
+use tracing::Instrument;
+
+use super::call::Prompt;
+use super::checks::{self, Check};
+use super::failure::{Fail, Failure};
+use super::record::{Store, VerdictRecord};
+use super::run::{Run, STRUCTURED_ATTEMPTS};
+use super::{Observer, balance, prompts};
+use crate::api::VerificationMode;
+
+/// The gate's answer is short; this cap keeps a rambling model from spending the job's
+/// budget on it.
+const VERDICT_TOKENS: u32 = 512;
+
+impl<S: Store, O: Observer> Run<'_, '_, S, O> {
+    /// Checks, then the gate. A verdict the gate could not give is an error on the
+    /// subagent, not a failed output.
+    pub(super) async fn verify(
+        &self,
+        output: &str,
+        subtask: Option<&str>,
+        checks: &[Check],
+    ) -> Result<Judgement, Fail> {
+        let span = tracing::info_span!("verify");
+        async move {
+            let spec = self.spec();
+            let problems = checks::run(checks, output);
+            if !problems.is_empty() {
+                return Ok(Judgement::verdict(VerdictRecord {
+                    pass: false,
+                    score: None,
+                    issues: problems,
+                }));
+            }
+            let verification = &spec.verification;
+            let gate = match (verification.mode, &verification.pool) {
+                (VerificationMode::Adversarial, Some(gate)) => gate,
+                _ => {
+                    return Ok(Judgement::verdict(VerdictRecord {
+                        pass: true,
+                        score: None,
+                        issues: Vec::new(),
+                    }));
+                }
+            };
+            let pool = self.pool(gate)?;
+            let (messages, schema) = prompts::critique(&spec.task, subtask, output);
+            let prompt = Prompt {
+                messages,
+                max_tokens: VERDICT_TOKENS,
+                temperature: 0.0,
+                schema: Some(("verdict", schema)),
+                grammar: None,
+                affinity: Some(balance::prefix_key(&spec.task)),
+            };
+            let mut last = String::new();
+            for _ in 0..STRUCTURED_ATTEMPTS {
+                self.wait_unsuspended().await;
+                match self.caller().call(pool, &prompt).await {
+                    Ok(reply) => match prompts::read_verdict(&reply.content) {
+                        Ok(verdict) => {
+                            let pass = match verification.min_score {
+                                Some(min) => i32::from(verdict.score) >= min,
+                                None => verdict.pass,
+                            };
+                            return Ok(Judgement::verdict(VerdictRecord {
+                                pass,
+                                score: Some(verdict.score),
+                                issues: verdict.issues,
+                            }));
+                        }
+                        Err(problem) => last = problem,
+                    },
+                    Err(err) if err.stops_job() => return Err(Failure::from(err).into()),
+                    Err(err) => {
+                        return Ok(Judgement::error(format!("the gate call failed: {err}")));
+                    }
+                }
+            }
+            Ok(Judgement::error(format!(
+                "no usable verdict after {STRUCTURED_ATTEMPTS} attempts: {last}"
+            )))
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// A verification's outcome: a verdict, or why there is none.
+pub(super) struct Judgement {
+    pub(super) verdict: Option<VerdictRecord>,
+    pub(super) error: Option<String>,
+    pub(super) pass: bool,
+}
+
+impl Judgement {
+    pub(super) fn verdict(verdict: VerdictRecord) -> Self {
+        Self {
+            pass: verdict.pass,
+            verdict: Some(verdict),
+            error: None,
+        }
+    }
+
+    pub(super) fn error(message: String) -> Self {
+        Self {
+            verdict: None,
+            error: Some(message),
+            pass: false,
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! The leader Lease: claimed, renewed, never taken from a live leader.
+
+use http::{Method, Request, Response};
+use kube::client::Body;
+use serde_json::json;
+
+use crate::harness::{NS, not_found, serve, step};
+
+#[tokio::test]
+async fn the_lease_is_claimed_renewed_and_never_taken_from_a_live_leader() {
+    use kubeswarm::controllers::leader::Elector;
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/kubeswarm-system/leases";
+    let lease = format!("{LEASES}/kubeswarm-operator");
+    let held_by = |holder: &str, renewed: String| {
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "kubeswarm-operator", "namespace": "kubeswarm-system", "resourceVersion": "5"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "renewTime": renewed, "leaseTransitions": 0}
+        })
+    };
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let fresh = held_by("replica-b", format!("{:.6}", now));
+    let stale = held_by(
+        "replica-b",
+        format!(
+            "{:.6}",
+            now - k8s_openapi::jiff::SignedDuration::from_secs(60)
+        ),
+    );
+    let steps = vec![
+        // No Lease yet: replica-a creates it and leads.
+        step(Method::GET, &lease, 404, not_found()),
+        step(Method::POST, LEASES, 201, json!({})).check(|body| {
+            assert_eq!(body["spec"]["holderIdentity"], "replica-a");
+            assert_eq!(body["spec"]["leaseDurationSeconds"], 15);
+        }),
+        // replica-b renewed just now: nothing is written.
+        step(Method::GET, &lease, 200, fresh),
+        // replica-b stopped renewing a minute ago: taken over, conditionally.
+        step(Method::GET, &lease, 200, stale),
+        step(Method::PUT, &lease, 200, json!({})).check(|body| {
+            assert_eq!(
+                body["metadata"]["resourceVersion"], "5",
+                "the takeover is conditional on what was read"
+            );
+            assert_eq!(body["spec"]["holderIdentity"], "replica-a");
+            assert_eq!(body["spec"]["leaseTransitions"], 1);
+        }),
+        // Another replica won the race for the stale Lease: a conflict is not leadership.
+        step(
+            Method::GET,
+            &lease,
+            200,
+            held_by(
+                "replica-b",
+                format!(
+                    "{:.6}",
+                    now - k8s_openapi::jiff::SignedDuration::from_secs(60)
+                ),
+            ),
+        ),
+        step(
+            Method::PUT,
+            &lease,
+            409,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
+        ),
+    ];
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let elector = Elector::new(
+        kube::Client::new(service, NS),
+        "kubeswarm-system",
+        "kubeswarm-operator",
+        "replica-a".to_owned(),
+    );
+    let server = tokio::spawn(serve(handle, steps));
+    assert!(elector.try_hold().await.unwrap(), "created");
+    assert!(!elector.try_hold().await.unwrap(), "held by a live leader");
+    assert!(
+        elector.try_hold().await.unwrap(),
+        "taken from a stale leader"
+    );
+    assert!(!elector.try_hold().await.unwrap(), "lost the race");
+    server.await.unwrap();
+}

@@ -1,0 +1,5 @@
+//! Test code shared by kubeswarm's test binaries and benchmarks (a dev-dependency only).
+
+pub mod cel_cases;
+pub mod helm;
+pub mod mock;

@@ -24,6 +24,7 @@ SELECT := --workspace
 HELM := $(KUBESWARM_CACHE)/tools/helm-$(HELM_VERSION)/helm
 MODEL := $(KUBESWARM_CACHE)/models/$(subst ==,-,$(SMOLLM2_WHEEL))/$(SMOLLM2_FILE)
 WORKER := $(CARGO_TARGET_DIR)/release/inference-worker
+KUBESWARM := $(CARGO_TARGET_DIR)/release/kubeswarm
 CHART := charts/kubeswarm
 KUBE_VERSION := 1.33.0
 
@@ -46,7 +47,7 @@ RUN_FLAGS ?= --max-tokens 400
 
 .PHONY: run
 run: build $(MODEL) ## Run the gallery SwarmJob locally on the embedded default model
-	KUBESWARM_MODEL=$(MODEL) $(CARGO_TARGET_DIR)/release/kubeswarm run examples/gallery.yaml $(RUN_FLAGS)
+	KUBESWARM_MODEL=$(MODEL) $(KUBESWARM) run examples/gallery.yaml $(RUN_FLAGS)
 
 # The e2e suite (e2e/tests/e2e) is one of the test binaries: it starts its own control plane
 # from these tools, built from the Go module proxy once per machine.
@@ -107,9 +108,10 @@ cluster-down: ## Stop the control plane cluster-up started
 $(HELM): hack/versions.env hack/install-tool
 	hack/install-tool helm >/dev/null
 
-# The test model, from its PyPI wheel, checked against the pinned sha256.
-$(MODEL): hack/versions.env hack/fetch-model
-	hack/fetch-model smollm2 >/dev/null
+# The default model, from its PyPI wheel, checked against the pinned sha256, by the same
+# code that fetches it for `kubeswarm run`.
+$(MODEL): hack/versions.env | build
+	$(KUBESWARM) fetch-model >/dev/null
 
 .PHONY: fmt
 fmt: ## Format the Rust code

@@ -4,6 +4,18 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
+/// What a condition's transition tells the object's readers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Notice {
+    /// Progress: a Normal Event.
+    #[default]
+    Normal,
+    /// Something is wrong: a Warning Event.
+    Warning,
+    /// No news (a phase the object has not reached): no Event.
+    Silent,
+}
+
 /// A condition as a controller decides it, before times and generations.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Desired {
@@ -11,6 +23,7 @@ pub struct Desired {
     pub status: bool,
     pub reason: &'static str,
     pub message: String,
+    pub notice: Notice,
 }
 
 impl Desired {
@@ -25,6 +38,23 @@ impl Desired {
             status,
             reason,
             message: message.into(),
+            notice: Notice::Normal,
+        }
+    }
+
+    /// The same condition, announced as something wrong.
+    pub fn warning(self) -> Self {
+        Self {
+            notice: Notice::Warning,
+            ..self
+        }
+    }
+
+    /// The same condition, not announced.
+    pub fn silent(self) -> Self {
+        Self {
+            notice: Notice::Silent,
+            ..self
         }
     }
 }
@@ -78,31 +108,58 @@ pub fn transition_time(old: &[Condition], type_: &str, status: &str, now: Timest
     }
 }
 
-/// The conditions of `new` whose status or reason differs from `old`: one Event each.
-pub fn transitions<'a>(old: &[Condition], new: &'a [Condition]) -> Vec<&'a Condition> {
+/// The conditions of `new` whose status or reason differs from `old`, each with the
+/// notice its desired condition asks for: one Event each, unless silent.
+pub fn transitions<'a>(
+    old: &[Condition],
+    new: &'a [Condition],
+    desired: &[Desired],
+) -> Vec<(&'a Condition, Notice)> {
     new.iter()
         .filter(|n| {
             !old.iter()
                 .any(|o| o.type_ == n.type_ && o.status == n.status && o.reason == n.reason)
         })
+        .map(|n| {
+            let notice = desired
+                .iter()
+                .find(|d| d.type_ == n.type_)
+                .map_or(Notice::Normal, |d| d.notice);
+            (n, notice)
+        })
         .collect()
 }
 
-/// An Event for a condition's transition; `warning` for one that says something is wrong.
-/// An Event is a courtesy: failing to write one is logged, not returned.
-pub async fn publish(
+/// An Event for each transition from `old` to `new`, as its desired condition's notice
+/// asks.
+pub async fn announce(
+    recorder: &kube::runtime::events::Recorder,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    old: &[Condition],
+    new: &[Condition],
+    desired: &[Desired],
+) {
+    for (changed, notice) in transitions(old, new, desired) {
+        publish(recorder, reference, changed, notice).await;
+    }
+}
+
+/// An Event for a condition's transition, as its notice asks. An Event is a courtesy:
+/// failing to write one is logged, not returned.
+async fn publish(
     recorder: &kube::runtime::events::Recorder,
     reference: &k8s_openapi::api::core::v1::ObjectReference,
     condition: &Condition,
-    warning: bool,
+    notice: Notice,
 ) {
     use kube::runtime::events::{Event, EventType};
+    let type_ = match notice {
+        Notice::Silent => return,
+        Notice::Warning => EventType::Warning,
+        Notice::Normal => EventType::Normal,
+    };
     let event = Event {
-        type_: if warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
+        type_,
         reason: condition.reason.clone(),
         note: Some(format!(
             "{}={}: {}",
@@ -170,20 +227,16 @@ mod tests {
             None,
             at(1),
         );
-        let new = merge(
-            &old,
-            &[
-                Desired::new("Available", false, "Starting", "other message"),
-                Desired::new("Degraded", true, "PodFailing", "w-0: CrashLoopBackOff"),
-            ],
-            None,
-            at(2),
-        );
-        let changed: Vec<&str> = transitions(&old, &new)
+        let desired = [
+            Desired::new("Available", false, "Starting", "other message"),
+            Desired::new("Degraded", true, "PodFailing", "w-0: CrashLoopBackOff").warning(),
+        ];
+        let new = merge(&old, &desired, None, at(2));
+        let changed: Vec<(&str, Notice)> = transitions(&old, &new, &desired)
             .iter()
-            .map(|c| c.type_.as_str())
+            .map(|(c, notice)| (c.type_.as_str(), *notice))
             .collect();
-        assert_eq!(changed, ["Degraded"]);
+        assert_eq!(changed, [("Degraded", Notice::Warning)]);
     }
 
     #[test]

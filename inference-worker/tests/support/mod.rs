@@ -14,21 +14,36 @@ pub const PATIENCE: Duration = Duration::from_secs(180);
 
 pub const SERVED: &str = "smol";
 
-/// The SmolLM2 GGUF file: `KUBESWARM_TEST_MODEL`, or fetched (once, then cached) by the
-/// project's own script, as `make test` and CI do.
+/// The SmolLM2 GGUF file: `KUBESWARM_TEST_MODEL`, or fetched (once, then cached) by
+/// `kubeswarm fetch-model`, which `make test` and CI run; cargo builds the kubeswarm binary
+/// into the same directory as this test.
 pub fn test_model() -> &'static Path {
     static MODEL: OnceLock<PathBuf> = OnceLock::new();
     MODEL.get_or_init(|| {
         if let Some(path) = std::env::var_os("KUBESWARM_TEST_MODEL") {
             return PathBuf::from(path);
         }
-        let script = repo_root().join("hack/fetch-model");
-        let out = Command::new(&script)
-            .arg("smollm2")
+        let test = std::env::current_exe().expect("the test knows its path");
+        let kubeswarm = test
+            .parent()
+            .and_then(Path::parent)
+            .expect("tests run from <target>/<profile>/deps")
+            .join("kubeswarm");
+        let out = Command::new(&kubeswarm)
+            .arg("fetch-model")
             .stderr(Stdio::inherit())
             .output()
-            .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-        assert!(out.status.success(), "{} failed", script.display());
+            .unwrap_or_else(|e| {
+                panic!(
+                    "running {}: {e}; build it with `make build`, or set KUBESWARM_TEST_MODEL",
+                    kubeswarm.display()
+                )
+            });
+        assert!(
+            out.status.success(),
+            "{} fetch-model failed",
+            kubeswarm.display()
+        );
         PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
     })
 }

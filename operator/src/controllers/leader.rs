@@ -112,23 +112,40 @@ impl Elector {
 
     /// Renews the Lease until a renewal fails for longer than the Lease lasts; then
     /// another replica may hold it, and this one must stop acting.
-    pub async fn keep(&self) -> String {
+    pub async fn keep(&self) -> Lost {
         let mut last = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(LEASE_DURATION / 3).await;
             match self.try_hold().await {
                 Ok(true) => last = tokio::time::Instant::now(),
-                Ok(false) => return format!("another replica holds Lease {}", self.name),
-                Err(err) if last.elapsed() > LEASE_DURATION => {
-                    return format!(
-                        "could not renew Lease {} for {LEASE_DURATION:?}: {err}",
-                        self.name
-                    );
+                Ok(false) => {
+                    return Lost::Taken {
+                        lease: self.name.clone(),
+                    };
+                }
+                Err(source) if last.elapsed() > LEASE_DURATION => {
+                    return Lost::NotRenewed {
+                        lease: self.name.clone(),
+                        source,
+                    };
                 }
                 Err(_) => {}
             }
         }
     }
+}
+
+/// Why this replica no longer leads.
+#[derive(Debug, thiserror::Error)]
+pub enum Lost {
+    #[error("another replica holds Lease {lease}")]
+    Taken { lease: String },
+    #[error("could not renew Lease {lease} for {LEASE_DURATION:?}")]
+    NotRenewed {
+        lease: String,
+        #[source]
+        source: kube::Error,
+    },
 }
 
 #[cfg(test)]

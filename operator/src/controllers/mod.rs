@@ -1,7 +1,7 @@
 //! The operator: the ModelPool and SwarmJob controllers behind a leader Lease, with
 //! /metrics and probes.
 
-pub mod children;
+pub(crate) mod children;
 pub mod leader;
 pub mod model_pool;
 pub mod swarm_job;
@@ -51,8 +51,8 @@ pub enum RunError {
     },
     #[error("acquiring the leader Lease")]
     Lease(#[source] kube::Error),
-    #[error("lost the leadership: {0}")]
-    LostLease(String),
+    #[error("lost the leadership")]
+    LostLease(#[source] leader::Lost),
 }
 
 /// The name of the Lease the replicas compete for.
@@ -96,7 +96,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
             operator_namespace: args.leader_election_namespace,
             operator_labels: args.operator_labels,
         },
-        http: reqwest::Client::new(),
+        http: crate::swarm::endpoint::http_client(),
         recorder: recorder.clone(),
         metrics: metrics.clone(),
         backoff: Backoff::default(),
@@ -144,10 +144,7 @@ async fn swarm_jobs(client: kube::Client, recorder: Recorder, metrics: Arc<Metri
     let (wake, woken) = futures::channel::mpsc::unbounded();
     let ctx = Arc::new(swarm_job::Context {
         client: client.clone(),
-        http: reqwest::Client::builder()
-            .pool_idle_timeout(std::time::Duration::from_secs(90))
-            .build()
-            .unwrap_or_default(),
+        http: crate::swarm::endpoint::http_client(),
         recorder,
         metrics,
         backoff: Backoff::default(),

@@ -57,6 +57,24 @@ const ADMITTED: &str = "Admitted";
 const EVICTED: &str = "Evicted";
 const PODS_READY: &str = "PodsReady";
 
+/// Kueue's own reasons (its `apis/kueue/v1beta1` constants), which its waitForPodsReady
+/// reads: a pod that fails after the Workload started waits under `recoveryTimeout`, not
+/// the start `timeout`.
+mod reason {
+    /// PodsReady=False: the pods have not all been ready since admission.
+    pub const WAIT_FOR_START: &str = "WaitForStart";
+    /// PodsReady=False: the pods were ready, and one is not any more.
+    pub const WAIT_FOR_RECOVERY: &str = "WaitForRecovery";
+    /// PodsReady=True, the first time.
+    pub const STARTED: &str = "Started";
+    /// PodsReady=True again after a recovery.
+    pub const RECOVERED: &str = "Recovered";
+    /// QuotaReserved=False once the admission is given back.
+    pub const PENDING: &str = "Pending";
+    /// Admitted=False once the admission is given back.
+    pub const NO_RESERVATION: &str = "NoReservation";
+}
+
 fn condition<'a>(workload: &'a Workload, type_: &str) -> Option<&'a Condition> {
     workload
         .status
@@ -177,27 +195,30 @@ fn conditions(workload: &Workload) -> Vec<Condition> {
 }
 
 /// The status patch that reports whether the admitted pods are ready; Kueue's
-/// waitForPodsReady reads it.
+/// waitForPodsReady reads it. Once the pods have been ready, a pod that stops being ready
+/// is a recovery, not a start.
 pub fn report_pods_ready(workload: &Workload, ready: bool, now: Timestamp) -> Value {
-    let condition = if ready {
-        new_condition(
-            workload,
-            PODS_READY,
-            true,
-            "PodsReady",
+    let started_before = condition(workload, PODS_READY)
+        .is_some_and(|c| c.status == "True" || c.reason == reason::WAIT_FOR_RECOVERY);
+    let (reason, message) = match (ready, started_before) {
+        (true, false) => (
+            reason::STARTED,
             "All pods reached readiness and the workload is running",
-            now,
-        )
-    } else {
-        new_condition(
-            workload,
-            PODS_READY,
-            false,
-            "WaitForStart",
+        ),
+        (true, true) => (
+            reason::RECOVERED,
+            "The pods are ready again and the workload is running",
+        ),
+        (false, false) => (
+            reason::WAIT_FOR_START,
             "Not all pods are ready or succeeded",
-            now,
-        )
+        ),
+        (false, true) => (
+            reason::WAIT_FOR_RECOVERY,
+            "A pod of the running workload is not ready; waiting for it to recover",
+        ),
     };
+    let condition = new_condition(workload, PODS_READY, ready, reason, message, now);
     json!({"conditions": set_condition(&conditions(workload), condition)})
 }
 
@@ -211,7 +232,7 @@ pub fn release_admission(workload: &Workload, now: Timestamp) -> Value {
     let mut list = conditions(workload);
     list = set_condition(
         &list,
-        new_condition(workload, QUOTA_RESERVED, false, "Pending", &why, now),
+        new_condition(workload, QUOTA_RESERVED, false, reason::PENDING, &why, now),
     );
     if list.iter().any(|c| c.type_ == ADMITTED) {
         list = set_condition(
@@ -220,7 +241,7 @@ pub fn release_admission(workload: &Workload, now: Timestamp) -> Value {
                 workload,
                 ADMITTED,
                 false,
-                "NoReservation",
+                reason::NO_RESERVATION,
                 "The workload has no reservation",
                 now,
             ),
@@ -233,7 +254,7 @@ pub fn release_admission(workload: &Workload, now: Timestamp) -> Value {
                 workload,
                 PODS_READY,
                 false,
-                "WaitForStart",
+                reason::WAIT_FOR_START,
                 "The workload was evicted",
                 now,
             ),
@@ -245,4 +266,62 @@ pub fn release_admission(workload: &Workload, now: Timestamp) -> Value {
 /// An error that means the cluster does not serve Kueue's Workload API.
 pub fn is_not_installed(error: &kube::Error) -> bool {
     matches!(error, kube::Error::Api(status) if status.code == 404)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admitted_with(pods_ready: Option<(&str, &str)>) -> Workload {
+        let mut conditions = vec![
+            json!({"type": "Admitted", "status": "True", "reason": "Admitted", "message": "", "lastTransitionTime": "2026-11-21T10:00:00Z"}),
+        ];
+        if let Some((status, reason)) = pods_ready {
+            conditions.push(json!({"type": "PodsReady", "status": status, "reason": reason, "message": "", "lastTransitionTime": "2026-11-21T10:01:00Z"}));
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload",
+            "metadata": {"name": "gemma-0", "generation": 1},
+            "spec": {"podSets": []},
+            "status": {"conditions": conditions}
+        }))
+        .unwrap()
+    }
+
+    fn reported(workload: &Workload, ready: bool) -> (String, String) {
+        let patch = report_pods_ready(workload, ready, Timestamp::now());
+        let pods_ready = patch["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == PODS_READY)
+            .unwrap()
+            .clone();
+        (
+            pods_ready["status"].as_str().unwrap().to_owned(),
+            pods_ready["reason"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    #[test]
+    fn pods_ready_uses_kueues_reasons_for_a_start_and_a_recovery() {
+        let pair = |s: &str, r: &str| (s.to_owned(), r.to_owned());
+        assert_eq!(
+            reported(&admitted_with(None), false),
+            pair("False", "WaitForStart")
+        );
+        assert_eq!(
+            reported(&admitted_with(Some(("False", "WaitForStart"))), true),
+            pair("True", "Started")
+        );
+        assert_eq!(
+            reported(&admitted_with(Some(("True", "Started"))), false),
+            pair("False", "WaitForRecovery"),
+            "Kueue times a failure after the start with recoveryTimeout"
+        );
+        assert_eq!(
+            reported(&admitted_with(Some(("False", "WaitForRecovery"))), true),
+            pair("True", "Recovered")
+        );
+    }
 }

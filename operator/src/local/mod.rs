@@ -7,6 +7,8 @@ mod progress;
 mod store;
 mod worker;
 
+pub use model::{ModelError, default_model};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,7 +18,7 @@ use kube::ResourceExt;
 
 use crate::api::SwarmJob;
 use crate::swarm::pool::{Pool, Server};
-use crate::swarm::{self, Job, Options};
+use crate::swarm::{self, Job, Options, endpoint};
 
 /// What `kubeswarm run` was asked.
 #[derive(Debug, Clone)]
@@ -48,8 +50,8 @@ pub enum LocalError {
         "the inference-worker binary was not found next to kubeswarm or on the PATH: build it with `make build`, or pass --worker PATH"
     )]
     NoWorker,
-    #[error("the default model: {0}")]
-    Model(String),
+    #[error("the default model")]
+    Model(#[from] model::ModelError),
     #[error("the worker for pool {pool}: {why}")]
     Worker { pool: String, why: String },
     #[error("pool {pool} at {url}: {why}")]
@@ -58,8 +60,12 @@ pub enum LocalError {
         url: String,
         why: String,
     },
-    #[error("writing {path}: {why}")]
-    Output { path: String, why: String },
+    #[error("writing {path}")]
+    Output {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Interrupted(#[from] swarm::Interrupted),
     #[error("job {name} failed: {failure}")]
@@ -128,17 +134,14 @@ pub async fn run(args: Args) -> Result<PathBuf, LocalError> {
     let view = progress::View::new();
     let output_error = |path: &Path, e: std::io::Error| LocalError::Output {
         path: path.display().to_string(),
-        why: e.to_string(),
+        source: e,
     };
     if !args.resume && dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| output_error(&dir, e))?;
     }
     std::fs::create_dir_all(&dir).map_err(|e| output_error(&dir, e))?;
 
-    let http = reqwest::Client::builder()
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build()
-        .expect("the HTTP client builds");
+    let http = endpoint::http_client();
     let mut workers = Vec::new();
     let mut pools = BTreeMap::new();
     for pool in swarm::pools_used(&job.spec) {
@@ -202,29 +205,9 @@ async fn served_model(http: &reqwest::Client, pool: &str, url: &str) -> Result<S
         url: url.to_owned(),
         why,
     };
-    #[derive(serde::Deserialize)]
-    struct Models {
-        data: Vec<Model>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Model {
-        id: String,
-    }
-    let models: Models = http
-        .get(format!("{url}/models"))
-        .timeout(Duration::from_secs(10))
-        .send()
+    let ids = endpoint::served_models(http, url, Duration::from_secs(10))
         .await
-        .and_then(reqwest::Response::error_for_status)
-        .map_err(|e| fail(format!("GET /models failed: {e}")))?
-        .json()
-        .await
-        .map_err(|e| {
-            fail(format!(
-                "GET /models did not answer an OpenAI model list: {e}"
-            ))
-        })?;
-    let ids: Vec<String> = models.data.into_iter().map(|m| m.id).collect();
+        .map_err(|err| fail(crate::telemetry::chain(&err)))?;
     if ids.iter().any(|id| id == pool) {
         return Ok(pool.to_owned());
     }

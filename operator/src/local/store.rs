@@ -22,7 +22,7 @@ impl Store for Files {
         let listing = match std::fs::read_dir(&self.dir) {
             Ok(listing) => listing,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(entries),
-            Err(e) => return Err(StoreError(format!("{}: {e}", self.dir.display()))),
+            Err(e) => return Err(StoreError::backend("reading", self.dir.display())(e)),
         };
         for entry in listing.filter_map(Result::ok) {
             let path = entry.path();
@@ -33,7 +33,7 @@ impl Store for Files {
                 continue;
             }
             let text = std::fs::read_to_string(&path)
-                .map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+                .map_err(StoreError::backend("reading", path.display()))?;
             entries.insert(key.to_owned(), text);
         }
         Ok(entries)
@@ -41,13 +41,13 @@ impl Store for Files {
 
     async fn save(&self, entries: Vec<(String, String)>) -> Result<(), StoreError> {
         std::fs::create_dir_all(&self.dir)
-            .map_err(|e| StoreError(format!("{}: {e}", self.dir.display())))?;
+            .map_err(StoreError::backend("creating", self.dir.display()))?;
         for (key, value) in entries {
             let path = self.dir.join(&key);
             let part = self.dir.join(format!("{key}.part"));
             std::fs::write(&part, value)
                 .and_then(|()| std::fs::rename(&part, &path))
-                .map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+                .map_err(StoreError::backend("writing", path.display()))?;
         }
         Ok(())
     }

@@ -7,12 +7,13 @@
 //! `execute` to an `Outcome`, telling an `Observer` its `Event`s. The steps live one per
 //! file: `plan`, `subagent`, `verify`, `aggregate`, over the state of a run in `run`.
 
-pub mod aggregate;
-pub mod balance;
+pub(crate) mod aggregate;
+pub(crate) mod balance;
 pub mod call;
-pub mod checks;
+pub(crate) mod checks;
+pub(crate) mod endpoint;
 mod failure;
-pub mod grammar;
+pub(crate) mod grammar;
 mod plan;
 pub mod pool;
 pub mod prompts;

@@ -130,14 +130,46 @@ pub trait Store: Send + Sync {
 
 /// A store that could not be read or written; the job stays where it was.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StoreError(pub String);
+pub enum StoreError {
+    /// Where the records live failed: the API server, the file system.
+    #[error("{action} {place}")]
+    Backend {
+        action: &'static str,
+        place: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// An entry the engine wrote cannot be read back.
+    #[error("entry {key} is unreadable")]
+    Unreadable {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl StoreError {
+    /// `.map_err(StoreError::backend("writing", path))`
+    pub fn backend<E: std::error::Error + Send + Sync + 'static>(
+        action: &'static str,
+        place: impl std::fmt::Display,
+    ) -> impl FnOnce(E) -> Self {
+        let place = place.to_string();
+        move |source| Self::Backend {
+            action,
+            place,
+            source: Box::new(source),
+        }
+    }
+}
 
 /// Reads entries back; unreadable entries are an error (they were written by us).
 pub fn decode(entries: &BTreeMap<String, String>) -> Result<Checkpoint, StoreError> {
     fn parse<T: for<'de> Deserialize<'de>>(key: &str, text: &str) -> Result<T, StoreError> {
-        serde_json::from_str(text)
-            .map_err(|err| StoreError(format!("entry {key} is unreadable: {err}")))
+        serde_json::from_str(text).map_err(|source| StoreError::Unreadable {
+            key: key.to_owned(),
+            source,
+        })
     }
     let mut checkpoint = Checkpoint::default();
     for (key, text) in entries {

@@ -282,6 +282,8 @@ async fn kueue_protocol_from_waiting_for_quota_to_pods_ready() {
                 Some(vec![built_workload(&admitted_pool, 0, admitted(vec![]))]),
             ),
             vec![
+                // The flavor is read with the rest, before any write.
+                step(Method::GET, FLAVOR, 200, h100()),
                 step(
                     Method::PATCH,
                     &format!("{WORKLOADS}/gemma-0/status"),
@@ -304,7 +306,6 @@ async fn kueue_protocol_from_waiting_for_quota_to_pods_ready() {
                         "Kueue's conditions are kept"
                     );
                 }),
-                step(Method::GET, FLAVOR, 200, h100()),
                 step(Method::POST, PODS, 201, json!({})).check(|body| {
                     assert_eq!(body["metadata"]["name"], "gemma-0");
                     assert_eq!(body["spec"]["nodeSelector"]["gpu.nvidia.com/class"], "H100");
@@ -341,6 +342,7 @@ async fn kueue_protocol_from_waiting_for_quota_to_pods_ready() {
                 )]),
             ),
             vec![
+                step(Method::GET, FLAVOR, 200, h100()),
                 step(
                     Method::PATCH,
                     &format!("{WORKLOADS}/gemma-0/status"),
@@ -348,9 +350,13 @@ async fn kueue_protocol_from_waiting_for_quota_to_pods_ready() {
                     stored_workload(),
                 )
                 .check(|body| {
-                    assert_eq!(condition(body, "PodsReady").0, "True");
+                    let (status, reason, _) = condition(body, "PodsReady");
+                    assert_eq!(
+                        (status.as_str(), reason.as_str()),
+                        ("True", "Started"),
+                        "Kueue's own reason for a start"
+                    );
                 }),
-                step(Method::GET, FLAVOR, 200, h100()),
                 Step {
                     check: Some(keeping(Value::Null)),
                     ..step(Method::PATCH, STATUS, 200, stored())
@@ -372,7 +378,7 @@ async fn kueue_protocol_from_waiting_for_quota_to_pods_ready() {
 
     // 5. The same state again: reads only, not one write.
     let settled = pool(1, true, status_of(&ready_kept));
-    let pods_ready_true = json!({"type": "PodsReady", "status": "True", "reason": "PodsReady", "message": "All pods reached readiness and the workload is running", "lastTransitionTime": "2026-11-21T10:02:00Z"});
+    let pods_ready_true = json!({"type": "PodsReady", "status": "True", "reason": "Started", "message": "All pods reached readiness and the workload is running", "lastTransitionTime": "2026-11-21T10:02:00Z"});
     scenario(
         settled.clone(),
         [
@@ -495,13 +501,13 @@ async fn eviction_stops_the_pod_then_gives_the_admission_back() {
         Some(vec![built_workload(&readmitted, 0, admitted(vec![]))]),
     );
     steps.extend([
+        step(Method::GET, FLAVOR, 200, h100()),
         step(
             Method::PATCH,
             &format!("{WORKLOADS}/gemma-0/status"),
             200,
             stored_workload(),
         ),
-        step(Method::GET, FLAVOR, 200, h100()),
         step(Method::POST, PODS, 201, json!({}))
             .check(|body| assert_eq!(body["metadata"]["name"], "gemma-0")),
         step(Method::PATCH, STATUS, 200, stored()),
@@ -520,7 +526,7 @@ async fn scaling_down_deletes_the_last_replicas_pod_and_workload() {
     let pods: Vec<Value> = (0..2)
         .map(|i| built_pod(&before, i, &h100_placement(), true))
         .collect();
-    let pods_ready = json!({"type": "PodsReady", "status": "True", "reason": "PodsReady", "message": "", "lastTransitionTime": "2026-11-21T10:02:00Z"});
+    let pods_ready = json!({"type": "PodsReady", "status": "True", "reason": "Started", "message": "", "lastTransitionTime": "2026-11-21T10:02:00Z"});
     let workloads: Vec<Value> = (0..2)
         .map(|i| built_workload(&before, i, admitted(vec![pods_ready.clone()])))
         .collect();
@@ -555,7 +561,7 @@ async fn scaling_down_deletes_the_last_replicas_pod_and_workload() {
 #[tokio::test]
 async fn replicas_on_the_same_flavor_share_one_read_of_it() {
     let two = pool(2, true, None);
-    let pods_ready = json!({"type": "PodsReady", "status": "True", "reason": "PodsReady", "message": "", "lastTransitionTime": "2026-11-21T10:02:00Z"});
+    let pods_ready = json!({"type": "PodsReady", "status": "True", "reason": "Started", "message": "", "lastTransitionTime": "2026-11-21T10:02:00Z"});
     let pods: Vec<Value> = (0..2)
         .map(|i| built_pod(&two, i, &h100_placement(), true))
         .collect();

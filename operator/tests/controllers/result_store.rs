@@ -144,10 +144,10 @@ async fn a_refused_write_is_an_error_that_names_the_configmap() {
         .save(vec![("answer".to_owned(), "x".to_owned())])
         .await
         .unwrap_err();
+    let said = kubeswarm::telemetry::chain(&err);
     assert!(
-        err.to_string()
-            .starts_with("writing ConfigMap gallery-result:"),
-        "{err}"
+        said.starts_with("writing ConfigMap gallery-result: "),
+        "{said}"
     );
     server.await.unwrap();
 }

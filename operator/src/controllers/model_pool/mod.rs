@@ -1,22 +1,22 @@
 //! The ModelPool controller: worker pods (admitted through Kueue when the pool names a
 //! queue), their headless Service and NetworkPolicy, and a status that says what is wrong.
 //!
-//! Each reconcile reads the pool's children, builds what they should be (`build`), writes
-//! only the differences, and derives the status (`status`). A child is identified by its
+//! Each reconcile is a pipeline: observe (the pool's pods, Workloads and admitted
+//! flavors), plan (pure: the writes and where each replica stands, from `build`'s
+//! objects), apply the writes, and write the status once (`status`). A child is identified by its
 //! deterministic name and carries a hash of what it was built from: a changed hash
 //! replaces it, an equal one is left alone, so a second reconcile of the same state writes
 //! nothing.
 
 pub mod build;
-pub mod status;
+pub(crate) mod plan;
+pub(crate) mod status;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::scheduling::v1::PriorityClass;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -28,20 +28,22 @@ use thiserror::Error;
 use tracing::{Instrument, warn};
 
 use self::build::Settings;
-use self::status::Replica;
 use crate::api::{ModelPool, ModelPoolStatus};
 use crate::conditions::{self, Desired};
 use crate::controllers::children::{
-    ApiError, Child, api_error, apply_if_changed, apply_status, built_hash, create, delete,
+    ApiError, Child, api_error, apply_if_changed, apply_status, create, delete,
 };
 use crate::controllers::{Backoff, key};
-use crate::kueue::{self, Admission, Placement, ResourceFlavor, Workload};
+use crate::kueue::{self, ResourceFlavor, Workload};
 use crate::metrics::Metrics;
 use crate::pool_contract;
+use crate::swarm::endpoint;
 
 /// How often an external endpoint is probed, and a pool rechecked without any change.
 const EXTERNAL_PROBE: Duration = Duration::from_secs(30);
 const RESYNC: Duration = Duration::from_secs(300);
+/// How long an external endpoint may take to answer the probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a pool whose queue needs a missing Kueue looks again.
 const KUEUE_RECHECK: Duration = Duration::from_secs(60);
 
@@ -116,7 +118,7 @@ impl<'a> Reconciler<'a> {
         if let Some(external) = &self.pool.spec.external {
             let probe = probe(&self.ctx.http, &external.url, &external.model).await;
             self.update_status(
-                status::external(&external.url, &external.model, probe),
+                status::external(&external.url, &external.model, probe.err().as_ref()),
                 0,
                 0,
             )
@@ -147,74 +149,93 @@ impl<'a> Reconciler<'a> {
         self.ensure(build::network_policy(self.pool, &self.ctx.settings))
             .await?;
 
+        let desired = plan::Blueprint {
+            pool: self.pool,
+            template: &template,
+            priority,
+        };
+        let Some(observed) = self.observe(&desired).await? else {
+            let queue = self.pool.spec.queue_name.as_deref().unwrap_or_default();
+            self.update_status(status::kueue_missing(queue), 0, 0)
+                .await?;
+            return Ok(Action::requeue(KUEUE_RECHECK));
+        };
+        let plan = plan::replicas(&desired, &observed, Timestamp::now());
+        for write in plan.writes {
+            self.write(write).await?;
+        }
+        let replicas = self.pool.spec.replicas;
+        let queued = self.pool.spec.queue_name.is_some();
+        let (conditions, ready) = status::workers(replicas, queued, &plan.replicas);
+        self.update_status(conditions, replicas, ready).await?;
+        Ok(Action::requeue(RESYNC))
+    }
+
+    /// The pool's pods, its Workloads and the flavors they were admitted on; None when the
+    /// pool names a queue and the cluster has no Kueue.
+    async fn observe(
+        &self,
+        desired: &plan::Blueprint<'_>,
+    ) -> Result<Option<plan::Observed>, Error> {
         let name = self.pool.name_any();
         let selector =
             ListParams::default().labels(&format!("{}={name}", pool_contract::POOL_LABEL));
-        let pods: BTreeMap<String, Pod> = self
-            .api::<Pod>()
-            .list(&selector)
-            .await
-            .map_err(api_error("list", "Pod", &name))?
-            .into_iter()
-            .map(|p| (p.name_any(), p))
-            .collect();
-        let desired = self.pool.spec.replicas;
-        let queue = self.pool.spec.queue_name.as_deref();
-        let workloads: BTreeMap<String, Workload> = match queue {
-            None => BTreeMap::new(),
-            Some(queue) => match self.api::<Workload>().list(&selector).await {
-                Ok(list) => list.into_iter().map(|w| (w.name_any(), w)).collect(),
-                Err(err) if kueue::is_not_installed(&err) => {
-                    self.update_status(status::kueue_missing(queue), 0, 0)
-                        .await?;
-                    return Ok(Action::requeue(KUEUE_RECHECK));
-                }
-                Err(err) => return Err(api_error("list", "Workload", &name)(err).into()),
-            },
+        let mut observed = plan::Observed {
+            pods: self
+                .api::<Pod>()
+                .list(&selector)
+                .await
+                .map_err(api_error("list", "Pod", &name))?
+                .into_iter()
+                .map(|p| (p.name_any(), p))
+                .collect(),
+            ..plan::Observed::default()
         };
+        if self.pool.spec.queue_name.is_none() {
+            return Ok(Some(observed));
+        }
+        observed.workloads = match self.api::<Workload>().list(&selector).await {
+            Ok(list) => list.into_iter().map(|w| (w.name_any(), w)).collect(),
+            Err(err) if kueue::is_not_installed(&err) => return Ok(None),
+            Err(err) => return Err(api_error("list", "Workload", &name)(err).into()),
+        };
+        let flavors: Api<ResourceFlavor> = Api::all(self.ctx.client.clone());
+        for flavor in plan::flavors_to_read(desired, &observed) {
+            let found =
+                flavors
+                    .get(&flavor)
+                    .await
+                    .map_err(api_error("get", "ResourceFlavor", &flavor))?;
+            observed.flavors.insert(flavor, found);
+        }
+        Ok(Some(observed))
+    }
 
-        // Replicas admitted on the same flavor share one read of it.
-        let mut flavors = BTreeMap::new();
-        let mut replicas = Vec::new();
-        for index in 0..desired {
-            let replica_name = build::replica_name(self.pool, index);
-            let pod = pods.get(&replica_name);
-            let admission = match queue {
-                None => Admission::Direct,
-                Some(_) => {
-                    let want = build::workload(self.pool, &template, index, priority);
-                    self.sync_workload(want, workloads.get(&replica_name), pod)
-                        .await?
-                }
-            };
-            let health = match &admission {
-                Admission::Direct | Admission::Admitted => {
-                    let placement = match workloads.get(&replica_name) {
-                        Some(wl) => self.placement(wl, &mut flavors).await?,
-                        None => Placement::default(),
-                    };
-                    let want = build::pod(self.pool, &template, index, &placement);
-                    self.sync_pod(want, pod).await?
-                }
-                Admission::Waiting(_) | Admission::Evicted { .. } => None,
-            };
-            replicas.push(Replica {
-                name: replica_name,
-                admission,
-                pod: health,
-            });
+    async fn write(&self, write: plan::Write) -> Result<(), Error> {
+        match write {
+            plan::Write::CreatePod(pod) => self.create(pod.as_ref()).await,
+            plan::Write::DeletePod(name) => self.delete::<Pod>(&name).await,
+            plan::Write::CreateWorkload(workload) => self.create(workload.as_ref()).await,
+            plan::Write::DeleteWorkload(name) => self.delete::<Workload>(&name).await,
+            plan::Write::WorkloadStatus {
+                name,
+                resource_version,
+                status,
+            } => {
+                // A merge patch replaces the conditions list whole; the resourceVersion
+                // makes the API server refuse it if Kueue changed the Workload since it
+                // was read.
+                let patch = json!({
+                    "metadata": {"resourceVersion": resource_version},
+                    "status": status,
+                });
+                self.api::<Workload>()
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(api_error("patch status of", "Workload", &name))?;
+                Ok(())
+            }
         }
-        // Replicas past spec.replicas: a scale-down. Their Workloads go with them, so the
-        // quota returns to the queue.
-        for (pod_name, _) in pods.iter().filter(|(_, p)| beyond(*p, desired)) {
-            self.delete::<Pod>(pod_name).await?;
-        }
-        for (wl_name, _) in workloads.iter().filter(|(_, w)| beyond(*w, desired)) {
-            self.delete::<Workload>(wl_name).await?;
-        }
-        let (conditions, ready) = status::workers(desired, queue.is_some(), &replicas);
-        self.update_status(conditions, desired, ready).await?;
-        Ok(Action::requeue(RESYNC))
     }
 
     /// The value of PriorityClass `class`, or None when there is no such class.
@@ -239,114 +260,6 @@ impl<'a> Reconciler<'a> {
         Ok(())
     }
 
-    /// Keeps replica `want`'s Workload as built, and reads where it stands with Kueue.
-    async fn sync_workload(
-        &self,
-        want: Workload,
-        current: Option<&Workload>,
-        pod: Option<&Pod>,
-    ) -> Result<Admission, Error> {
-        let name = want.name_any();
-        let Some(current) = current.filter(|c| built_hash(*c) == built_hash(&want)) else {
-            // Kueue refuses changes to the pod sets of an admitted Workload: a changed
-            // template is a new Workload, queued again.
-            if current.is_some() {
-                if pod.is_some() {
-                    self.delete::<Pod>(&name).await?;
-                }
-                self.delete::<Workload>(&name).await?;
-            }
-            self.create(&want).await?;
-            return Ok(Admission::Waiting(
-                "the Workload was just created; Kueue has not looked at it yet".to_owned(),
-            ));
-        };
-        let admission = kueue::admission_state(current);
-        match &admission {
-            Admission::Evicted { .. } => {
-                // Kueue's protocol: stop the pods, then give the admission back so the
-                // workload that evicted this one gets the quota.
-                if pod.is_some() {
-                    self.delete::<Pod>(&name).await?;
-                } else if current
-                    .status
-                    .as_ref()
-                    .is_some_and(|s| s.admission.is_some())
-                {
-                    self.patch_workload_status(
-                        current,
-                        kueue::release_admission(current, Timestamp::now()),
-                    )
-                    .await?;
-                }
-            }
-            Admission::Admitted => {
-                let ready = pod.is_some_and(|p| pool_contract::pod_health(p).ready);
-                if kueue::pods_ready(current) != Some(ready) {
-                    self.patch_workload_status(
-                        current,
-                        kueue::report_pods_ready(current, ready, Timestamp::now()),
-                    )
-                    .await?;
-                }
-            }
-            Admission::Waiting(_) | Admission::Direct => {
-                if pod.is_some() {
-                    self.delete::<Pod>(&name).await?;
-                }
-            }
-        }
-        Ok(admission)
-    }
-
-    /// The admitted flavors' node labels and tolerations; `read` keeps the flavors read so
-    /// far in this reconcile.
-    async fn placement(
-        &self,
-        workload: &Workload,
-        read: &mut BTreeMap<String, ResourceFlavor>,
-    ) -> Result<Placement, Error> {
-        let api: Api<ResourceFlavor> = Api::all(self.ctx.client.clone());
-        let mut placement = Placement::default();
-        for name in kueue::admitted_flavors(workload) {
-            if !read.contains_key(&name) {
-                let found =
-                    api.get(&name)
-                        .await
-                        .map_err(api_error("get", "ResourceFlavor", &name))?;
-                read.insert(name.clone(), found);
-            }
-            kueue::add_flavor(&mut placement, &read[&name]);
-        }
-        Ok(placement)
-    }
-
-    /// Creates replica `want`'s pod if it is missing, or deletes it to be created again
-    /// when its spec changed (pod specs are immutable). Returns how the pod is doing.
-    async fn sync_pod(
-        &self,
-        want: Pod,
-        current: Option<&Pod>,
-    ) -> Result<Option<pool_contract::PodHealth>, Error> {
-        let name = want.name_any();
-        match current {
-            Some(pod) if built_hash(pod) == built_hash(&want) => {
-                Ok(Some(pool_contract::pod_health(pod)))
-            }
-            Some(_) => {
-                self.delete::<Pod>(&name).await?;
-                Ok(None)
-            }
-            None => {
-                self.create(&want).await?;
-                Ok(Some(pool_contract::PodHealth {
-                    ready: false,
-                    failure: None,
-                }))
-            }
-        }
-    }
-
     async fn create<K: Child>(&self, object: &K) -> Result<(), Error> {
         create(&self.api::<K>(), object).await?;
         Ok(())
@@ -354,25 +267,6 @@ impl<'a> Reconciler<'a> {
 
     async fn delete<K: Child>(&self, name: &str) -> Result<(), Error> {
         delete(&self.api::<K>(), name).await?;
-        Ok(())
-    }
-
-    async fn patch_workload_status(
-        &self,
-        current: &Workload,
-        status: serde_json::Value,
-    ) -> Result<(), Error> {
-        let name = current.name_any();
-        // A merge patch replaces the conditions list whole; the resourceVersion makes the
-        // API server refuse it if Kueue changed the Workload since it was read.
-        let patch = json!({
-            "metadata": {"resourceVersion": current.resource_version()},
-            "status": status,
-        });
-        self.api::<Workload>()
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(api_error("patch status of", "Workload", &name))?;
         Ok(())
     }
 
@@ -406,25 +300,19 @@ impl<'a> Reconciler<'a> {
         }
         let name = self.pool.name_any();
         apply_status(&self.api::<ModelPool>(), &name, &new).await?;
-        for changed in conditions::transitions(&old.conditions, &new.conditions) {
-            self.publish(changed).await;
-        }
+        let reference = self.pool.object_ref(&());
+        conditions::announce(
+            &self.ctx.recorder,
+            &reference,
+            &old.conditions,
+            &new.conditions,
+            &desired,
+        )
+        .await;
         self.ctx
             .metrics
             .pool_conditions(&self.namespace, &name, &new.conditions);
         Ok(())
-    }
-
-    async fn publish(&self, condition: &Condition) {
-        let bad = (condition.type_ == status::DEGRADED && condition.status == "True")
-            || (condition.type_ == pool_contract::AVAILABLE && condition.status == "False");
-        conditions::publish(
-            &self.ctx.recorder,
-            &self.pool.object_ref(&()),
-            condition,
-            bad,
-        )
-        .await;
     }
 }
 
@@ -440,49 +328,36 @@ pub fn pools_naming<'a>(
         .map(|pool| ObjectRef::from_obj(pool.as_ref()))
 }
 
-/// A child whose replica label is at or past `replicas`.
-fn beyond<K: Resource>(child: &K, replicas: i32) -> bool {
-    child
-        .meta()
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(build::REPLICA_LABEL))
-        .and_then(|i| i.parse::<i32>().ok())
-        .is_some_and(|index| index >= replicas)
+/// Why an external pool's endpoint cannot serve its jobs.
+#[derive(Debug, Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Unreachable(#[from] endpoint::ModelsError),
+    #[error("{url} does not serve {model} (it serves: {}): fix spec.external.model", served_list(.served))]
+    NotServed {
+        url: String,
+        model: String,
+        served: Vec<String>,
+    },
+}
+
+fn served_list(served: &[String]) -> String {
+    if served.is_empty() {
+        "nothing".to_owned()
+    } else {
+        served.join(", ")
+    }
 }
 
 /// Asks an OpenAI-compatible endpoint whether it serves `model`.
-async fn probe(http: &reqwest::Client, url: &str, model: &str) -> Result<(), String> {
-    let models_url = format!("{}/models", url.trim_end_matches('/'));
-    let response = http
-        .get(&models_url)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .map_err(|err| format!("GET {models_url}: {err}"))?;
-    if !response.status().is_success() {
-        return Err(format!("GET {models_url}: HTTP {}", response.status()));
+async fn probe(http: &reqwest::Client, url: &str, model: &str) -> Result<(), ProbeError> {
+    let served = endpoint::served_models(http, url, PROBE_TIMEOUT).await?;
+    if served.iter().any(|m| m == model) {
+        return Ok(());
     }
-    let body: serde_json::Value = response
-        .json()
-        .await
-        .map_err(|err| format!("GET {models_url}: not an OpenAI model list: {err}"))?;
-    let served: Vec<&str> = body["data"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|m| m["id"].as_str())
-        .collect();
-    if served.contains(&model) {
-        Ok(())
-    } else {
-        Err(format!(
-            "{url} does not serve {model} (it serves: {}): fix spec.external.model",
-            if served.is_empty() {
-                "nothing".to_owned()
-            } else {
-                served.join(", ")
-            }
-        ))
-    }
+    Err(ProbeError::NotServed {
+        url: url.to_owned(),
+        model: model.to_owned(),
+        served,
+    })
 }

@@ -1,12 +1,35 @@
 //! What a ModelPool's status says, decided from what its children report. Pure.
 
+use super::ProbeError;
 use crate::conditions::Desired;
 use crate::kueue::Admission;
 use crate::pool_contract::{AVAILABLE, PodHealth};
+use crate::telemetry;
 
 pub const ADMITTED: &str = "Admitted";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+
+/// The reasons of the conditions, as `kubectl describe` and Events show them.
+pub mod reason {
+    pub const ADMITTED: &str = "Admitted";
+    pub const AS_EXPECTED: &str = "AsExpected";
+    pub const ENDPOINT_SERVES_MODEL: &str = "EndpointServesModel";
+    pub const ENDPOINT_UNAVAILABLE: &str = "EndpointUnavailable";
+    pub const EVICTED: &str = "Evicted";
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const KUEUE_NOT_INSTALLED: &str = "KueueNotInstalled";
+    pub const MINIMUM_REPLICAS_AVAILABLE: &str = "MinimumReplicasAvailable";
+    pub const NO_QUEUE: &str = "NoQueue";
+    pub const NO_READY_REPLICAS: &str = "NoReadyReplicas";
+    pub const POD_FAILING: &str = "PodFailing";
+    pub const PRIORITY_CLASS_NOT_FOUND: &str = "PriorityClassNotFound";
+    pub const REPLICAS_READY: &str = "ReplicasReady";
+    pub const REPLICAS_STARTING: &str = "ReplicasStarting";
+    pub const SCALED_TO_ZERO: &str = "ScaledToZero";
+    pub const WAITING_FOR_ADMISSION: &str = "WaitingForAdmission";
+    pub const WAITING_FOR_QUOTA: &str = "WaitingForQuota";
+}
 
 /// One replica: its admission and its pod.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,13 +58,16 @@ pub fn workers(desired: i32, queued: bool, replicas: &[Replica]) -> (Vec<Desired
         Desired::new(
             ADMITTED,
             true,
-            "NoQueue",
+            reason::NO_QUEUE,
             "spec.queueName is not set: worker pods are created directly, without Kueue",
         )
     } else if let Some(first) = waiting.first() {
         let (reason, why) = match &first.admission {
-            Admission::Evicted { reason, message } => ("Evicted", format!("{reason}: {message}")),
-            Admission::Waiting(message) => ("WaitingForQuota", message.clone()),
+            Admission::Evicted {
+                reason: kueue_reason,
+                message,
+            } => (reason::EVICTED, format!("{kueue_reason}: {message}")),
+            Admission::Waiting(message) => (reason::WAITING_FOR_QUOTA, message.clone()),
             _ => unreachable!("filtered above"),
         };
         Desired::new(
@@ -58,7 +84,7 @@ pub fn workers(desired: i32, queued: bool, replicas: &[Replica]) -> (Vec<Desired
         Desired::new(
             ADMITTED,
             true,
-            "Admitted",
+            reason::ADMITTED,
             format!("Kueue admitted all {desired} replicas"),
         )
     };
@@ -66,38 +92,45 @@ pub fn workers(desired: i32, queued: bool, replicas: &[Replica]) -> (Vec<Desired
         Desired::new(
             AVAILABLE,
             true,
-            "MinimumReplicasAvailable",
+            reason::MINIMUM_REPLICAS_AVAILABLE,
             format!("{ready} of {desired} workers ready"),
         )
     } else if desired == 0 {
-        Desired::new(AVAILABLE, false, "ScaledToZero", "spec.replicas is 0")
+        Desired::new(
+            AVAILABLE,
+            false,
+            reason::SCALED_TO_ZERO,
+            "spec.replicas is 0",
+        )
+        .warning()
     } else {
         Desired::new(
             AVAILABLE,
             false,
-            "NoReadyReplicas",
+            reason::NO_READY_REPLICAS,
             format!("0 of {desired} workers ready"),
         )
+        .warning()
     };
     let progressing = if ready == desired {
         Desired::new(
             PROGRESSING,
             false,
-            "ReplicasReady",
+            reason::REPLICAS_READY,
             format!("{ready} of {desired} workers ready"),
         )
     } else if !waiting.is_empty() {
         Desired::new(
             PROGRESSING,
             true,
-            "WaitingForAdmission",
+            reason::WAITING_FOR_ADMISSION,
             format!("{} replicas wait for Kueue", waiting.len()),
         )
     } else {
         Desired::new(
             PROGRESSING,
             true,
-            "ReplicasStarting",
+            reason::REPLICAS_STARTING,
             format!("{ready} of {desired} workers ready"),
         )
     };
@@ -106,9 +139,9 @@ pub fn workers(desired: i32, queued: bool, replicas: &[Replica]) -> (Vec<Desired
         .filter_map(|r| r.pod.as_ref()?.failure.as_deref())
         .collect();
     let degraded = if failures.is_empty() {
-        Desired::new(DEGRADED, false, "AsExpected", "no worker is failing")
+        Desired::new(DEGRADED, false, reason::AS_EXPECTED, "no worker is failing")
     } else {
-        Desired::new(DEGRADED, true, "PodFailing", failures.join("; "))
+        Desired::new(DEGRADED, true, reason::POD_FAILING, failures.join("; ")).warning()
     };
     (vec![admitted, available, progressing, degraded], ready)
 }
@@ -116,7 +149,7 @@ pub fn workers(desired: i32, queued: bool, replicas: &[Replica]) -> (Vec<Desired
 /// The conditions of a pool whose queue names Kueue on a cluster without it.
 pub fn kueue_missing(queue: &str) -> Vec<Desired> {
     not_admissible(
-        "KueueNotInstalled",
+        reason::KUEUE_NOT_INSTALLED,
         format!(
             "spec.queueName {queue} needs Kueue (workloads.kueue.x-k8s.io), which this cluster does not serve: install Kueue or remove spec.queueName"
         ),
@@ -128,7 +161,7 @@ pub fn kueue_missing(queue: &str) -> Vec<Desired> {
 /// server refuses its pods and Kueue its Workloads until the class exists.
 pub fn priority_class_missing(class: &str) -> Vec<Desired> {
     not_admissible(
-        "PriorityClassNotFound",
+        reason::PRIORITY_CLASS_NOT_FOUND,
         format!(
             "spec.priorityClassName {class} names no PriorityClass (scheduling.k8s.io/v1): create it, or set spec.priorityClassName to one that exists"
         ),
@@ -143,47 +176,56 @@ fn not_admissible(reason: &'static str, why: String, waiting: impl Into<String>)
         Desired::new(
             AVAILABLE,
             false,
-            "NoReadyReplicas",
+            reason::NO_READY_REPLICAS,
             "no worker runs until it can be admitted",
-        ),
+        )
+        .warning(),
         Desired::new(PROGRESSING, false, reason, waiting),
-        Desired::new(DEGRADED, false, "AsExpected", "no worker is failing"),
+        Desired::new(DEGRADED, false, reason::AS_EXPECTED, "no worker is failing"),
     ]
 }
 
 /// The conditions of a pool whose spec cannot run: it waits for an edit.
 pub fn invalid(message: String) -> Vec<Desired> {
     vec![
-        Desired::new(AVAILABLE, false, "InvalidSpec", message.clone()),
+        Desired::new(AVAILABLE, false, reason::INVALID_SPEC, message.clone()).warning(),
         Desired::new(
             PROGRESSING,
             false,
-            "InvalidSpec",
+            reason::INVALID_SPEC,
             "waiting for the spec to be fixed",
         ),
-        Desired::new(DEGRADED, true, "InvalidSpec", message),
+        Desired::new(DEGRADED, true, reason::INVALID_SPEC, message).warning(),
     ]
 }
 
-/// The conditions of an external pool from its last probe.
-pub fn external(url: &str, model: &str, probe: Result<(), String>) -> Vec<Desired> {
-    let admitted = Desired::new(ADMITTED, true, "NoQueue", "an external pool runs no pods");
-    match probe {
-        Ok(()) => vec![
+/// The conditions of an external pool from its last probe, and why it failed if it did.
+pub fn external(url: &str, model: &str, failed: Option<&ProbeError>) -> Vec<Desired> {
+    let admitted = Desired::new(
+        ADMITTED,
+        true,
+        reason::NO_QUEUE,
+        "an external pool runs no pods",
+    );
+    match failed {
+        None => vec![
             admitted,
             Desired::new(
                 AVAILABLE,
                 true,
-                "EndpointServesModel",
+                reason::ENDPOINT_SERVES_MODEL,
                 format!("{url} serves {model}"),
             ),
-            Desired::new(DEGRADED, false, "AsExpected", "the endpoint answers"),
+            Desired::new(DEGRADED, false, reason::AS_EXPECTED, "the endpoint answers"),
         ],
-        Err(why) => vec![
-            admitted,
-            Desired::new(AVAILABLE, false, "EndpointUnavailable", why.clone()),
-            Desired::new(DEGRADED, true, "EndpointUnavailable", why),
-        ],
+        Some(err) => {
+            let why = telemetry::chain(err);
+            vec![
+                admitted,
+                Desired::new(AVAILABLE, false, reason::ENDPOINT_UNAVAILABLE, why.clone()).warning(),
+                Desired::new(DEGRADED, true, reason::ENDPOINT_UNAVAILABLE, why).warning(),
+            ]
+        }
     }
 }
 
@@ -266,5 +308,25 @@ mod tests {
         assert_eq!(find(&conditions, ADMITTED).reason, "NoQueue");
         assert!(!find(&conditions, PROGRESSING).status);
         assert!(!find(&conditions, DEGRADED).status);
+    }
+
+    #[test]
+    fn an_unavailable_or_degraded_pool_is_announced_as_a_warning() {
+        use crate::conditions::Notice;
+        let healthy = [replica("p-0", Admission::Direct, Some(true))];
+        let (conditions, _) = workers(1, false, &healthy);
+        assert!(conditions.iter().all(|c| c.notice == Notice::Normal));
+        let failing = [Replica {
+            name: "p-0".to_owned(),
+            admission: Admission::Direct,
+            pod: Some(PodHealth {
+                ready: false,
+                failure: Some("p-0: CrashLoopBackOff".to_owned()),
+            }),
+        }];
+        let (conditions, _) = workers(1, false, &failing);
+        assert_eq!(find(&conditions, AVAILABLE).notice, Notice::Warning);
+        assert_eq!(find(&conditions, DEGRADED).notice, Notice::Warning);
+        assert_eq!(find(&conditions, PROGRESSING).notice, Notice::Normal);
     }
 }

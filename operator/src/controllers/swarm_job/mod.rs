@@ -10,10 +10,10 @@
 
 pub mod build;
 mod engine;
-pub mod pools;
-pub mod progress;
-pub mod runs;
-pub mod status;
+pub(crate) mod pools;
+pub(crate) mod progress;
+pub(crate) mod runs;
+pub(crate) mod status;
 pub mod store;
 
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -481,28 +481,16 @@ impl<'a> Reconciler<'a> {
             return Ok(new);
         }
         apply_status(&self.api::<SwarmJob>(), &self.job.name_any(), &new).await?;
-        for changed in conditions::transitions(&old.conditions, &new.conditions) {
-            self.publish(changed).await;
-        }
-        Ok(new)
-    }
-
-    async fn publish(&self, condition: &Condition) {
-        // A phase the job has not reached is no news.
-        if condition.reason == "Pending" {
-            return;
-        }
-        let bad = (condition.type_ == status::FAILED && condition.status == "True")
-            || (condition.type_ == status::ADMITTED
-                && condition.status == "False"
-                && condition.reason != "Suspended");
-        conditions::publish(
+        let reference = self.job.object_ref(&());
+        conditions::announce(
             &self.ctx.recorder,
-            &self.job.object_ref(&()),
-            condition,
-            bad,
+            &reference,
+            &old.conditions,
+            &new.conditions,
+            &desired,
         )
         .await;
+        Ok(new)
     }
 }
 

@@ -5,6 +5,7 @@
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
+use super::status::reason;
 use crate::api::{ModelPool, SwarmJob};
 use crate::pool_contract;
 use crate::swarm::pool::Server;
@@ -59,14 +60,14 @@ pub fn endpoints(
     let namespace = job.namespace().unwrap_or_default();
     let object = pool_object_name(job, name);
     let pool = pools.iter().find(|p| p.name_any() == object).ok_or_else(|| Waiting {
-        reason: "PoolNotFound",
+        reason: reason::POOL_NOT_FOUND,
         message: format!(
             "the job calls pool {name}, and namespace {namespace} has no ModelPool {object}: create it, or fix the pool name in the job"
         ),
     })?;
     let available = pool_contract::available(pool);
     let unavailable = |detail: String| Waiting {
-        reason: "PoolUnavailable",
+        reason: reason::POOL_UNAVAILABLE,
         message: format!("ModelPool {object} is not available: {detail}"),
     };
     if let Some(external) = &pool.spec.external {

@@ -1,7 +1,7 @@
 //! A SwarmJob's conditions, from where it waits and how far it got. Pure.
 
 use crate::api::{AggregationStrategy, SwarmJobSpec, VerificationMode};
-use crate::conditions::Desired;
+use crate::conditions::{Desired, Notice};
 use crate::swarm::Failure;
 use crate::swarm::record::JobResult;
 
@@ -15,6 +15,27 @@ pub const VERIFIED: &str = "Verified";
 pub const AGGREGATED: &str = "Aggregated";
 pub const COMPLETE: &str = "Complete";
 pub const FAILED: &str = "Failed";
+
+/// The reasons of the conditions, as `kubectl describe` and Events show them. A
+/// `Failed` condition's reason is the engine's `swarm::Reason`.
+pub mod reason {
+    pub const AGGREGATED: &str = "Aggregated";
+    pub const CHECKS_ONLY: &str = "ChecksOnly";
+    pub const IN_PROGRESS: &str = "InProgress";
+    pub const NOT_SPLIT: &str = "NotSplit";
+    pub const OUTPUTS_RECEIVED: &str = "OutputsReceived";
+    pub const PENDING: &str = "Pending";
+    pub const PLANNED: &str = "Planned";
+    pub const PLANNING: &str = "Planning";
+    pub const POOL_NOT_FOUND: &str = "PoolNotFound";
+    pub const POOL_UNAVAILABLE: &str = "PoolUnavailable";
+    pub const POOLS_READY: &str = "PoolsReady";
+    pub const STOPPED: &str = "Stopped";
+    pub const SUBTASKS_GIVEN: &str = "SubtasksGiven";
+    pub const SUCCEEDED: &str = "Succeeded";
+    pub const SUSPENDED: &str = "Suspended";
+    pub const VERIFIED: &str = "Verified";
+}
 
 /// Why a job may or may not call its pools now.
 pub enum Admission<'a> {
@@ -31,19 +52,19 @@ pub fn admitted(admission: Admission<'_>) -> Desired {
         Admission::Ready { pools } => Desired::new(
             ADMITTED,
             true,
-            "PoolsReady",
+            reason::POOLS_READY,
             format!(
                 "every pool the job calls has a ready endpoint: {}",
                 pools.join(", ")
             ),
         ),
         Admission::Waiting(waiting) => {
-            Desired::new(ADMITTED, false, waiting.reason, waiting.message.clone())
+            Desired::new(ADMITTED, false, waiting.reason, waiting.message.clone()).warning()
         }
         Admission::Suspended => Desired::new(
             ADMITTED,
             false,
-            "Suspended",
+            reason::SUSPENDED,
             "spec.suspend is true: no new model call starts and the job's own pools are released; set it to false to resume",
         ),
     }
@@ -64,26 +85,26 @@ pub fn phases(
             (Some(_), _) => Desired::new(
                 PLANNED,
                 true,
-                "SubtasksGiven",
+                reason::SUBTASKS_GIVEN,
                 format!("{count} subtasks from spec.subtasks"),
             ),
             (None, Some(planner)) => Desired::new(
                 PLANNED,
                 true,
-                "Planned",
+                reason::PLANNED,
                 format!("pool {} split the task into {count} subtasks", planner.pool),
             ),
             (None, None) => Desired::new(
                 PLANNED,
                 true,
-                "NotSplit",
+                reason::NOT_SPLIT,
                 format!("all {count} subagents work on the task as given"),
             ),
         },
         None if started && spec.planner.is_some() => Desired::new(
             PLANNED,
             false,
-            "Planning",
+            reason::PLANNING,
             "the planner is splitting the task",
         ),
         None => pending(PLANNED, "waiting for the job's pools"),
@@ -95,7 +116,7 @@ pub fn phases(
         Desired::new(
             FAN_OUT_COMPLETE,
             true,
-            "OutputsReceived",
+            reason::OUTPUTS_RECEIVED,
             match failed {
                 0 => format!("all {n} subagents produced an output"),
                 _ => format!(
@@ -108,7 +129,7 @@ pub fn phases(
         Desired::new(
             FAN_OUT_COMPLETE,
             false,
-            "InProgress",
+            reason::IN_PROGRESS,
             format!("{outputs} of {n} subagents have an output"),
         )
     } else {
@@ -119,7 +140,11 @@ pub fn phases(
     let passed = state.passed();
     let gate = spec.verification.mode == VerificationMode::Adversarial;
     out.push(if state.planned.is_some() && finished >= n {
-        let reason = if gate { "Verified" } else { "ChecksOnly" };
+        let reason = if gate {
+            reason::VERIFIED
+        } else {
+            reason::CHECKS_ONLY
+        };
         Desired::new(
             VERIFIED,
             true,
@@ -130,7 +155,7 @@ pub fn phases(
         Desired::new(
             VERIFIED,
             false,
-            "InProgress",
+            reason::IN_PROGRESS,
             format!("{finished} of {n} outputs verified, {passed} passed"),
         )
     } else {
@@ -141,7 +166,7 @@ pub fn phases(
         Some(Ok(result)) => Desired::new(
             AGGREGATED,
             true,
-            "Aggregated",
+            reason::AGGREGATED,
             format!(
                 "{} over {} outputs",
                 strategy_name(result.strategy),
@@ -151,7 +176,7 @@ pub fn phases(
         _ if state.aggregating => Desired::new(
             AGGREGATED,
             false,
-            "InProgress",
+            reason::IN_PROGRESS,
             format!(
                 "{} over {passed} outputs",
                 strategy_name(spec.aggregation.strategy)
@@ -164,31 +189,36 @@ pub fn phases(
         Some(Ok(_)) => out.push(Desired::new(
             COMPLETE,
             true,
-            "Succeeded",
+            reason::SUCCEEDED,
             "the result is in the ConfigMap named by status.result",
         )),
         Some(Err(failure)) => {
             // Phases the job never finished say so rather than look as if they go on.
             for phase in out.iter_mut().filter(|d| !d.status) {
-                phase.reason = "Stopped";
+                phase.reason = reason::STOPPED;
+                phase.notice = Notice::Normal;
                 phase.message =
                     "the job failed before this phase finished: see the Failed condition"
                         .to_owned();
             }
-            out.push(Desired::new(
-                FAILED,
-                true,
-                failure.reason.as_str(),
-                failure.message.clone(),
-            ));
+            out.push(
+                Desired::new(
+                    FAILED,
+                    true,
+                    failure.reason.as_str(),
+                    failure.message.clone(),
+                )
+                .warning(),
+            );
         }
         None => {}
     }
     out
 }
 
+/// A phase the job has not reached: no news, so no Event.
 fn pending(type_: &'static str, message: &str) -> Desired {
-    Desired::new(type_, false, "Pending", message)
+    Desired::new(type_, false, reason::PENDING, message).silent()
 }
 
 fn strategy_name(strategy: AggregationStrategy) -> &'static str {
@@ -329,6 +359,42 @@ mod tests {
         assert_eq!(
             failed[4].message,
             "the job's token budget of 100 tokens is spent"
+        );
+    }
+
+    #[test]
+    fn only_news_is_announced_and_only_trouble_as_a_warning() {
+        let notices = |d: &[Desired]| d.iter().map(|d| d.notice).collect::<Vec<_>>();
+        let pending = phases(&spec(""), false, &State::default(), None);
+        assert_eq!(notices(&pending), [Notice::Silent; 4]);
+        let failure = Failure {
+            reason: Reason::PlanFailed,
+            message: "no usable plan".to_owned(),
+        };
+        let failed = phases(&spec(""), true, &State::default(), Some(&Err(failure)));
+        assert_eq!(
+            notices(&failed),
+            [
+                Notice::Normal,
+                Notice::Normal,
+                Notice::Normal,
+                Notice::Normal,
+                Notice::Warning
+            ],
+            "the phases it never finished say Stopped as news; Failed is trouble"
+        );
+        let waiting = Waiting {
+            reason: reason::POOL_UNAVAILABLE,
+            message: "no worker is ready yet".to_owned(),
+        };
+        assert_eq!(
+            admitted(Admission::Waiting(&waiting)).notice,
+            Notice::Warning
+        );
+        assert_eq!(admitted(Admission::Suspended).notice, Notice::Normal);
+        assert_eq!(
+            admitted(Admission::Ready { pools: &[] }).notice,
+            Notice::Normal
         );
     }
 

@@ -49,16 +49,14 @@ impl ResultConfigMap {
     }
 }
 
-fn failed(action: &str, name: &str, err: kube::Error) -> StoreError {
-    StoreError(format!("{action} ConfigMap {name}: {err}"))
-}
-
 impl Store for ResultConfigMap {
     async fn load(&self) -> Result<BTreeMap<String, String>, StoreError> {
         let name = self.name();
         match self.api.get_opt(&name).await {
             Ok(found) => Ok(found.and_then(|cm| cm.data).unwrap_or_default()),
-            Err(err) => Err(failed("reading", &name, err)),
+            Err(err) => Err(StoreError::backend("reading", format!("ConfigMap {name}"))(
+                err,
+            )),
         }
     }
 
@@ -86,9 +84,11 @@ impl Store for ResultConfigMap {
                     .create(&post, &first)
                     .await
                     .map(|_| ())
-                    .map_err(|err| failed("creating", &name, err))
+                    .map_err(StoreError::backend("creating", format!("ConfigMap {name}")))
             }
-            Err(err) => Err(failed("writing", &name, err)),
+            Err(err) => Err(StoreError::backend("writing", format!("ConfigMap {name}"))(
+                err,
+            )),
         }
     }
 }

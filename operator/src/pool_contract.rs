@@ -1,5 +1,5 @@
-//! What a ModelPool promises its callers: the SwarmJob controller and local mode read a
-//! pool through this module alone, never through the ModelPool controller's internals.
+//! What a ModelPool promises its callers: the SwarmJob controller reads a pool through
+//! this module alone, never through the ModelPool controller's internals.
 //!
 //! Layer: beside `kueue`, above `api` and `conditions`; it knows no controller.
 //!

@@ -167,15 +167,14 @@ pub(crate) fn typed<K: kube::Resource<DynamicType = ()> + serde::Serialize>(
     value
 }
 
-/// Applies `want` unless `current` was built from the same thing (same hash). Returns
-/// whether it wrote.
+/// Applies `want` unless `current` was built from the same thing (same hash).
 pub(crate) async fn apply_if_changed<K: Child>(
     api: &Api<K>,
     current: Option<&K>,
     want: &K,
-) -> Result<bool, ApiError> {
+) -> Result<(), ApiError> {
     if current.and_then(built_hash) == built_hash(want) {
-        return Ok(false);
+        return Ok(());
     }
     let name = kube::ResourceExt::name_any(want);
     api.patch(
@@ -185,5 +184,5 @@ pub(crate) async fn apply_if_changed<K: Child>(
     )
     .await
     .map_err(api_error("apply", K::kind(&()), &name))?;
-    Ok(true)
+    Ok(())
 }

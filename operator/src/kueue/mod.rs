@@ -40,7 +40,7 @@ pub struct Placement {
 /// Where one replica stands with Kueue.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Admission {
-    /// No queue: the pod is created directly.
+    /// The pool names no queue: Kueue is not involved and the pod is created directly.
     Direct,
     /// The Workload waits; Kueue's message says for what.
     Waiting(String),

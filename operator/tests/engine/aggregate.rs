@@ -1,0 +1,46 @@
+//! The aggregate step: a vote over the outputs, and the best by the gate's score.
+
+use super::*;
+
+#[tokio::test]
+async fn vote_and_best_of_choose_by_majority_and_score() {
+    let answers = ["Paris", "paris.", "Lyon"];
+    let workers = Mock::start("m", move |_, n| text(answers[n % 3])).await;
+    let gate = Mock::start("m", |body, _| {
+        let score = if part(body).contains("Lyon") { 95 } else { 60 };
+        verdict(true, score, &[])
+    })
+    .await;
+    let base = r#"
+task: Capital of France?
+fanOut: {pool: workers, subagents: 3, maxConcurrency: 1}
+verification: {mode: adversarial, pool: gate}
+"#;
+    let pools = pools(&[
+        ("workers", vec![workers.url.clone()]),
+        ("gate", vec![gate.url.clone()]),
+    ]);
+    let (voted, answer) = run_job(
+        &spec(&format!("{base}aggregation: {{strategy: vote}}")),
+        &pools,
+        &Memory::default(),
+    )
+    .await
+    .result
+    .unwrap();
+    assert_eq!(answer, "Paris");
+    let votes = voted.votes.unwrap();
+    assert_eq!((votes.winner, votes.votes, votes.of), (0, 2, 3));
+    let (best, answer) = run_job(
+        &spec(&format!("{base}aggregation: {{strategy: bestOf}}")),
+        &pools,
+        &Memory::default(),
+    )
+    .await
+    .result
+    .unwrap();
+    assert_eq!(
+        (best.chosen.as_slice(), answer.as_str()),
+        ([2].as_slice(), "Lyon")
+    );
+}

@@ -1,0 +1,138 @@
+//! The records of a run: resuming without repeating a finished subagent, and a result
+//! that would outgrow a ConfigMap.
+
+use super::*;
+
+#[tokio::test]
+async fn a_resumed_run_never_repeats_or_recounts_a_finished_subagent() {
+    let workers = Mock::start("m", |body, _| text(part(body))).await;
+    let job = spec(
+        &FOUR
+            .replace("{mode: adversarial, pool: gate}", "{mode: none}")
+            .replace("synthesize", "collect"),
+    );
+    // A run that stopped after two subagents finished and one had its output.
+    let store = Memory::default();
+    let finished = |index: usize, output: &str, stage: Stage| SubagentRecord {
+        index,
+        stage,
+        subtask: None,
+        output: output.to_owned(),
+        prompt_tokens: 100,
+        completion_tokens: 50,
+        attempts: 1,
+        verdict: (stage == Stage::Finished).then(|| VerdictRecord {
+            pass: true,
+            score: None,
+            issues: vec![],
+        }),
+        repaired: false,
+        error: None,
+    };
+    let earlier = BTreeMap::from([(
+        "workers".to_owned(),
+        Usage {
+            calls: 3,
+            prompt_tokens: 300,
+            completion_tokens: 150,
+        },
+    )]);
+    store
+        .save(vec![
+            (
+                record::subagent_key(0),
+                record::encode(&finished(0, "RED from before", Stage::Finished)),
+            ),
+            (
+                record::subagent_key(2),
+                record::encode(&finished(2, "BLUE from before", Stage::Finished)),
+            ),
+            (
+                record::subagent_key(3),
+                record::encode(&finished(3, "BLACK from before", Stage::Generated)),
+            ),
+            (record::USAGE.to_owned(), record::encode(&earlier)),
+        ])
+        .await
+        .unwrap();
+    let (outcome, log) = run_logged(
+        &job,
+        &pools(&[("workers", vec![workers.url.clone()])]),
+        &store,
+        fast(),
+    )
+    .await;
+    assert_eq!(
+        workers.requests().iter().map(part).collect::<Vec<_>>(),
+        ["green"]
+    );
+    assert_eq!(
+        log[..4],
+        [
+            "planned 4",
+            "finished 0 passed=true",
+            "finished 2 passed=true",
+            "generated 3"
+        ],
+        "what was recorded before is reported first, so a status can count it"
+    );
+    let records = &outcome.checkpoint.subagents;
+    assert_eq!(records[&0].output, "RED from before");
+    assert_eq!(
+        records[&3].output, "BLACK from before",
+        "a recorded output is verified, not regenerated"
+    );
+    assert_eq!(records[&3].stage, Stage::Finished);
+    assert_eq!(
+        outcome.checkpoint.usage["workers"],
+        Usage {
+            calls: 4,
+            prompt_tokens: 310,
+            completion_tokens: 155
+        }
+    );
+    assert_eq!(outcome.result.unwrap().0.chosen, [0, 1, 2, 3]);
+    // A finished job run again makes no call at all.
+    let again = run_job(
+        &job,
+        &pools(&[("workers", vec![workers.url.clone()])]),
+        &store,
+    )
+    .await;
+    assert_eq!(workers.count(), 1);
+    assert_eq!(
+        again.result.unwrap().1,
+        store.0.lock().unwrap()[record::ANSWER]
+    );
+}
+
+#[tokio::test]
+async fn a_result_too_large_for_a_configmap_is_refused_not_truncated() {
+    let workers = Mock::start("m", |_, _| text("x".repeat(4000))).await;
+    let job = spec(
+        &FOUR
+            .replace("{mode: adversarial, pool: gate}", "{mode: none}")
+            .replace("synthesize", "collect"),
+    );
+    let options = Options {
+        max_result_bytes: 10_000,
+        ..fast()
+    };
+    let outcome = run_with(
+        &job,
+        &pools(&[("workers", vec![workers.url.clone()])]),
+        &Memory::default(),
+        options,
+    )
+    .await;
+    let failure = outcome.result.unwrap_err();
+    assert_eq!(failure.reason, Reason::ResultTooLarge);
+    assert!(
+        failure.message.contains("over the 10000 a ConfigMap holds"),
+        "{}",
+        failure.message
+    );
+    for record in outcome.checkpoint.subagents.values() {
+        assert_eq!(record.output.len(), 4000, "kept whole");
+    }
+}

@@ -1,0 +1,100 @@
+//! The subagent step: a repair round after a failed check, decoding under a grammar.
+
+use super::*;
+
+#[tokio::test]
+async fn a_failed_check_gets_one_repair_with_the_critique() {
+    let workers = Mock::start("m", |body, _| {
+        let messages = body["messages"].as_array().unwrap();
+        if messages.len() > 1 {
+            text(r#"{"colour": "red"}"#)
+        } else {
+            text("red, I think")
+        }
+    })
+    .await;
+    let job = spec(
+        r#"
+task: Name a colour as JSON.
+fanOut: {pool: workers, subagents: 1}
+verification: {mode: none, repairRounds: 1, checks: [{type: json}]}
+aggregation: {strategy: collect}
+"#,
+    );
+    let outcome = run_job(
+        &job,
+        &pools(&[("workers", vec![workers.url.clone()])]),
+        &Memory::default(),
+    )
+    .await;
+    let record = &outcome.checkpoint.subagents[&0];
+    assert!(record.passed() && record.repaired);
+    assert_eq!(record.output, r#"{"colour": "red"}"#);
+    assert_eq!(record.attempts, 2);
+    let repair = &workers.requests()[1];
+    // The task, the first answer, the critique: the conversation goes on.
+    assert_eq!(repair["messages"][0]["content"], "Name a colour as JSON.");
+    assert_eq!(repair["messages"][1]["role"], "assistant");
+    assert_eq!(repair["messages"][1]["content"], "red, I think");
+    assert!(
+        part(repair).contains("the output is not valid JSON"),
+        "{repair}"
+    );
+}
+
+#[tokio::test]
+async fn format_checks_constrain_decoding_on_workers_and_not_on_other_servers() {
+    let svg = "<svg xmlns=\"http://www.w3.org/2000/svg\"><rect width=\"4\" height=\"3\"/></svg>";
+    let job = spec(
+        &FOUR
+            .replace(
+                "{mode: adversarial, pool: gate}",
+                "{mode: adversarial, pool: gate, checks: [{type: svg}]}",
+            )
+            .replace("synthesize", "collect"),
+    );
+    for server in [Server::Worker, Server::OpenAi] {
+        let workers = Mock::start("m", move |_, _| text(svg)).await;
+        let gate = Mock::start("m", happy).await;
+        let http = reqwest::Client::new();
+        let pools = BTreeMap::from([
+            (
+                "workers".to_owned(),
+                Arc::new(Pool::new(
+                    "workers",
+                    "m",
+                    server,
+                    std::slice::from_ref(&workers.url),
+                    http.clone(),
+                )),
+            ),
+            (
+                "gate".to_owned(),
+                Arc::new(Pool::new(
+                    "gate",
+                    "m",
+                    server,
+                    std::slice::from_ref(&gate.url),
+                    http,
+                )),
+            ),
+        ]);
+        let outcome = run_job(&job, &pools, &Memory::default()).await;
+        assert_eq!(outcome.result.unwrap().0.chosen, [0, 1, 2, 3]);
+        for request in workers.requests() {
+            match server {
+                Server::Worker => {
+                    assert_eq!(request["grammar"]["type"], "lark", "{request}");
+                    let grammar = request["grammar"]["value"].as_str().unwrap();
+                    assert!(grammar.starts_with("start: svg"), "{grammar}");
+                }
+                Server::OpenAi => assert!(request.get("grammar").is_none(), "{request}"),
+            }
+        }
+        // The gate's verdicts are held to their JSON schema, never to the outputs' grammar.
+        for request in gate.requests() {
+            assert!(request.get("grammar").is_none(), "{request}");
+            assert_eq!(request["response_format"]["type"], "json_schema");
+        }
+    }
+}

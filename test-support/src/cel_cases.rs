@@ -73,6 +73,7 @@ pub fn creation_cases() -> Vec<Case> {
     const GGUF_FILE: &str = "spec.model.format gguf needs the file to load";
     const SUBAGENTS: &str = "spec.fanOut.subagents must be between 1 and 100";
     const MAX_TOKENS: &str = "spec.fanOut.maxTokens must be between 1 and 32768";
+    const AGGREGATION_TOKENS: &str = "spec.aggregation.maxTokens must be between 1 and 32768";
     const DEADLINE: &str = "spec.budget.deadlineSeconds must be between 1 and 604800";
     const PATTERN: &str = "spec.verification.checks[].pattern is required for type regex";
     let external = json!({"url": "http://vllm:8000/v1", "model": "qwen"});
@@ -284,6 +285,24 @@ pub fn creation_cases() -> Vec<Case> {
             job,
             json!({"spec": {"fanOut": {"maxTokens": 40000}}}),
             Some(MAX_TOKENS),
+        ),
+        case(
+            "a synthesis limit of nothing",
+            job,
+            json!({"spec": {"aggregation": {"maxTokens": 0}}}),
+            Some(AGGREGATION_TOKENS),
+        ),
+        case(
+            "a synthesis limit past any call's",
+            job,
+            json!({"spec": {"aggregation": {"maxTokens": 40000}}}),
+            Some(AGGREGATION_TOKENS),
+        ),
+        case(
+            "a synthesis limit in range",
+            job,
+            json!({"spec": {"aggregation": {"maxTokens": 4096}}}),
+            None,
         ),
         case(
             "hot temperature",

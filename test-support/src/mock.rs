@@ -35,6 +35,8 @@ impl Store for Memory {
 pub enum Reply {
     /// 200 with this message content.
     Text(String),
+    /// 200 with this message content, cut off at the token limit (`finish_reason: length`).
+    Truncated(String),
     /// This status with an OpenAI error body (or a plain one for 5xx, as proxies send).
     Status(u16),
     /// Waits, then replies.
@@ -154,19 +156,23 @@ async fn chat(State(shared): State<Shared>, Json(body): Json<Value>) -> Response
                     (status, Json(error)).into_response()
                 };
             }
-            Reply::Text(content) => {
-                return Json(json!({
-                    "id": format!("chatcmpl-{n}"),
-                    "object": "chat.completion",
-                    "created": 1_700_000_000u32,
-                    "model": shared.model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS, "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS}
-                }))
-                .into_response();
-            }
+            Reply::Text(content) => return completion(&shared, n, content, "stop"),
+            Reply::Truncated(content) => return completion(&shared, n, content, "length"),
         }
     }
+}
+
+/// A chat completion with `content`, stopped for `finish`.
+fn completion(shared: &Shared, n: usize, content: String, finish: &str) -> Response {
+    Json(json!({
+        "id": format!("chatcmpl-{n}"),
+        "object": "chat.completion",
+        "created": 1_700_000_000u32,
+        "model": shared.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+        "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS, "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS}
+    }))
+    .into_response()
 }
 
 async fn models(State(shared): State<Shared>) -> Json<Value> {

@@ -214,12 +214,30 @@ pub struct VerificationSpec {
     #[x_kube(validation = Rule::new("self >= 0 && self <= 1").message("spec.verification.repairRounds must be 0 or 1"))]
     pub repair_rounds: i32,
 
+    /// What becomes of an output the model cut off at `fanOut.maxTokens`. `fail`: it fails
+    /// verification with the issue that it was cut off, and gets the repair round, asked
+    /// to be shorter, if the job has one. `accept`: it is checked and judged like a
+    /// finished output. Defaults to `fail`.
+    #[serde(default)]
+    pub truncated: TruncatedOutputs,
+
     /// Deterministic checks every output must pass before the gate sees it. On pools of
     /// kubeswarm workers an `svg` or `json` check also constrains decoding with a grammar,
     /// so subagents write well-formed drawings or JSON; external pools are only checked.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub checks: Vec<OutputCheck>,
+}
+
+/// What becomes of an output cut off at its token limit.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum TruncatedOutputs {
+    /// It fails verification, and gets the repair round if the job has one.
+    #[default]
+    Fail,
+    /// It is verified like a finished output.
+    Accept,
 }
 
 /// How outputs are verified.
@@ -267,7 +285,7 @@ pub enum OutputCheckType {
 }
 
 /// How the outputs that passed verification become the result.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct AggregationSpec {
     /// `synthesize`: a model merges the outputs into one answer. `vote`: the most common
@@ -287,7 +305,18 @@ pub struct AggregationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 16384))]
     pub prompt: Option<String>,
+
+    /// Most tokens the synthesis may generate, between 1 and 32768. Unset: as many as the
+    /// outputs it merges took together, at least `fanOut.maxTokens` and at most 32768. An
+    /// answer cut off at this limit is reported as such (the `Aggregated` and `Complete`
+    /// reasons say `AnswerTruncated`), never as a complete one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 32768").message("spec.aggregation.maxTokens must be between 1 and 32768"))]
+    pub max_tokens: Option<i32>,
 }
+
+/// Most tokens any one call may generate; the bound of every `maxTokens`.
+pub const MAX_CALL_TOKENS: i32 = 32768;
 
 /// Aggregation strategies.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -391,6 +420,10 @@ pub struct SubagentStatus {
     /// Prompt plus completion tokens of this subagent's calls.
     #[serde(default)]
     pub tokens: i64,
+    /// Why the model stopped writing the output: `Stop` when it finished, `Length` when
+    /// it was cut off at `fanOut.maxTokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<FinishReason>,
     /// The gate's verdict on the output, once verified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<SubagentVerdict>,
@@ -411,6 +444,17 @@ pub enum SubagentState {
     Succeeded,
     /// Gave up after its retries.
     Failed,
+}
+
+/// Why a model stopped writing.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// It finished: an end of turn, a stop sequence, or the end of its grammar.
+    Stop,
+    /// It was cut off at its token limit.
+    Length,
+    /// The server stopped it for another reason (a content filter, a tool call).
+    Other,
 }
 
 /// The gate's verdict on one output.

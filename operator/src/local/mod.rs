@@ -134,6 +134,8 @@ pub async fn run(args: Args) -> Result<PathBuf, LocalError> {
     let mut job = load(&args.manifest)?;
     if let Some(cap) = args.max_tokens {
         job.spec.fan_out.max_tokens = job.spec.fan_out.max_tokens.min(cap);
+        let aggregation = &mut job.spec.aggregation.max_tokens;
+        *aggregation = Some(aggregation.map_or(cap, |limit| limit.min(cap)));
     }
     let name = job.name_any();
     let dir = args.out.join(&name);
@@ -196,6 +198,18 @@ pub async fn run(args: Args) -> Result<PathBuf, LocalError> {
     .await?;
     drop(workers);
     view.finish();
+    let cut = output::truncated_outputs(&outcome);
+    if cut > 0 {
+        view.say(&format!(
+            "{cut} of {} outputs were cut off at spec.fanOut.maxTokens",
+            outcome.checkpoint.subagents.len()
+        ));
+    }
+    if let Ok((result, _)) = &outcome.result
+        && result.truncated()
+    {
+        view.say("the answer was cut off at its token limit (spec.aggregation.maxTokens): answer.md says so");
+    }
     output::write(&dir, &job, &outcome, started.elapsed()).map_err(|e| output_error(&dir, e))?;
     match outcome.result {
         Ok(_) => Ok(dir),

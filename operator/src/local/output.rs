@@ -40,14 +40,20 @@ pub fn write(dir: &Path, job: &SwarmJob, outcome: &Outcome, took: Duration) -> s
         "seconds": took.as_secs_f64(),
         "totalTokens": total,
         "pools": usage,
+        "truncatedOutputs": truncated_outputs(outcome),
         "result": match &outcome.result {
+            Ok((result, _)) if result.truncated() => json!({"status": "Complete", "answerTruncated": true}),
             Ok(_) => json!({"status": "Complete"}),
             Err(f) => json!({"status": "Failed", "reason": f.reason.as_str(), "message": f.message}),
         },
     });
     std::fs::write(dir.join("usage.json"), record::encode(&summary))?;
     if let Ok((result, answer)) = &outcome.result {
-        std::fs::write(dir.join("answer.md"), answer)?;
+        let mut text = answer.clone();
+        if result.truncated() {
+            text.push_str(TRUNCATED_ANSWER);
+        }
+        std::fs::write(dir.join("answer.md"), text)?;
         if svg && result.strategy == AggregationStrategy::Collect {
             let passed: Vec<&SubagentRecord> = result
                 .chosen
@@ -58,6 +64,19 @@ pub fn write(dir: &Path, job: &SwarmJob, outcome: &Outcome, took: Duration) -> s
         }
     }
     Ok(())
+}
+
+/// The line under an answer the model was cut off writing.
+pub const TRUNCATED_ANSWER: &str = "\n\n> kubeswarm: this answer was cut off at its token limit and is incomplete: raise spec.aggregation.maxTokens.\n";
+
+/// How many subagents' last outputs were cut off at `fanOut.maxTokens`.
+pub fn truncated_outputs(outcome: &Outcome) -> usize {
+    outcome
+        .checkpoint
+        .subagents
+        .values()
+        .filter(|r| r.truncated())
+        .count()
 }
 
 /// A page showing every picture that passed, with its subtask and the gate's score.

@@ -8,7 +8,7 @@ use super::failure::{Fail, Failure, Reason};
 use super::record::{self, JobResult, Store, SubagentRecord};
 use super::run::Run;
 use super::{Observer, prompts};
-use crate::api::AggregationStrategy;
+use crate::api::{AggregationStrategy, MAX_CALL_TOKENS, SwarmJobSpec};
 
 impl<S: Store, O: Observer> Run<'_, '_, S, O> {
     /// The answer from the outputs that passed, by the job's strategy; recorded.
@@ -47,6 +47,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                 strategy,
                 chosen: Vec::new(),
                 votes: None,
+                finish_reason: None,
             };
             let answer = match strategy {
                 AggregationStrategy::Vote => {
@@ -80,7 +81,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                     let outputs: Vec<&str> = passing.iter().map(|r| r.output.as_str()).collect();
                     let prompt = Prompt {
                         messages: prompts::synthesize(&spec.task, spec.aggregation.prompt.as_deref(), &outputs),
-                        max_tokens: spec.fan_out.max_tokens.max(1) as u32,
+                        max_tokens: synthesis_tokens(spec, &passing),
                         temperature: 0.2,
                         schema: None,
                         grammar: None,
@@ -94,6 +95,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                             Failure::new(Reason::AggregationFailed, format!("the synthesis call failed: {err}"))
                         }
                     })?;
+                    result.finish_reason = reply.finish_reason;
                     reply.content
                 }
             };
@@ -107,6 +109,22 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
         .instrument(span)
         .await
     }
+}
+
+/// The synthesis's token limit: `aggregation.maxTokens`, else as many tokens as the
+/// outputs it merges took together, at least one subagent's limit and at most
+/// `MAX_CALL_TOKENS`. One subagent's limit alone cuts a merge of several off mid-sentence.
+fn synthesis_tokens(spec: &SwarmJobSpec, merged: &[&SubagentRecord]) -> u32 {
+    let limit = match spec.aggregation.max_tokens {
+        Some(limit) => i64::from(limit),
+        None => {
+            let written: u64 = merged.iter().map(|r| r.completion_tokens).sum();
+            i64::try_from(written)
+                .unwrap_or(i64::MAX)
+                .max(i64::from(spec.fan_out.max_tokens))
+        }
+    };
+    limit.clamp(1, i64::from(MAX_CALL_TOKENS)) as u32
 }
 
 /// An output that passed verification.

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::grammar::Grammar;
 use super::pool::{Answer, Pool, Request, Server};
 use super::{Event, Observer};
+use crate::api::FinishReason;
 
 /// Why a call did not produce an answer.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -198,6 +199,8 @@ pub struct Prompt {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
     pub content: String,
+    /// Why the model stopped, when the server said.
+    pub finish_reason: Option<FinishReason>,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     /// HTTP calls made, the successful one included.
@@ -237,11 +240,13 @@ impl Caller<'_> {
                     self.budget.charge(prompt_tokens + completion_tokens);
                     self.ledger
                         .record(pool.name(), prompt_tokens, completion_tokens);
-                    let content = response
+                    let (content, finish_reason) = response
                         .choices
                         .into_iter()
                         .next()
-                        .and_then(|c| c.message.content);
+                        .map_or((None, None), |c| {
+                            (c.message.content, c.finish_reason.map(finish_reason))
+                        });
                     let outcome = match content {
                         Some(_) => CallOutcome::Ok,
                         None => CallOutcome::Malformed,
@@ -251,6 +256,7 @@ impl Caller<'_> {
                         Some(content) => {
                             return Ok(Reply {
                                 content,
+                                finish_reason,
                                 prompt_tokens,
                                 completion_tokens,
                                 attempts,
@@ -374,4 +380,14 @@ fn one_line(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     line
+}
+
+/// The API's name for why a model stopped, from the OpenAI one.
+fn finish_reason(reason: async_openai::types::chat::FinishReason) -> FinishReason {
+    use async_openai::types::chat::FinishReason as OpenAi;
+    match reason {
+        OpenAi::Stop => FinishReason::Stop,
+        OpenAi::Length => FinishReason::Length,
+        OpenAi::ToolCalls | OpenAi::ContentFilter | OpenAi::FunctionCall => FinishReason::Other,
+    }
 }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::aggregate::Tally;
 use super::call::Usage;
-use crate::api::AggregationStrategy;
+use crate::api::{AggregationStrategy, FinishReason};
 
 /// Most bytes the entries of one job may hold: a ConfigMap is limited to 1 MiB, and its
 /// metadata needs room too. Local mode keeps the same limit so a job that runs locally
@@ -49,6 +49,9 @@ pub struct SubagentRecord {
     pub completion_tokens: u64,
     /// Model calls for this subagent: generation, retries and repair.
     pub attempts: u32,
+    /// Why the model stopped writing `output`, when the server said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<FinishReason>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<VerdictRecord>,
     /// Whether the output is a repair after a failed verdict.
@@ -66,6 +69,11 @@ impl SubagentRecord {
 
     pub fn tokens(&self) -> u64 {
         self.prompt_tokens + self.completion_tokens
+    }
+
+    /// Whether the model was cut off at its token limit while writing `output`.
+    pub fn truncated(&self) -> bool {
+        self.finish_reason == Some(FinishReason::Length)
     }
 }
 
@@ -89,6 +97,17 @@ pub struct JobResult {
     pub chosen: Vec<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub votes: Option<Votes>,
+    /// Why the model that wrote the answer stopped, for an answer a model wrote
+    /// (`synthesize`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<FinishReason>,
+}
+
+impl JobResult {
+    /// Whether the answer was cut off at its token limit.
+    pub fn truncated(&self) -> bool {
+        self.finish_reason == Some(FinishReason::Length)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -56,6 +56,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                         prompt_tokens: 0,
                         completion_tokens: 0,
                         attempts: 0,
+                        finish_reason: None,
                         verdict: None,
                         repaired: false,
                         error: None,
@@ -76,7 +77,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                     record
                 }
             };
-            let mut verdict = self.verify(&record.output, subtask, checks).await?;
+            let mut verdict = self.verify(&record, subtask, checks).await?;
             if !verdict.pass && spec.verification.repair_rounds > 0 && !record.repaired {
                 self.wait_unsuspended().await;
                 self.job.observer.event(Event::Running { index });
@@ -99,7 +100,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                         record.output.clear();
                         record.add(&reply);
                         record.repaired = true;
-                        verdict = self.verify(&record.output, subtask, checks).await?;
+                        verdict = self.verify(&record, subtask, checks).await?;
                     }
                     Err(err) if err.stops_job() => return Err(Failure::from(err).into()),
                     Err(err) => verdict.error = Some(format!("the repair failed: {err}")),
@@ -118,6 +119,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
 impl SubagentRecord {
     pub(super) fn add(&mut self, reply: &call::Reply) {
         self.output.push_str(&reply.content);
+        self.finish_reason = reply.finish_reason;
         self.prompt_tokens += reply.prompt_tokens;
         self.completion_tokens += reply.completion_tokens;
         self.attempts += reply.attempts;

@@ -5,10 +5,10 @@ use tracing::Instrument;
 use super::call::Prompt;
 use super::checks::{self, Check};
 use super::failure::{Fail, Failure};
-use super::record::{Store, VerdictRecord};
+use super::record::{Store, SubagentRecord, VerdictRecord};
 use super::run::{Run, STRUCTURED_ATTEMPTS};
 use super::{Observer, balance, prompts};
-use crate::api::VerificationMode;
+use crate::api::{TruncatedOutputs, VerificationMode};
 
 /// The gate's answer is short; this cap keeps a rambling model from spending the job's
 /// budget on it.
@@ -19,13 +19,25 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
     /// subagent, not a failed output.
     pub(super) async fn verify(
         &self,
-        output: &str,
+        record: &SubagentRecord,
         subtask: Option<&str>,
         checks: &[Check],
     ) -> Result<Judgement, Fail> {
         let span = tracing::info_span!("verify");
         async move {
             let spec = self.spec();
+            let output = record.output.as_str();
+            if record.truncated() && spec.verification.truncated == TruncatedOutputs::Fail {
+                // The issue doubles as the repair round's instruction.
+                return Ok(Judgement::verdict(VerdictRecord {
+                    pass: false,
+                    score: None,
+                    issues: vec![format!(
+                        "the output was cut off at maxTokens ({} tokens): write a shorter answer that fits",
+                        spec.fan_out.max_tokens
+                    )],
+                }));
+            }
             let problems = checks::run(checks, output);
             if !problems.is_empty() {
                 return Ok(Judgement::verdict(VerdictRecord {

@@ -44,3 +44,44 @@ verification: {mode: adversarial, pool: gate}
         ([2].as_slice(), "Lyon")
     );
 }
+
+#[tokio::test]
+async fn the_synthesis_has_its_own_limit_and_a_cut_off_answer_says_so() {
+    let workers = Mock::start("m", |body, _| text(part(body))).await;
+    let gate = Mock::start("m", |body, _| {
+        if is_verdict(body) {
+            verdict(true, 80, &[])
+        } else {
+            Reply::Truncated("Red, green, blue and".to_owned())
+        }
+    })
+    .await;
+    let pools = pools(&[
+        ("workers", vec![workers.url.clone()]),
+        ("gate", vec![gate.url.clone()]),
+    ]);
+    let (result, answer) = run_job(&spec(FOUR), &pools, &Memory::default())
+        .await
+        .result
+        .unwrap();
+    assert!(result.truncated(), "{result:?}");
+    assert_eq!(answer, "Red, green, blue and");
+    let synthesis = || {
+        gate.requests()
+            .into_iter()
+            .rfind(|r| !is_verdict(r))
+            .unwrap()
+    };
+    // Four outputs of 5 tokens each took 20: at least one subagent's 64.
+    assert_eq!(synthesis()["max_completion_tokens"], 64);
+
+    let own = FOUR.replace(
+        "aggregation: {strategy: synthesize}",
+        "aggregation: {strategy: synthesize, maxTokens: 3000}",
+    );
+    run_job(&spec(&own), &pools, &Memory::default())
+        .await
+        .result
+        .unwrap();
+    assert_eq!(synthesis()["max_completion_tokens"], 3000);
+}

@@ -21,6 +21,7 @@ async fn a_resumed_run_never_repeats_or_recounts_a_finished_subagent() {
         prompt_tokens: 100,
         completion_tokens: 50,
         attempts: 1,
+        finish_reason: None,
         verdict: (stage == Stage::Finished).then(|| VerdictRecord {
             pass: true,
             score: None,

@@ -1,6 +1,7 @@
 //! The subagent step: a repair round after a failed check, decoding under a grammar.
 
 use super::*;
+use kubeswarm::api::FinishReason;
 
 #[tokio::test]
 async fn a_failed_check_gets_one_repair_with_the_critique() {
@@ -97,4 +98,59 @@ async fn format_checks_constrain_decoding_on_workers_and_not_on_other_servers() 
             assert_eq!(request["response_format"]["type"], "json_schema");
         }
     }
+}
+
+#[tokio::test]
+async fn a_truncated_output_fails_and_its_repair_is_asked_to_be_shorter() {
+    // The first answer runs into maxTokens; the repair fits.
+    let workers = Mock::start("m", |body, _| {
+        if body["messages"].as_array().unwrap().len() > 1 {
+            text("red")
+        } else {
+            Reply::Truncated("red is the colour of".to_owned())
+        }
+    })
+    .await;
+    let pools = pools(&[("workers", vec![workers.url.clone()])]);
+    let job = |verification: &str| {
+        spec(&format!(
+            "task: Name a colour.\nfanOut: {{pool: workers, subagents: 1, maxTokens: 8}}\nverification: {verification}\naggregation: {{strategy: collect}}\n"
+        ))
+    };
+
+    let repaired = run_job(
+        &job("{mode: none, repairRounds: 1}"),
+        &pools,
+        &Memory::default(),
+    )
+    .await;
+    let record = &repaired.checkpoint.subagents[&0];
+    assert!(record.passed() && record.repaired, "{record:?}");
+    assert_eq!(record.output, "red");
+    assert_eq!(record.finish_reason, Some(FinishReason::Stop));
+    let repair = part(&workers.requests()[1]);
+    assert!(
+        repair.contains("cut off at maxTokens (8 tokens): write a shorter answer"),
+        "{repair}"
+    );
+
+    let failed = run_job(&job("{mode: none}"), &pools, &Memory::default()).await;
+    let record = &failed.checkpoint.subagents[&0];
+    assert!(!record.passed());
+    assert_eq!(record.finish_reason, Some(FinishReason::Length));
+    assert!(
+        record.verdict.as_ref().unwrap().issues[0].starts_with("the output was cut off"),
+        "{record:?}"
+    );
+    let failure = failed.result.unwrap_err();
+    assert_eq!(failure.reason, Reason::VerificationFailed);
+
+    let accepted = run_job(
+        &job("{mode: none, truncated: accept}"),
+        &pools,
+        &Memory::default(),
+    )
+    .await;
+    let record = &accepted.checkpoint.subagents[&0];
+    assert!(record.passed() && record.truncated(), "{record:?}");
 }

@@ -87,7 +87,8 @@ metadata: {name: colours}
 spec:
   task: Name one colour of the rainbow. Answer with one word.
   fanOut: {pool: workers, subagents: 3, maxTokens: 16, temperature: 0.9}
-  verification: {mode: adversarial, pool: gate, minScore: 0}
+  # Every output reaches the gate, finished or cut off at 16 tokens.
+  verification: {mode: adversarial, pool: gate, minScore: 0, truncated: accept}
   aggregation: {strategy: synthesize}
 "#,
     )
@@ -177,16 +178,67 @@ spec:
             });
             assert_eq!(doc.root_element().tag_name().name(), "svg", "{output}");
             assert_eq!(record["verdict"]["pass"], true, "{record}");
+            assert_eq!(record["finishReason"], "Stop", "{record}");
             assert!(job.join(format!("subagents/{i:03}.svg")).exists());
             drawings += 1;
         } else {
+            // Cut off mid-drawing: failed as cut off, before any check or gate.
             assert_eq!(record["verdict"]["pass"], false, "{record}");
+            assert_eq!(record["finishReason"], "Length", "{record}");
             let issue = record["verdict"]["issues"][0].as_str().unwrap();
-            assert!(issue.contains("not well-formed SVG"), "{record}");
+            assert!(
+                issue.contains("cut off at maxTokens (400 tokens)"),
+                "{record}"
+            );
         }
     }
     assert!(drawings > 0, "no subagent finished a drawing:\n{stderr}");
     let gallery = std::fs::read_to_string(job.join("index.html")).unwrap();
     assert_eq!(gallery.matches(".svg").count(), drawings, "{gallery}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn outputs_and_an_answer_cut_off_at_their_limits_say_so_in_the_output_folder() {
+    let dir = scratch("truncated");
+    std::fs::write(
+        dir.join("job.yaml"),
+        r#"
+apiVersion: kubeswarm.dev/v1alpha1
+kind: SwarmJob
+metadata: {name: cut}
+spec:
+  task: Write three long sentences about the sea.
+  fanOut: {pool: workers, subagents: 2, maxTokens: 3}
+  verification: {mode: none, truncated: accept}
+  aggregation: {strategy: synthesize, pool: writer, maxTokens: 3}
+"#,
+    )
+    .unwrap();
+    let out = kubeswarm(&["job.yaml"], &dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubeswarm run failed:\n{stderr}");
+    assert!(
+        stderr.contains("2 of 2 outputs were cut off at spec.fanOut.maxTokens"),
+        "{stderr}"
+    );
+    let job = dir.join("kubeswarm-out/cut");
+    for i in 0..2 {
+        let record: Value = serde_json::from_str(
+            &std::fs::read_to_string(job.join(format!("subagents/{i:03}.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(record["finishReason"], "Length", "{record}");
+        assert_eq!(record["verdict"]["pass"], true, "accepted: {record}");
+    }
+    let usage: Value =
+        serde_json::from_str(&std::fs::read_to_string(job.join("usage.json")).unwrap()).unwrap();
+    assert_eq!(usage["truncatedOutputs"], 2);
+    assert_eq!(usage["result"]["answerTruncated"], true, "{usage}");
+    let answer = std::fs::read_to_string(job.join("answer.md")).unwrap();
+    assert!(
+        answer.ends_with("this answer was cut off at its token limit and is incomplete: raise spec.aggregation.maxTokens.\n"),
+        "{answer}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use crate::api::{
-    PoolUsage, SubagentState, SubagentStatus, SubagentVerdict, SwarmJobStatus, VerdictOutcome,
+    FinishReason, PoolUsage, SubagentState, SubagentStatus, SubagentVerdict, SwarmJobStatus,
+    VerdictOutcome,
 };
 use crate::metrics::Metrics;
 use crate::swarm::call::Usage;
@@ -67,6 +68,14 @@ impl State {
         self.subagents.values().filter(|s| done(s)).count()
     }
 
+    /// Finished subagents whose last output was cut off at its token limit.
+    pub fn truncated(&self) -> usize {
+        self.subagents
+            .values()
+            .filter(|s| done(s) && s.finish_reason == Some(FinishReason::Length))
+            .count()
+    }
+
     pub fn failed(&self) -> usize {
         self.subagents
             .values()
@@ -108,6 +117,7 @@ impl State {
                         state: SubagentState::Pending,
                         attempts: 0,
                         tokens: 0,
+                        finish_reason: None,
                         verdict: None,
                         message: None,
                     });
@@ -147,6 +157,7 @@ fn finished(record: &SubagentRecord) -> SubagentStatus {
         },
         attempts: record.attempts as i32,
         tokens: record.tokens() as i64,
+        finish_reason: record.finish_reason,
         verdict: record.verdict.as_ref().map(|v| SubagentVerdict {
             outcome: if v.pass {
                 VerdictOutcome::Pass
@@ -247,6 +258,7 @@ mod tests {
             prompt_tokens: 10,
             completion_tokens: 5,
             attempts: 2,
+            finish_reason: None,
             verdict: pass.map(|pass| VerdictRecord {
                 pass,
                 score: Some(if pass { 90 } else { 20 }),

@@ -20,6 +20,7 @@ pub const FAILED: &str = "Failed";
 /// `Failed` condition's reason is the engine's `swarm::Reason`.
 pub mod reason {
     pub const AGGREGATED: &str = "Aggregated";
+    pub const ANSWER_TRUNCATED: &str = "AnswerTruncated";
     pub const CHECKS_ONLY: &str = "ChecksOnly";
     pub const IN_PROGRESS: &str = "InProgress";
     pub const NOT_SPLIT: &str = "NotSplit";
@@ -145,11 +146,15 @@ pub fn phases(
         } else {
             reason::CHECKS_ONLY
         };
+        let cut = match state.truncated() {
+            0 => String::new(),
+            t => format!("; {t} cut off at spec.fanOut.maxTokens"),
+        };
         Desired::new(
             VERIFIED,
             true,
             reason,
-            format!("{passed} of {n} outputs passed verification"),
+            format!("{passed} of {n} outputs passed verification{cut}"),
         )
     } else if outputs > 0 {
         Desired::new(
@@ -163,6 +168,17 @@ pub fn phases(
     });
 
     out.push(match outcome {
+        Some(Ok(result)) if result.truncated() => Desired::new(
+            AGGREGATED,
+            true,
+            reason::ANSWER_TRUNCATED,
+            format!(
+                "{} over {} outputs; the answer was cut off at its token limit: raise spec.aggregation.maxTokens",
+                strategy_name(result.strategy),
+                result.chosen.len()
+            ),
+        )
+        .warning(),
         Some(Ok(result)) => Desired::new(
             AGGREGATED,
             true,
@@ -186,6 +202,15 @@ pub fn phases(
     });
 
     match outcome {
+        Some(Ok(result)) if result.truncated() => out.push(
+            Desired::new(
+                COMPLETE,
+                true,
+                reason::ANSWER_TRUNCATED,
+                "the result is in the ConfigMap named by status.result, and its answer is cut off: raise spec.aggregation.maxTokens",
+            )
+            .warning(),
+        ),
         Some(Ok(_)) => out.push(Desired::new(
             COMPLETE,
             true,
@@ -233,6 +258,7 @@ fn strategy_name(strategy: AggregationStrategy) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::FinishReason;
     use crate::swarm::{Event, Observer, Reason};
 
     fn spec(extra: &str) -> SwarmJobSpec {
@@ -299,6 +325,7 @@ mod tests {
             prompt_tokens: 1,
             completion_tokens: 1,
             attempts: 1,
+            finish_reason: None,
             verdict: Some(crate::swarm::record::VerdictRecord {
                 pass: index == 0,
                 score: Some(50),
@@ -314,6 +341,7 @@ mod tests {
             strategy: AggregationStrategy::Synthesize,
             chosen: vec![0],
             votes: None,
+            finish_reason: None,
         };
         let done = phases(&spec, true, &progress.state(), Some(&Ok(result)));
         assert_eq!(
@@ -396,6 +424,63 @@ mod tests {
             admitted(Admission::Ready { pools: &[] }).notice,
             Notice::Normal
         );
+    }
+
+    #[test]
+    fn outputs_and_an_answer_cut_off_at_their_limits_are_reported() {
+        let spec = spec("subtasks: [a, b]\n");
+        let progress = super::super::progress::Progress::new(
+            "ns".to_owned(),
+            Default::default(),
+            Default::default(),
+            State::default(),
+            Box::new(|| {}),
+        );
+        progress.event(Event::Planned { subagents: 2 });
+        for (index, finish) in [(0, FinishReason::Stop), (1, FinishReason::Length)] {
+            let record = crate::swarm::record::SubagentRecord {
+                index,
+                stage: crate::swarm::record::Stage::Finished,
+                subtask: None,
+                output: "o".to_owned(),
+                prompt_tokens: 1,
+                completion_tokens: 1,
+                attempts: 1,
+                finish_reason: Some(finish),
+                verdict: Some(crate::swarm::record::VerdictRecord {
+                    pass: true,
+                    score: Some(90),
+                    issues: vec![],
+                }),
+                repaired: false,
+                error: None,
+            };
+            progress.event(Event::Finished { record: &record });
+        }
+        let state = progress.state();
+        assert_eq!(
+            state.subagents[&1].finish_reason,
+            Some(FinishReason::Length)
+        );
+        let result = JobResult {
+            strategy: AggregationStrategy::Synthesize,
+            chosen: vec![0, 1],
+            votes: None,
+            finish_reason: Some(FinishReason::Length),
+        };
+        let done = phases(&spec, true, &state, Some(&Ok(result)));
+        assert_eq!(
+            done[2].message,
+            "2 of 2 outputs passed verification; 1 cut off at spec.fanOut.maxTokens"
+        );
+        assert_eq!(
+            summary(&done)[3..],
+            [
+                (AGGREGATED, true, "AnswerTruncated"),
+                (COMPLETE, true, "AnswerTruncated"),
+            ]
+        );
+        assert!(done[3..].iter().all(|d| d.notice == Notice::Warning));
     }
 
     #[test]

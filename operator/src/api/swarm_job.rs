@@ -306,10 +306,11 @@ pub struct AggregationSpec {
     #[schemars(length(min = 1, max = 16384))]
     pub prompt: Option<String>,
 
-    /// Most tokens the synthesis may generate, between 1 and 32768. Unset: as many as the
-    /// outputs it merges took together, at least `fanOut.maxTokens` and at most 32768. An
-    /// answer cut off at this limit is reported as such (the `Aggregated` and `Complete`
-    /// reasons say `AnswerTruncated`), never as a complete one.
+    /// Most tokens the synthesis (`synthesize`) may generate, between 1 and 32768. Unset:
+    /// as many as the outputs it merges took together, at most 4096 (an inference-worker's
+    /// default cap on one call) and at least `fanOut.maxTokens`. An answer cut off at its
+    /// limit is reported as such (the `Aggregated` and `Complete` reasons say
+    /// `AnswerTruncated`), never as a complete one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 32768").message("spec.aggregation.maxTokens must be between 1 and 32768"))]
     pub max_tokens: Option<i32>,
@@ -421,7 +422,7 @@ pub struct SubagentStatus {
     #[serde(default)]
     pub tokens: i64,
     /// Why the model stopped writing the output: `Stop` when it finished, `Length` when
-    /// it was cut off at `fanOut.maxTokens`.
+    /// it was cut off at its token limit, `Other` when the server stopped it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<FinishReason>,
     /// The gate's verdict on the output, once verified.

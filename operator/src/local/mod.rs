@@ -33,7 +33,8 @@ pub struct Args {
     pub out: PathBuf,
     /// Continue from the records of an earlier run of the same job.
     pub resume: bool,
-    /// Caps every subagent's `maxTokens`, for a quick run on a small machine.
+    /// Caps every subagent's `maxTokens` and the synthesis's `aggregation.maxTokens`, for a
+    /// quick run on a small machine.
     pub max_tokens: Option<i32>,
 }
 

@@ -42,8 +42,7 @@ pub fn write(dir: &Path, job: &SwarmJob, outcome: &Outcome, took: Duration) -> s
         "pools": usage,
         "truncatedOutputs": truncated_outputs(outcome),
         "result": match &outcome.result {
-            Ok((result, _)) if result.truncated() => json!({"status": "Complete", "answerTruncated": true}),
-            Ok(_) => json!({"status": "Complete"}),
+            Ok((result, _)) => json!({"status": "Complete", "answerTruncated": result.truncated()}),
             Err(f) => json!({"status": "Failed", "reason": f.reason.as_str(), "message": f.message}),
         },
     });
@@ -75,7 +74,7 @@ pub fn truncated_outputs(outcome: &Outcome) -> usize {
         .checkpoint
         .subagents
         .values()
-        .filter(|r| r.truncated())
+        .filter(|r| r.stage == record::Stage::Finished && r.truncated())
         .count()
 }
 

@@ -8,7 +8,7 @@ use super::failure::{Fail, Failure, Reason};
 use super::record::{self, JobResult, Store, SubagentRecord};
 use super::run::Run;
 use super::{Observer, prompts};
-use crate::api::{AggregationStrategy, MAX_CALL_TOKENS, SwarmJobSpec};
+use crate::api::{AggregationStrategy, FinishReason, MAX_CALL_TOKENS, SwarmJobSpec};
 
 impl<S: Store, O: Observer> Run<'_, '_, S, O> {
     /// The answer from the outputs that passed, by the job's strategy; recorded.
@@ -54,15 +54,18 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                     let tally = vote(&candidates).expect("candidates are not empty");
                     result.chosen = vec![tally.index];
                     result.votes = Some(tally.into());
+                    result.finish_reason = answer_finish(&[&records[&tally.index]]);
                     records[&tally.index].output.clone()
                 }
                 AggregationStrategy::BestOf => {
                     let best = best_of(&candidates).expect("candidates are not empty");
                     result.chosen = vec![best];
+                    result.finish_reason = answer_finish(&[&records[&best]]);
                     records[&best].output.clone()
                 }
                 AggregationStrategy::Collect => {
                     result.chosen = passing.iter().map(|r| r.index).collect();
+                    result.finish_reason = answer_finish(&passing);
                     passing
                         .iter()
                         .map(|r| format!("## Subagent {}\n\n{}\n", r.index, r.output.trim()))
@@ -113,7 +116,8 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
 
 /// The synthesis's token limit: `aggregation.maxTokens`, else as many tokens as the
 /// outputs it merges took together, at least one subagent's limit and at most
-/// `MAX_CALL_TOKENS`. One subagent's limit alone cuts a merge of several off mid-sentence.
+/// `DEFAULT_SYNTHESIS_TOKENS`. One subagent's limit alone cuts a merge of several off
+/// mid-sentence.
 fn synthesis_tokens(spec: &SwarmJobSpec, merged: &[&SubagentRecord]) -> u32 {
     let limit = match spec.aggregation.max_tokens {
         Some(limit) => i64::from(limit),
@@ -121,10 +125,25 @@ fn synthesis_tokens(spec: &SwarmJobSpec, merged: &[&SubagentRecord]) -> u32 {
             let written: u64 = merged.iter().map(|r| r.completion_tokens).sum();
             i64::try_from(written)
                 .unwrap_or(i64::MAX)
+                .min(DEFAULT_SYNTHESIS_TOKENS)
                 .max(i64::from(spec.fan_out.max_tokens))
         }
     };
     limit.clamp(1, i64::from(MAX_CALL_TOKENS)) as u32
+}
+
+/// The most a default synthesis limit grows to: the inference-worker's own default cap
+/// on one call (`--max-tokens-cap`), which refuses a request past it.
+const DEFAULT_SYNTHESIS_TOKENS: i64 = 4096;
+
+/// Why the model that wrote an answer made of `chosen` outputs stopped: the answer is as
+/// cut off as any output in it (outputs a job accepts cut off).
+fn answer_finish(chosen: &[&SubagentRecord]) -> Option<FinishReason> {
+    if chosen.iter().any(|r| r.truncated()) {
+        Some(FinishReason::Length)
+    } else {
+        chosen.first().and_then(|r| r.finish_reason)
+    }
 }
 
 /// An output that passed verification.

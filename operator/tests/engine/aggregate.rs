@@ -74,6 +74,13 @@ async fn the_synthesis_has_its_own_limit_and_a_cut_off_answer_says_so() {
     };
     // Four outputs of 5 tokens each took 20: at least one subagent's 64.
     assert_eq!(synthesis()["max_completion_tokens"], 64);
+    // With subagents limited to 4 tokens, the 20 the four outputs took.
+    let small = FOUR.replace("maxTokens: 64", "maxTokens: 4");
+    run_job(&spec(&small), &pools, &Memory::default())
+        .await
+        .result
+        .unwrap();
+    assert_eq!(synthesis()["max_completion_tokens"], 20);
 
     let own = FOUR.replace(
         "aggregation: {strategy: synthesize}",

@@ -153,4 +153,9 @@ async fn a_truncated_output_fails_and_its_repair_is_asked_to_be_shorter() {
     .await;
     let record = &accepted.checkpoint.subagents[&0];
     assert!(record.passed() && record.truncated(), "{record:?}");
+    let (result, _) = accepted.result.unwrap();
+    assert!(
+        result.truncated(),
+        "an answer made of a cut-off output is cut off too: {result:?}"
+    );
 }

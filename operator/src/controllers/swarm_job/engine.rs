@@ -123,6 +123,9 @@ impl Reconciler<'_> {
             )
             .await?;
         let (condition, reason) = match &verdict {
+            Ok(result) if result.truncated() => {
+                (status::COMPLETE, status::reason::ANSWER_TRUNCATED)
+            }
             Ok(_) => (status::COMPLETE, status::reason::SUCCEEDED),
             Err(failure) => (status::FAILED, failure.reason.as_str()),
         };

@@ -137,11 +137,12 @@ pub(crate) async fn delete<K: Child>(api: &Api<K>, name: &str) -> Result<(), Api
 }
 
 /// Writes `status` to `name`'s status by server-side apply, owning every field in it.
+/// Returns the object as the API server stored it, with its new resourceVersion.
 pub(crate) async fn apply_status<K: Child>(
     api: &Api<K>,
     name: &str,
     status: &impl serde::Serialize,
-) -> Result<(), ApiError> {
+) -> Result<K, ApiError> {
     let patch = serde_json::json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
@@ -153,8 +154,7 @@ pub(crate) async fn apply_status<K: Child>(
         &kube::api::Patch::Apply(&patch),
     )
     .await
-    .map_err(api_error("apply status of", K::kind(&()), name))?;
-    Ok(())
+    .map_err(api_error("apply status of", K::kind(&()), name))
 }
 
 /// A typed object with apiVersion and kind set, for server-side apply.

@@ -212,7 +212,13 @@ async fn a_job_runs_through_every_phase_to_complete_and_lets_go_of_its_finalizer
     ];
     steps.extend(checkpoints(true, &[0, 1]));
     steps.extend([
-        step(Method::PATCH, JOB_STATUS, 200, stored_job()).check(move |body| {
+        // The API server answers the status write with the job's next resourceVersion.
+        step(Method::PATCH, JOB_STATUS, 200, {
+            let mut next = stored_job();
+            next["metadata"]["resourceVersion"] = json!("6");
+            next
+        })
+        .check(move |body| {
             for (type_, want) in [
                 ("Planned", "SubtasksGiven"),
                 ("FanOutComplete", "OutputsReceived"),
@@ -249,6 +255,10 @@ async fn a_job_runs_through_every_phase_to_complete_and_lets_go_of_its_finalizer
         event("Succeeded"),
         step(Method::PATCH, JOB, 200, stored_job()).check(|body| {
             assert_eq!(body["metadata"]["finalizers"], json!([]));
+            assert_eq!(
+                body["metadata"]["resourceVersion"], "6",
+                "conditional on the version the job's own status write made, not the one read before it (a 409 on every completed job)"
+            );
         }),
     ]);
     let mut harness = harness(steps);

@@ -167,6 +167,9 @@ struct Reconciler<'a> {
     ctx: &'a Context,
     namespace: String,
     key: String,
+    /// The job's resourceVersion as of the reconcile's last write of it: a status write
+    /// moves it, and the finalizer patch after it is conditional on the new one.
+    resource_version: std::sync::Mutex<Option<String>>,
 }
 
 impl<'a> Reconciler<'a> {
@@ -176,7 +179,20 @@ impl<'a> Reconciler<'a> {
             ctx,
             namespace: job.namespace().unwrap_or_default(),
             key: key(job),
+            resource_version: std::sync::Mutex::new(job.resource_version()),
         }
+    }
+
+    fn resource_version(&self) -> Option<String> {
+        self.resource_version
+            .lock()
+            .expect("resource version lock")
+            .clone()
+    }
+
+    /// Remembers the resourceVersion of the job as a write returned it.
+    fn wrote(&self, job: &SwarmJob) {
+        *self.resource_version.lock().expect("resource version lock") = job.resource_version();
     }
 
     fn api<K>(&self) -> Api<K>
@@ -404,8 +420,9 @@ impl<'a> Reconciler<'a> {
         Ok(())
     }
 
-    /// Adds or removes the finalizer; a merge patch conditional on the resourceVersion,
-    /// so a concurrent change to the list is not overwritten.
+    /// Adds or removes the finalizer; a merge patch conditional on the resourceVersion
+    /// this reconcile last saw (its own status write moves it), so a concurrent change to
+    /// the list is not overwritten.
     async fn set_finalizer(&self, present: bool) -> Result<(), Error> {
         let current = self.job.finalizers();
         if current.iter().any(|f| f == FINALIZER) == present {
@@ -421,14 +438,17 @@ impl<'a> Reconciler<'a> {
         }
         let name = self.job.name_any();
         let patch = json!({
-            "metadata": {"finalizers": next, "resourceVersion": self.job.resource_version()},
+            "metadata": {"finalizers": next, "resourceVersion": self.resource_version()},
         });
         match self
             .api::<SwarmJob>()
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(job) => {
+                self.wrote(&job);
+                Ok(())
+            }
             // Gone already: nothing is left to hold.
             Err(kube::Error::Api(status)) if status.code == 404 && !present => Ok(()),
             Err(err) => Err(api_error("patch finalizers of", "SwarmJob", name)(err).into()),
@@ -480,7 +500,8 @@ impl<'a> Reconciler<'a> {
         if *old == new {
             return Ok(new);
         }
-        apply_status(&self.api::<SwarmJob>(), &self.job.name_any(), &new).await?;
+        let stored = apply_status(&self.api::<SwarmJob>(), &self.job.name_any(), &new).await?;
+        self.wrote(&stored);
         let reference = self.job.object_ref(&());
         conditions::announce(
             &self.ctx.recorder,

@@ -15,6 +15,7 @@ pub enum Reason {
     VerificationFailed,
     AggregationFailed,
     ResultTooLarge,
+    ForeignRecords,
 }
 
 impl Reason {
@@ -28,6 +29,7 @@ impl Reason {
             Self::VerificationFailed => "VerificationFailed",
             Self::AggregationFailed => "AggregationFailed",
             Self::ResultTooLarge => "ResultTooLarge",
+            Self::ForeignRecords => "ForeignRecords",
         }
     }
 }

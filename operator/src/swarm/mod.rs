@@ -124,7 +124,8 @@ impl<S: Store, O: Observer> Job<'_, S, O> {
     }
 
     async fn execute_in_span(self) -> Result<Outcome, Interrupted> {
-        let checkpoint = record::decode(&self.store.load().await?)?;
+        let entries = self.store.load().await?;
+        let checkpoint = record::decode(&entries)?;
         if let Some(result) = checkpoint.result.clone() {
             return Ok(Outcome {
                 result: Ok(result),
@@ -148,7 +149,13 @@ impl<S: Store, O: Observer> Job<'_, S, O> {
             job: &self,
             budget: Budget::new(max_tokens, deadline, spent),
             ledger: Ledger::from_snapshot(checkpoint.usage.clone()),
-            sizes: Mutex::new(BTreeMap::new()),
+            // What is written already counts against the size limit of a resumed run too.
+            sizes: Mutex::new(
+                entries
+                    .iter()
+                    .map(|(key, value)| (key.clone(), key.len() + value.len()))
+                    .collect(),
+            ),
             records: Mutex::new(checkpoint.subagents.clone()),
         };
         let result = run.drive(checkpoint.plan.clone()).await?;

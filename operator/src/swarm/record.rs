@@ -158,6 +158,12 @@ pub enum StoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The records found are another job's: one deleted and created again under the same
+    /// name, whose records the garbage collector has not removed yet.
+    #[error(
+        "{place} belongs to another job ({owner}); it goes when that job's dependents are collected"
+    )]
+    Foreign { place: String, owner: String },
     /// An entry the engine wrote cannot be read back.
     #[error("entry {key} is unreadable")]
     Unreadable {

@@ -74,6 +74,19 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
             },
         };
         let n = self.spec().fan_out.subagents.max(0) as usize;
+        if let Some(subtasks) = &subtasks
+            && subtasks.len() != n
+        {
+            // fanOut.subagents cannot change once a job started: a plan of another length
+            // was recorded for another job of the same name.
+            return Ok(Err(Failure::new(
+                Reason::ForeignRecords,
+                format!(
+                    "the job's records hold a plan of {} subtasks and the job has {n} subagents: they are another job's; delete them to start over",
+                    subtasks.len()
+                ),
+            )));
+        }
         self.job.observer.event(Event::Planned { subagents: n });
         {
             let records = self.records.lock().expect("records lock");

@@ -25,7 +25,12 @@ fn job() -> SwarmJob {
 }
 
 fn stored(data: Value) -> Value {
-    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "gallery-result", "namespace": NS}, "data": data})
+    stored_for("job-uid", data)
+}
+
+/// The ConfigMap as the API server keeps it, owned by the job with `uid`.
+fn stored_for(uid: &str, data: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "gallery-result", "namespace": NS, "ownerReferences": [{"apiVersion": "kubeswarm.dev/v1alpha1", "kind": "SwarmJob", "name": "gallery", "uid": uid, "controller": true}]}, "data": data})
 }
 
 #[tokio::test]
@@ -147,6 +152,33 @@ async fn a_refused_write_is_an_error_that_names_the_configmap() {
     let said = kubeswarm::telemetry::chain(&err);
     assert!(
         said.starts_with("writing ConfigMap gallery-result: "),
+        "{said}"
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_records_of_a_job_of_the_same_name_are_not_read_as_this_ones() {
+    let (service, handle) = tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
+    let store = ResultConfigMap::new(kube::Client::new(service, NS), &job());
+    let server = tokio::spawn(serve(
+        handle,
+        vec![step(
+            Method::GET,
+            &format!("{CM}/gallery-result"),
+            200,
+            stored_for(
+                "deleted-job-uid",
+                json!({"answer": "the old answer", "result.json": "{}"}),
+            ),
+        )],
+    ));
+    let err = store.load().await.unwrap_err();
+    let said = kubeswarm::telemetry::chain(&err);
+    assert!(
+        said.contains(
+            "ConfigMap gallery-result belongs to another job (SwarmJob gallery uid deleted-job-uid)"
+        ),
         "{said}"
     );
     server.await.unwrap();

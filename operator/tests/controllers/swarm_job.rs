@@ -66,7 +66,7 @@ fn stored_job() -> Value {
 }
 
 fn configmap(data: Value) -> Value {
-    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "review-result", "namespace": NS}, "data": data})
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "review-result", "namespace": NS, "ownerReferences": [{"apiVersion": "kubeswarm.dev/v1alpha1", "kind": "SwarmJob", "name": "review", "uid": "job-uid", "controller": true}]}, "data": data})
 }
 
 struct Harness {

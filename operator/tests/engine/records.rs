@@ -1,5 +1,5 @@
-//! The records of a run: resuming without repeating a finished subagent, and a result
-//! that would outgrow a ConfigMap.
+//! The records of a run: resuming without repeating a finished subagent, a result that
+//! would outgrow a ConfigMap (resumed too), and records that are another job's.
 
 use super::*;
 
@@ -136,4 +136,63 @@ async fn a_result_too_large_for_a_configmap_is_refused_not_truncated() {
     for record in outcome.checkpoint.subagents.values() {
         assert_eq!(record.output.len(), 4000, "kept whole");
     }
+}
+
+#[tokio::test]
+async fn a_resumed_run_counts_what_was_written_before_against_the_size_limit() {
+    let workers = Mock::start("m", |_, _| text("x".repeat(1000))).await;
+    let job = spec(
+        &FOUR
+            .replace("{mode: adversarial, pool: gate}", "{mode: none}")
+            .replace("synthesize", "collect"),
+    );
+    // Four outputs of 1000 bytes fit in 10000 alone; not after the 8000 an earlier run
+    // of the job wrote.
+    let store = Memory::default();
+    store
+        .save(vec![("earlier-output.md".to_owned(), "y".repeat(8000))])
+        .await
+        .unwrap();
+    let options = Options {
+        max_result_bytes: 10_000,
+        ..fast()
+    };
+    let outcome = run_with(
+        &job,
+        &pools(&[("workers", vec![workers.url.clone()])]),
+        &store,
+        options,
+    )
+    .await;
+    let failure = outcome.result.unwrap_err();
+    assert_eq!(failure.reason, Reason::ResultTooLarge, "{failure:?}");
+}
+
+#[tokio::test]
+async fn another_jobs_plan_in_the_records_fails_the_job_instead_of_running_it() {
+    let workers = Mock::start("m", |body, _| text(part(body))).await;
+    let store = Memory::default();
+    store
+        .save(vec![(
+            record::PLAN.to_owned(),
+            record::encode(&vec!["one", "two", "three"]),
+        )])
+        .await
+        .unwrap();
+    let outcome = run_job(
+        &spec(&FOUR.replace("synthesize", "collect")),
+        &pools(&[("workers", vec![workers.url.clone()])]),
+        &store,
+    )
+    .await;
+    let failure = outcome.result.unwrap_err();
+    assert_eq!(failure.reason, Reason::ForeignRecords);
+    assert!(
+        failure
+            .message
+            .contains("a plan of 3 subtasks and the job has 4"),
+        "{}",
+        failure.message
+    );
+    assert_eq!(workers.count(), 0, "no subagent ran on the wrong plan");
 }

@@ -47,13 +47,34 @@ impl ResultConfigMap {
     fn name(&self) -> String {
         self.template.name_any()
     }
+
+    /// Whether `found` is this job's: owned by the job's uid.
+    fn owns(&self, found: &ConfigMap) -> bool {
+        let job = self.template.owner_references();
+        found
+            .owner_references()
+            .iter()
+            .any(|o| job.iter().any(|j| j.uid == o.uid))
+    }
 }
 
 impl Store for ResultConfigMap {
     async fn load(&self) -> Result<BTreeMap<String, String>, StoreError> {
         let name = self.name();
         match self.api.get_opt(&name).await {
-            Ok(found) => Ok(found.and_then(|cm| cm.data).unwrap_or_default()),
+            Ok(None) => Ok(BTreeMap::new()),
+            // A job created again under the same name must not resume, or finish with,
+            // the records of the job it replaces.
+            Ok(Some(found)) if !self.owns(&found) => Err(StoreError::Foreign {
+                place: format!("ConfigMap {name}"),
+                owner: found
+                    .owner_references()
+                    .iter()
+                    .map(|o| format!("{} {} uid {}", o.kind, o.name, o.uid))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+            Ok(Some(found)) => Ok(found.data.unwrap_or_default()),
             Err(err) => Err(StoreError::backend("reading", format!("ConfigMap {name}"))(
                 err,
             )),

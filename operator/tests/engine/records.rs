@@ -3,14 +3,16 @@
 
 use super::*;
 
+/// FOUR, collected without a gate.
+fn collected() -> String {
+    FOUR.replace("{mode: adversarial, pool: gate}", "{mode: none}")
+        .replace("synthesize", "collect")
+}
+
 #[tokio::test]
 async fn a_resumed_run_never_repeats_or_recounts_a_finished_subagent() {
     let workers = Mock::start("m", |body, _| text(part(body))).await;
-    let job = spec(
-        &FOUR
-            .replace("{mode: adversarial, pool: gate}", "{mode: none}")
-            .replace("synthesize", "collect"),
-    );
+    let job = spec(&collected());
     // A run that stopped after two subagents finished and one had its output.
     let store = Memory::default();
     let finished = |index: usize, output: &str, stage: Stage| SubagentRecord {
@@ -110,11 +112,7 @@ async fn a_resumed_run_never_repeats_or_recounts_a_finished_subagent() {
 #[tokio::test]
 async fn a_result_too_large_for_a_configmap_is_refused_not_truncated() {
     let workers = Mock::start("m", |_, _| text("x".repeat(4000))).await;
-    let job = spec(
-        &FOUR
-            .replace("{mode: adversarial, pool: gate}", "{mode: none}")
-            .replace("synthesize", "collect"),
-    );
+    let job = spec(&collected());
     let options = Options {
         max_result_bytes: 10_000,
         ..fast()
@@ -141,11 +139,7 @@ async fn a_result_too_large_for_a_configmap_is_refused_not_truncated() {
 #[tokio::test]
 async fn a_resumed_run_counts_what_was_written_before_against_the_size_limit() {
     let workers = Mock::start("m", |_, _| text("x".repeat(1000))).await;
-    let job = spec(
-        &FOUR
-            .replace("{mode: adversarial, pool: gate}", "{mode: none}")
-            .replace("synthesize", "collect"),
-    );
+    let job = spec(&collected());
     // Four outputs of 1000 bytes fit in 10000 alone; not after the 8000 an earlier run
     // of the job wrote.
     let store = Memory::default();

@@ -268,6 +268,31 @@ mod tests {
         .unwrap()
     }
 
+    /// A verified subagent's record, scored 50.
+    fn finished(
+        index: usize,
+        pass: bool,
+        finish_reason: Option<FinishReason>,
+    ) -> crate::swarm::record::SubagentRecord {
+        crate::swarm::record::SubagentRecord {
+            index,
+            stage: crate::swarm::record::Stage::Finished,
+            subtask: None,
+            output: "o".to_owned(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            attempts: 1,
+            finish_reason,
+            verdict: Some(crate::swarm::record::VerdictRecord {
+                pass,
+                score: Some(50),
+                issues: vec![],
+            }),
+            repaired: false,
+            error: None,
+        }
+    }
+
     fn summary(desired: &[Desired]) -> Vec<(&str, bool, &str)> {
         desired
             .iter()
@@ -317,23 +342,7 @@ mod tests {
         );
         assert_eq!(mid[1].message, "1 of 2 subagents have an output");
 
-        let record = |index| crate::swarm::record::SubagentRecord {
-            index,
-            stage: crate::swarm::record::Stage::Finished,
-            subtask: None,
-            output: "o".to_owned(),
-            prompt_tokens: 1,
-            completion_tokens: 1,
-            attempts: 1,
-            finish_reason: None,
-            verdict: Some(crate::swarm::record::VerdictRecord {
-                pass: index == 0,
-                score: Some(50),
-                issues: vec![],
-            }),
-            repaired: false,
-            error: None,
-        };
+        let record = |index| finished(index, index == 0, None);
         progress.event(Event::Finished { record: &record(0) });
         progress.event(Event::Finished { record: &record(1) });
         progress.event(Event::Aggregating);
@@ -438,23 +447,7 @@ mod tests {
         );
         progress.event(Event::Planned { subagents: 2 });
         for (index, finish) in [(0, FinishReason::Stop), (1, FinishReason::Length)] {
-            let record = crate::swarm::record::SubagentRecord {
-                index,
-                stage: crate::swarm::record::Stage::Finished,
-                subtask: None,
-                output: "o".to_owned(),
-                prompt_tokens: 1,
-                completion_tokens: 1,
-                attempts: 1,
-                finish_reason: Some(finish),
-                verdict: Some(crate::swarm::record::VerdictRecord {
-                    pass: true,
-                    score: Some(90),
-                    issues: vec![],
-                }),
-                repaired: false,
-                error: None,
-            };
+            let record = finished(index, true, Some(finish));
             progress.event(Event::Finished { record: &record });
         }
         let state = progress.state();

@@ -331,13 +331,17 @@ impl Caller<'_> {
     }
 
     fn backoff(&self, attempt: u32) -> Duration {
-        let ceiling = self
-            .policy
-            .backoff_base
-            .saturating_mul(2u32.saturating_pow(attempt - 1))
-            .min(self.policy.backoff_cap);
-        ceiling.mul_f64(rand::rng().random::<f64>())
+        backoff(self.policy.backoff_base, self.policy.backoff_cap, attempt)
     }
+}
+
+/// The wait before retry `attempt` (from 1): `base` doubled per attempt up to `cap`, and
+/// drawn uniformly below that ("full jitter"), so the retries of many callers do not align.
+pub(super) fn backoff(base: Duration, cap: Duration, attempt: u32) -> Duration {
+    let ceiling = base
+        .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
+        .min(cap);
+    ceiling.mul_f64(rand::rng().random::<f64>())
 }
 
 fn request(pool: &Pool, prompt: &Prompt, max_tokens: u32) -> Request {

@@ -7,12 +7,18 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::call::{Budget, Caller, Ledger, Policy};
+use super::call::{self, Budget, Caller, Ledger, Policy};
 use super::failure::{Fail, Failure, Interrupted, Reason};
 use super::pool::Pool;
 use super::record::{self, JobResult, Stage, Store, SubagentRecord};
 use super::{Event, Job, Observer, checks};
 use crate::api::SwarmJobSpec;
+use crate::telemetry;
+
+/// Attempts at writing the records before a store fault interrupts the run: a write is
+/// a merge of whole entries, so writing it again is safe, and an API server that blips
+/// must not drop every call in flight.
+const STORE_ATTEMPTS: u32 = 5;
 
 /// Attempts at a plan or a verdict that came back malformed, before giving up.
 pub(super) const STRUCTURED_ATTEMPTS: u32 = 3;
@@ -175,7 +181,24 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
             }
             *sizes = next;
         }
-        self.job.store.save(entries).await?;
+        let mut attempt = 1;
+        loop {
+            match self.job.store.save(entries.clone()).await {
+                Ok(()) => break,
+                Err(err) if attempt < STORE_ATTEMPTS => {
+                    tracing::warn!(error = %telemetry::chain(&err), attempt, "the job's records could not be written; trying again");
+                    let options = &self.job.options;
+                    tokio::time::sleep(call::backoff(
+                        options.backoff_base,
+                        options.backoff_cap,
+                        attempt,
+                    ))
+                    .await;
+                    attempt += 1;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
         self.job.observer.event(Event::Recorded { usage: &usage });
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! would outgrow a ConfigMap (resumed too), and records that are another job's.
 
 use super::*;
+use kubeswarm::swarm::record::StoreError;
 
 /// FOUR, collected without a gate.
 fn collected() -> String {
@@ -189,4 +190,93 @@ async fn another_jobs_plan_in_the_records_fails_the_job_instead_of_running_it() 
         failure.message
     );
     assert_eq!(workers.count(), 0, "no subagent ran on the wrong plan");
+}
+
+/// A store whose first `failures` writes fail, as a ConfigMap write does while the API
+/// server restarts.
+#[derive(Default)]
+struct Flaky {
+    memory: Memory,
+    failures: std::sync::atomic::AtomicUsize,
+}
+
+impl Flaky {
+    fn failing(failures: usize) -> Self {
+        Self {
+            failures: failures.into(),
+            ..Self::default()
+        }
+    }
+
+    fn failures_left(&self) -> usize {
+        self.failures.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Store for Flaky {
+    async fn load(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        self.memory.load().await
+    }
+
+    async fn save(&self, entries: Vec<(String, String)>) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        if self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StoreError::backend("writing", "ConfigMap job-result")(
+                std::io::Error::other("connection reset by peer"),
+            ));
+        }
+        self.memory.save(entries).await
+    }
+}
+
+#[tokio::test]
+async fn a_store_that_fails_for_a_moment_costs_no_call_in_flight() {
+    let workers = Mock::start("m", |body, _| text(part(body))).await;
+    let store = Flaky::failing(3);
+    let outcome = run_job(
+        &spec(&collected()),
+        &pools(&[("workers", vec![workers.url.clone()])]),
+        &store,
+    )
+    .await;
+    let (result, _) = outcome.result.expect("the job completes");
+    assert_eq!(result.chosen, [0, 1, 2, 3]);
+    assert_eq!(store.failures_left(), 0);
+    assert_eq!(workers.count(), 4, "no subagent was called again");
+}
+
+#[tokio::test]
+async fn a_store_that_stays_down_interrupts_the_run_after_five_attempts() {
+    let workers = Mock::start("m", |body, _| text(part(body))).await;
+    let store = Flaky::failing(1000);
+    let pools = pools(&[("workers", vec![workers.url.clone()])]);
+    let (_tx, suspended) = watch::channel(false);
+    let job = spec(&collected().replace("subagents: 4", "subagents: 4, maxConcurrency: 1"));
+    let interrupted = Job {
+        name: "job",
+        spec: &job,
+        pools: &pools,
+        store: &store,
+        observer: &Log::default(),
+        started: Instant::now(),
+        suspended,
+        options: fast(),
+    }
+    .execute()
+    .await
+    .expect_err("the records cannot be written");
+    assert_eq!(
+        1000 - store.failures_left(),
+        5,
+        "five attempts at the first write"
+    );
+    let said = kubeswarm::telemetry::chain(&interrupted);
+    assert!(
+        said.contains("writing ConfigMap job-result: connection reset by peer"),
+        "{said}"
+    );
 }

@@ -8,7 +8,7 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, ObjectMeta, PostParams};
-use tracing::info;
+use tracing::{info, warn};
 
 /// How long a leader's claim lasts without renewal; it renews at a third of that.
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
@@ -100,13 +100,19 @@ impl Elector {
         }
     }
 
-    /// Waits until this replica holds the Lease.
-    pub async fn acquire(&self) -> Result<(), kube::Error> {
+    /// Waits until this replica holds the Lease, trying `every` so often. An API server
+    /// that cannot be reached is waited out like a live leader: a standby that exited on
+    /// it would crash-loop every replica through a short outage.
+    pub async fn acquire(&self, every: Duration) {
         loop {
-            if self.try_hold().await? {
-                return Ok(());
+            match self.try_hold().await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(err) => {
+                    warn!(lease = %self.name, error = %crate::telemetry::chain(&err), "could not read the leader Lease; trying again");
+                }
             }
-            tokio::time::sleep(LEASE_DURATION / 3).await;
+            tokio::time::sleep(every).await;
         }
     }
 

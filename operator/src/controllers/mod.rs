@@ -49,8 +49,6 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
-    #[error("acquiring the leader Lease")]
-    Lease(#[source] kube::Error),
     #[error("lost the leadership")]
     LostLease(#[source] leader::Lost),
 }
@@ -80,7 +78,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         args.identity.clone(),
     );
     info!(identity = %args.identity, "waiting for the leader Lease");
-    elector.acquire().await.map_err(RunError::Lease)?;
+    elector.acquire(leader::LEASE_DURATION / 3).await;
 
     let recorder = Recorder::new(
         client.clone(),

@@ -83,3 +83,33 @@ async fn the_lease_is_claimed_renewed_and_never_taken_from_a_live_leader() {
     assert!(!elector.try_hold().await.unwrap(), "lost the race");
     server.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_standby_waits_out_an_api_server_that_fails_instead_of_exiting() {
+    use kubeswarm::controllers::leader::Elector;
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/kubeswarm-system/leases";
+    let lease = format!("{LEASES}/kubeswarm-operator");
+    let failure = |code: u16| json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": code, "message": "etcdserver: request timed out"});
+    let steps = vec![
+        step(Method::GET, &lease, 500, failure(500)),
+        step(Method::GET, &lease, 503, failure(503)),
+        // The API server is back, and nobody holds the Lease.
+        step(Method::GET, &lease, 404, not_found()),
+        step(Method::POST, LEASES, 201, json!({})),
+    ];
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let elector = Elector::new(
+        kube::Client::new(service, NS),
+        "kubeswarm-system",
+        "kubeswarm-operator",
+        "replica-a".to_owned(),
+    );
+    let server = tokio::spawn(serve(handle, steps));
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        elector.acquire(std::time::Duration::from_millis(10)),
+    )
+    .await
+    .expect("the Lease is acquired once the API server answers");
+    server.await.unwrap();
+}

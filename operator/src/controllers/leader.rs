@@ -17,6 +17,8 @@ pub struct Elector {
     api: Api<Lease>,
     name: String,
     identity: String,
+    /// How long a claim lasts without renewal.
+    duration: Duration,
 }
 
 /// What a Lease, read at `now`, allows `identity` to do.
@@ -42,6 +44,15 @@ impl Elector {
             api: Api::namespaced(client, namespace),
             name: name.to_owned(),
             identity,
+            duration: LEASE_DURATION,
+        }
+    }
+
+    /// The same elector with claims that last `duration` (whole seconds, at least one).
+    pub fn lasting(self, duration: Duration) -> Self {
+        Self {
+            duration: duration.max(Duration::from_secs(1)),
+            ..self
         }
     }
 
@@ -92,7 +103,7 @@ impl Elector {
     fn spec(&self, now: Timestamp, acquired: Timestamp, transitions: i32) -> LeaseSpec {
         LeaseSpec {
             holder_identity: Some(self.identity.clone()),
-            lease_duration_seconds: Some(LEASE_DURATION.as_secs() as i32),
+            lease_duration_seconds: Some(self.duration.as_secs() as i32),
             acquire_time: Some(MicroTime(acquired)),
             renew_time: Some(MicroTime(now)),
             lease_transitions: Some(transitions),
@@ -116,26 +127,36 @@ impl Elector {
         }
     }
 
-    /// Renews the Lease until a renewal fails for longer than the Lease lasts; then
-    /// another replica may hold it, and this one must stop acting.
+    /// Renews the Lease at a third of its duration until it cannot: another replica holds
+    /// it, or no renewal succeeded before the last claim ran out. A renewal that hangs is
+    /// abandoned when the claim runs out, because from then on another replica may lead.
     pub async fn keep(&self) -> Lost {
-        let mut last = tokio::time::Instant::now();
+        // When the last successful renewal was sent: the claim runs from there.
+        let mut claimed = tokio::time::Instant::now();
         loop {
-            tokio::time::sleep(LEASE_DURATION / 3).await;
-            match self.try_hold().await {
-                Ok(true) => last = tokio::time::Instant::now(),
-                Ok(false) => {
+            tokio::time::sleep(self.duration / 3).await;
+            let sent = tokio::time::Instant::now();
+            let left = self.duration.saturating_sub(claimed.elapsed());
+            match tokio::time::timeout(left, self.try_hold()).await {
+                Ok(Ok(true)) => claimed = sent,
+                Ok(Ok(false)) => {
                     return Lost::Taken {
                         lease: self.name.clone(),
                     };
                 }
-                Err(source) if last.elapsed() > LEASE_DURATION => {
+                Ok(Err(source)) if claimed.elapsed() >= self.duration => {
                     return Lost::NotRenewed {
                         lease: self.name.clone(),
                         source,
                     };
                 }
-                Err(_) => {}
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    return Lost::Expired {
+                        lease: self.name.clone(),
+                        after: self.duration,
+                    };
+                }
             }
         }
     }
@@ -146,12 +167,14 @@ impl Elector {
 pub enum Lost {
     #[error("another replica holds Lease {lease}")]
     Taken { lease: String },
-    #[error("could not renew Lease {lease} for {LEASE_DURATION:?}")]
+    #[error("could not renew Lease {lease} before it ran out")]
     NotRenewed {
         lease: String,
         #[source]
         source: kube::Error,
     },
+    #[error("no renewal of Lease {lease} answered within its {after:?}")]
+    Expired { lease: String, after: Duration },
 }
 
 #[cfg(test)]

@@ -113,3 +113,51 @@ async fn a_standby_waits_out_an_api_server_that_fails_instead_of_exiting() {
     .expect("the Lease is acquired once the API server answers");
     server.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_leader_whose_renewal_hangs_steps_down_before_its_claim_runs_out() {
+    use kubeswarm::controllers::leader::{Elector, Lost};
+    use std::time::Duration;
+    let lease =
+        "/apis/coordination.k8s.io/v1/namespaces/kubeswarm-system/leases/kubeswarm-operator";
+    let ours = || {
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "kubeswarm-operator", "namespace": "kubeswarm-system", "resourceVersion": "5"},
+            "spec": {"holderIdentity": "replica-a", "leaseDurationSeconds": 1,
+                     "renewTime": format!("{:.6}", k8s_openapi::jiff::Timestamp::now()), "leaseTransitions": 0}
+        })
+    };
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    // One renewal goes through (GET, PUT); the next GET never gets an answer, as from an
+    // API server behind a partition.
+    let server = tokio::spawn(async move {
+        for reply in [ours(), ours()] {
+            let (request, send) = handle.next_request().await.expect("a renewal");
+            assert_eq!(request.uri().path(), lease);
+            send.send_response(
+                Response::builder()
+                    .status(200)
+                    .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                    .unwrap(),
+            );
+        }
+        let hung = handle.next_request().await.expect("the next renewal");
+        assert_eq!(hung.0.uri().path(), lease);
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(hung);
+    });
+    let elector = Elector::new(
+        kube::Client::new(service, NS),
+        "kubeswarm-system",
+        "kubeswarm-operator",
+        "replica-a".to_owned(),
+    )
+    .lasting(Duration::from_secs(1));
+    // The renewal hangs for 30 s; the claim it would renew runs out after 1 s.
+    let lost = tokio::time::timeout(Duration::from_secs(5), elector.keep())
+        .await
+        .expect("the leader stops waiting on a renewal that hangs");
+    assert!(matches!(lost, Lost::Expired { .. }), "{lost}");
+    server.abort();
+}

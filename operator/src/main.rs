@@ -64,9 +64,11 @@ enum Command {
         /// NAME=URL with the base URL of its OpenAI-compatible API (…/v1). Repeatable.
         #[arg(long = "pool", value_name = "NAME=URL", value_parser = parse_pool)]
         pools: Vec<(String, String)>,
-        /// GGUF file the local workers serve instead of the default model.
-        #[arg(long, env = "KUBESWARM_MODEL", value_name = "FILE")]
-        model: Option<PathBuf>,
+        /// GGUF file the local workers serve instead of the default model: FILE for every
+        /// pool, or POOL=FILE for the pool the job calls POOL (repeatable), for example a
+        /// stronger model for the gate than for the subagents.
+        #[arg(long = "model", env = "KUBESWARM_MODEL", value_name = "[POOL=]FILE", value_parser = parse_model)]
+        models: Vec<(Option<String>, PathBuf)>,
         /// The inference-worker binary; found next to kubeswarm or on the PATH when unset.
         #[arg(long, env = "KUBESWARM_WORKER", value_name = "FILE")]
         worker: Option<PathBuf>,
@@ -93,6 +95,29 @@ fn parse_pool(value: &str) -> Result<(String, String), String> {
         ));
     }
     Ok((name.to_owned(), url.to_owned()))
+}
+
+/// `POOL=FILE` when the part before `=` is a pool name, else a FILE for every pool.
+fn parse_model(value: &str) -> Result<(Option<String>, PathBuf), String> {
+    let pool_name = |name: &str| {
+        !name.is_empty()
+            && name.len() <= 63
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !name.starts_with('-')
+            && !name.ends_with('-')
+    };
+    let (pool, file) = match value.split_once('=') {
+        Some((pool, file)) if pool_name(pool) => (Some(pool.to_owned()), file),
+        _ => (None, value),
+    };
+    if file.is_empty() {
+        return Err(format!(
+            "--model {value}: expected FILE or POOL=FILE, for example gate=qwen.gguf"
+        ));
+    }
+    Ok((pool, PathBuf::from(file)))
 }
 
 fn parse_label(value: &str) -> Result<(String, String), String> {
@@ -126,7 +151,7 @@ fn main() -> ExitCode {
         Command::Run {
             manifest,
             pools,
-            model,
+            models,
             worker,
             out,
             resume,
@@ -134,7 +159,7 @@ fn main() -> ExitCode {
         } => run(kubeswarm::local::Args {
             manifest,
             external: pools,
-            model,
+            models,
             worker,
             out,
             resume,

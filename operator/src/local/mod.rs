@@ -27,8 +27,9 @@ pub struct Args {
     pub manifest: PathBuf,
     /// Pools served by existing OpenAI-compatible endpoints (base URL ending in `/v1`).
     pub external: Vec<(String, String)>,
-    /// The model local workers serve; unset is the default model.
-    pub model: Option<PathBuf>,
+    /// The models local workers serve: for one pool (`Some(pool)`) or for every pool
+    /// (`None`); a pool with neither gets the default model.
+    pub models: Vec<(Option<String>, PathBuf)>,
     pub worker: Option<PathBuf>,
     pub out: PathBuf,
     /// Continue from the records of an earlier run of the same job.
@@ -52,6 +53,8 @@ pub enum LocalError {
         "the inference-worker binary was not found next to kubeswarm or on the PATH: build it with `make build`, or pass --worker PATH"
     )]
     NoWorker,
+    #[error("--model names pool {pool}, and the job calls only {calls}: use one of those names")]
+    UnknownPool { pool: String, calls: String },
     #[error("the default model")]
     Model(#[from] model::ModelError),
     #[error("the worker for pool {pool}")]
@@ -138,6 +141,18 @@ pub async fn run(args: Args) -> Result<PathBuf, LocalError> {
         let aggregation = &mut job.spec.aggregation.max_tokens;
         *aggregation = Some(aggregation.map_or(cap, |limit| limit.min(cap)));
     }
+    let used = swarm::pools_used(&job.spec);
+    if let Some(pool) = args
+        .models
+        .iter()
+        .filter_map(|(name, _)| name.as_ref())
+        .find(|name| !used.contains(name))
+    {
+        return Err(LocalError::UnknownPool {
+            pool: pool.clone(),
+            calls: used.join(", "),
+        });
+    }
     let name = job.name_any();
     let dir = args.out.join(&name);
     let view = progress::View::new();
@@ -158,8 +173,13 @@ pub async fn run(args: Args) -> Result<PathBuf, LocalError> {
         let (url, server) = match args.external.iter().find(|(name, _)| *name == pool) {
             Some((_, url)) => (url.trim_end_matches('/').to_owned(), Server::OpenAi),
             None => {
-                let model = match &args.model {
-                    Some(model) => model.clone(),
+                let chosen = args
+                    .models
+                    .iter()
+                    .find(|(name, _)| name.as_deref() == Some(pool.as_str()))
+                    .or_else(|| args.models.iter().find(|(name, _)| name.is_none()));
+                let model = match chosen {
+                    Some((_, model)) => model.clone(),
                     None => model::default_model(&|line| view.say(line))?,
                 };
                 let binary = worker::binary(args.worker.as_deref())?;

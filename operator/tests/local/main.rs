@@ -242,3 +242,57 @@ spec:
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn each_pool_can_serve_its_own_model() {
+    let dir = scratch("models");
+    std::fs::write(
+        dir.join("job.yaml"),
+        r#"
+apiVersion: kubeswarm.dev/v1alpha1
+kind: SwarmJob
+metadata: {name: two-models}
+spec:
+  task: Name a colour.
+  fanOut: {pool: workers, subagents: 1, maxTokens: 8}
+  verification: {mode: adversarial, pool: gate}
+  aggregation: {strategy: collect}
+"#,
+    )
+    .unwrap();
+    // The gate gets a file that does not exist; the workers keep the default model and
+    // start first, so the error is the gate's alone.
+    let missing = dir.join("no-such-gate.gguf");
+    let gate = format!("gate={}", missing.display());
+    let out = kubeswarm(&["job.yaml", "--model", &gate], &dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let workers = stderr
+        .lines()
+        .find(|l| l.starts_with("pool workers: starting an inference-worker on"))
+        .unwrap_or_else(|| panic!("no worker for pool workers:\n{stderr}"));
+    assert!(
+        workers.contains("SmolLM2") && !workers.contains("no-such-gate"),
+        "the workers keep the default model: {workers}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "pool gate: starting an inference-worker on {}",
+            missing.display()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("the worker for pool gate"), "{stderr}");
+
+    std::fs::remove_dir_all(dir.join("kubeswarm-out")).unwrap();
+    let out = kubeswarm(&["job.yaml", "--model", "judge=x.gguf"], &dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "--model names pool judge, and the job calls only workers, gate: use one of those names"
+        ),
+        "{stderr}"
+    );
+    assert!(!dir.join("kubeswarm-out").exists(), "nothing started");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -5,12 +5,24 @@ use kube::client::Body;
 use serde_json::json;
 
 use crate::harness::{NS, not_found, serve, step};
+use kubeswarm::controllers::leader::Elector;
+
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/kubeswarm-system/leases";
+const LEASE: &str =
+    "/apis/coordination.k8s.io/v1/namespaces/kubeswarm-system/leases/kubeswarm-operator";
+
+/// replica-a's elector, talking to the scenario's API server.
+fn elector(service: tower_test::mock::Mock<Request<Body>, Response<Body>>) -> Elector {
+    Elector::new(
+        kube::Client::new(service, NS),
+        "kubeswarm-system",
+        "kubeswarm-operator",
+        "replica-a".to_owned(),
+    )
+}
 
 #[tokio::test]
 async fn the_lease_is_claimed_renewed_and_never_taken_from_a_live_leader() {
-    use kubeswarm::controllers::leader::Elector;
-    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/kubeswarm-system/leases";
-    let lease = format!("{LEASES}/kubeswarm-operator");
     let held_by = |holder: &str, renewed: String| {
         json!({
             "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -29,16 +41,16 @@ async fn the_lease_is_claimed_renewed_and_never_taken_from_a_live_leader() {
     );
     let steps = vec![
         // No Lease yet: replica-a creates it and leads.
-        step(Method::GET, &lease, 404, not_found()),
+        step(Method::GET, LEASE, 404, not_found()),
         step(Method::POST, LEASES, 201, json!({})).check(|body| {
             assert_eq!(body["spec"]["holderIdentity"], "replica-a");
             assert_eq!(body["spec"]["leaseDurationSeconds"], 15);
         }),
         // replica-b renewed just now: nothing is written.
-        step(Method::GET, &lease, 200, fresh),
+        step(Method::GET, LEASE, 200, fresh),
         // replica-b stopped renewing a minute ago: taken over, conditionally.
-        step(Method::GET, &lease, 200, stale),
-        step(Method::PUT, &lease, 200, json!({})).check(|body| {
+        step(Method::GET, LEASE, 200, stale),
+        step(Method::PUT, LEASE, 200, json!({})).check(|body| {
             assert_eq!(
                 body["metadata"]["resourceVersion"], "5",
                 "the takeover is conditional on what was read"
@@ -49,7 +61,7 @@ async fn the_lease_is_claimed_renewed_and_never_taken_from_a_live_leader() {
         // Another replica won the race for the stale Lease: a conflict is not leadership.
         step(
             Method::GET,
-            &lease,
+            LEASE,
             200,
             held_by(
                 "replica-b",
@@ -61,18 +73,13 @@ async fn the_lease_is_claimed_renewed_and_never_taken_from_a_live_leader() {
         ),
         step(
             Method::PUT,
-            &lease,
+            LEASE,
             409,
             json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
         ),
     ];
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let elector = Elector::new(
-        kube::Client::new(service, NS),
-        "kubeswarm-system",
-        "kubeswarm-operator",
-        "replica-a".to_owned(),
-    );
+    let elector = elector(service);
     let server = tokio::spawn(serve(handle, steps));
     assert!(elector.try_hold().await.unwrap(), "created");
     assert!(!elector.try_hold().await.unwrap(), "held by a live leader");
@@ -86,24 +93,16 @@ async fn the_lease_is_claimed_renewed_and_never_taken_from_a_live_leader() {
 
 #[tokio::test]
 async fn a_standby_waits_out_an_api_server_that_fails_instead_of_exiting() {
-    use kubeswarm::controllers::leader::Elector;
-    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/kubeswarm-system/leases";
-    let lease = format!("{LEASES}/kubeswarm-operator");
     let failure = |code: u16| json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": code, "message": "etcdserver: request timed out"});
     let steps = vec![
-        step(Method::GET, &lease, 500, failure(500)),
-        step(Method::GET, &lease, 503, failure(503)),
+        step(Method::GET, LEASE, 500, failure(500)),
+        step(Method::GET, LEASE, 503, failure(503)),
         // The API server is back, and nobody holds the Lease.
-        step(Method::GET, &lease, 404, not_found()),
+        step(Method::GET, LEASE, 404, not_found()),
         step(Method::POST, LEASES, 201, json!({})),
     ];
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let elector = Elector::new(
-        kube::Client::new(service, NS),
-        "kubeswarm-system",
-        "kubeswarm-operator",
-        "replica-a".to_owned(),
-    );
+    let elector = elector(service);
     let server = tokio::spawn(serve(handle, steps));
     tokio::time::timeout(
         std::time::Duration::from_secs(5),
@@ -116,10 +115,8 @@ async fn a_standby_waits_out_an_api_server_that_fails_instead_of_exiting() {
 
 #[tokio::test]
 async fn a_leader_whose_renewal_hangs_steps_down_before_its_claim_runs_out() {
-    use kubeswarm::controllers::leader::{Elector, Lost};
+    use kubeswarm::controllers::leader::Lost;
     use std::time::Duration;
-    let lease =
-        "/apis/coordination.k8s.io/v1/namespaces/kubeswarm-system/leases/kubeswarm-operator";
     let ours = || {
         json!({
             "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -134,7 +131,7 @@ async fn a_leader_whose_renewal_hangs_steps_down_before_its_claim_runs_out() {
     let server = tokio::spawn(async move {
         for reply in [ours(), ours()] {
             let (request, send) = handle.next_request().await.expect("a renewal");
-            assert_eq!(request.uri().path(), lease);
+            assert_eq!(request.uri().path(), LEASE);
             send.send_response(
                 Response::builder()
                     .status(200)
@@ -143,17 +140,11 @@ async fn a_leader_whose_renewal_hangs_steps_down_before_its_claim_runs_out() {
             );
         }
         let hung = handle.next_request().await.expect("the next renewal");
-        assert_eq!(hung.0.uri().path(), lease);
+        assert_eq!(hung.0.uri().path(), LEASE);
         tokio::time::sleep(Duration::from_secs(30)).await;
         drop(hung);
     });
-    let elector = Elector::new(
-        kube::Client::new(service, NS),
-        "kubeswarm-system",
-        "kubeswarm-operator",
-        "replica-a".to_owned(),
-    )
-    .lasting(Duration::from_secs(1));
+    let elector = elector(service).lasting(Duration::from_secs(1));
     // The renewal hangs for 30 s; the claim it would renew runs out after 1 s.
     let lost = tokio::time::timeout(Duration::from_secs(5), elector.keep())
         .await

@@ -60,16 +60,14 @@ impl Blueprint<'_> {
     fn workload(&self, index: i32) -> Workload {
         build::workload(self.pool, self.template, index, self.priority)
     }
+}
 
-    /// The Workload of replica `index` as it stands, when it was built from what is
-    /// desired now.
-    fn current_workload<'o>(&self, observed: &'o Observed, index: i32) -> Option<&'o Workload> {
-        let want = self.workload(index);
-        observed
-            .workloads
-            .get(&build::replica_name(self.pool, index))
-            .filter(|w| built_hash(*w) == built_hash(&want))
-    }
+/// The Workload named like `want` as it stands, when it was built from what `want` is.
+fn as_built<'o>(observed: &'o Observed, want: &Workload) -> Option<&'o Workload> {
+    observed
+        .workloads
+        .get(&want.name_any())
+        .filter(|w| built_hash(*w) == built_hash(want))
 }
 
 /// The flavors to read before planning: those of the replicas' admitted Workloads.
@@ -78,7 +76,7 @@ pub fn flavors_to_read(desired: &Blueprint, observed: &Observed) -> BTreeSet<Str
         return BTreeSet::new();
     }
     (0..desired.pool.spec.replicas)
-        .filter_map(|index| desired.current_workload(observed, index))
+        .filter_map(|index| as_built(observed, &desired.workload(index)))
         .filter(|w| kueue::admission_state(w) == Admission::Admitted)
         .flat_map(kueue::admitted_flavors)
         .collect()
@@ -93,16 +91,15 @@ pub fn replicas(desired: &Blueprint, observed: &Observed, now: Timestamp) -> Pla
     for index in 0..pool.spec.replicas {
         let name = build::replica_name(pool, index);
         let pod = observed.pods.get(&name);
-        let admission = if queued {
+        let (admission, admitted) = if queued {
             workload(desired, observed, index, pod, now, &mut writes)
         } else {
-            Admission::Direct
+            (Admission::Direct, None)
         };
         let health = match &admission {
             Admission::Direct | Admission::Admitted => {
                 // The Workload `flavors_to_read` read the flavors of, so none is missing.
-                let placement = desired
-                    .current_workload(observed, index)
+                let placement = admitted
                     .map(|w| placement(w, &observed.flavors))
                     .unwrap_or_default();
                 let want = build::pod(pool, desired.template, index, &placement);
@@ -137,17 +134,18 @@ pub fn replicas(desired: &Blueprint, observed: &Observed, now: Timestamp) -> Pla
 }
 
 /// Keeps replica `index`'s Workload as built, following Kueue's protocol for where it
-/// stands, and returns that.
-fn workload(
+/// stands; returns that, and the Workload when it is the one built now.
+fn workload<'o>(
     desired: &Blueprint,
-    observed: &Observed,
+    observed: &'o Observed,
     index: i32,
     pod: Option<&Pod>,
     now: Timestamp,
     writes: &mut Vec<Write>,
-) -> Admission {
+) -> (Admission, Option<&'o Workload>) {
     let name = build::replica_name(desired.pool, index);
-    let Some(current) = desired.current_workload(observed, index) else {
+    let want = desired.workload(index);
+    let Some(current) = as_built(observed, &want) else {
         // Kueue refuses changes to the pod sets of an admitted Workload: a changed template
         // is a new Workload, queued again.
         if observed.workloads.contains_key(&name) {
@@ -156,9 +154,12 @@ fn workload(
             }
             writes.push(Write::DeleteWorkload(name));
         }
-        writes.push(Write::CreateWorkload(Box::new(desired.workload(index))));
-        return Admission::Waiting(
-            "the Workload was just created; Kueue has not looked at it yet".to_owned(),
+        writes.push(Write::CreateWorkload(Box::new(want)));
+        return (
+            Admission::Waiting(
+                "the Workload was just created; Kueue has not looked at it yet".to_owned(),
+            ),
+            None,
         );
     };
     let status = |status: Value| Write::WorkloadStatus {
@@ -193,7 +194,7 @@ fn workload(
             }
         }
     }
-    admission
+    (admission, Some(current))
 }
 
 /// The admitted flavors' node labels and tolerations.

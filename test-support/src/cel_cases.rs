@@ -341,6 +341,56 @@ pub fn creation_cases() -> Vec<Case> {
             Some("spec.aggregation.strategy bestOf ranks outputs by the gate's score"),
         ),
         case(
+            "weightedVote without scores",
+            job,
+            json!({"spec": {"verification": {"mode": "none"}, "aggregation": {"strategy": "weightedVote"}}}),
+            Some("spec.aggregation.strategy weightedVote weighs votes by the gate's score"),
+        ),
+        case(
+            "a vote on the last number",
+            job,
+            json!({"spec": {"aggregation": {"strategy": "weightedVote", "answer": {"type": "lastNumber"}}}}),
+            None,
+        ),
+        case(
+            "an answer to find with nothing voting",
+            job,
+            json!({"spec": {"aggregation": {"strategy": "bestOf", "answer": {"type": "lastNumber"}}}}),
+            Some("spec.aggregation.answer says what a vote compares"),
+        ),
+        case(
+            "an answer by regex without a pattern",
+            job,
+            json!({"spec": {"aggregation": {"strategy": "vote", "answer": {"type": "regex"}}}}),
+            Some("spec.aggregation.answer.pattern is required for type regex"),
+        ),
+        case(
+            "a last number with a field",
+            job,
+            json!({"spec": {"aggregation": {"strategy": "vote", "answer": {"type": "lastNumber", "field": "x"}}}}),
+            Some(
+                "spec.aggregation.answer.field is required for type jsonField and allowed only there",
+            ),
+        ),
+        case(
+            "an answer in the reasoning field",
+            job,
+            json!({"spec": {"aggregation": {"strategy": "vote", "answer": {"type": "jsonField", "field": "reasoning"}}}}),
+            Some("spec.aggregation.answer.field cannot be reasoning"),
+        ),
+        case(
+            "an answer field in checked JSON",
+            job,
+            json!({"spec": {"verification": {"checks": [{"type": "json"}]}, "aggregation": {"strategy": "vote", "answer": {"type": "jsonField", "field": "result"}}}}),
+            None,
+        ),
+        case(
+            "an answer field",
+            job,
+            json!({"spec": {"aggregation": {"strategy": "vote", "answer": {"type": "jsonField", "field": "result"}}}}),
+            None,
+        ),
+        case(
             "synthesis without a model",
             job,
             json!({"spec": {"verification": {"mode": "none", "pool": null}}}),

@@ -45,6 +45,10 @@ use super::model_pool::ModelPoolSpec;
         .message("spec.subtasks must have exactly spec.fanOut.subagents entries, one per subagent"),
     validation = Rule::new("self.aggregation.strategy != 'bestOf' || self.verification.mode != 'none'")
         .message("spec.aggregation.strategy bestOf ranks outputs by the gate's score: set spec.verification.mode adversarial, or choose another strategy"),
+    validation = Rule::new("self.aggregation.strategy != 'weightedVote' || self.verification.mode != 'none'")
+        .message("spec.aggregation.strategy weightedVote weighs votes by the gate's score: set spec.verification.mode adversarial, or choose vote"),
+    validation = Rule::new("!has(self.aggregation.answer) || self.aggregation.strategy in ['vote', 'weightedVote']")
+        .message("spec.aggregation.answer says what a vote compares: set spec.aggregation.strategy vote or weightedVote, or remove it"),
     validation = Rule::new("self.aggregation.strategy != 'synthesize' || has(self.aggregation.pool) || has(self.verification.pool)")
         .message("spec.aggregation.strategy synthesize needs a model to merge the outputs: set spec.aggregation.pool, or spec.verification.pool to use the gate")
 )]
@@ -202,8 +206,9 @@ pub struct VerificationSpec {
     #[schemars(length(min = 1, max = 63), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub pool: Option<String>,
 
-    /// Lowest gate score, 0 to 100, at which an output passes. Unset accepts the gate's own
-    /// pass or fail.
+    /// Lowest gate score, 0 to 100, at which an output the gate passes counts as passed.
+    /// Unset: 50, so a gate that passes an output it scores near 0 has not passed it; 0
+    /// leaves it to the gate's own pass or fail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 100").message("spec.verification.minScore must be between 0 and 100"))]
     pub min_score: Option<i32>,
@@ -288,12 +293,18 @@ pub enum OutputCheckType {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct AggregationSpec {
-    /// `synthesize`: a model merges the outputs into one answer. `vote`: the most common
-    /// normalised answer wins, for short answers. `bestOf`: the output with the highest
-    /// gate score. `collect`: every passing output is kept, for example a gallery. Defaults
-    /// to `synthesize`.
+    /// `synthesize`: a model merges the outputs into one answer. `vote`: the answer most
+    /// outputs give wins (see `answer`). `weightedVote`: each output's vote weighs its gate
+    /// score. `bestOf`: the output with the highest gate score. `collect`: every passing
+    /// output is kept, for example a gallery. Defaults to `synthesize`.
     #[serde(default)]
     pub strategy: AggregationStrategy,
+
+    /// How to find the answer in an output, for `vote` and `weightedVote`; the gate sees
+    /// the answer found. Unset: the whole output is the answer, which suits outputs that
+    /// are nothing but the answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<AnswerSpec>,
 
     /// ModelPool that synthesizes. Unset uses the verification pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -316,6 +327,49 @@ pub struct AggregationSpec {
     pub max_tokens: Option<i32>,
 }
 
+/// How to find the answer in an output.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("(self.type == 'regex') == has(self.pattern)")
+        .message("spec.aggregation.answer.pattern is required for type regex and allowed only there"),
+    validation = Rule::new("(self.type == 'jsonField') == has(self.field)")
+        .message("spec.aggregation.answer.field is required for type jsonField and allowed only there"),
+    validation = Rule::new("!has(self.field) || self.field != 'reasoning'")
+        .message("spec.aggregation.answer.field cannot be reasoning: subagents write their reasoning in that field, before the answer; name the answer's field otherwise")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AnswerSpec {
+    /// `lastNumber`: the last number in the output, for arithmetic ("1,250.0" and "1250"
+    /// are equal). `regex`: the capture group of the last match of `pattern`. `jsonField`:
+    /// the field `field` of the JSON object the output is; subagents then write under a
+    /// schema with a `reasoning` field first and `field` last.
+    #[serde(rename = "type")]
+    pub type_: AnswerType,
+
+    /// Regular expression with exactly one capture group, around the answer, for type
+    /// `regex`; other groups are written `(?:...)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub pattern: Option<String>,
+
+    /// Name of the field holding the answer, for type `jsonField`; not `reasoning`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63), pattern(r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    pub field: Option<String>,
+}
+
+/// Ways to find an answer.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub enum AnswerType {
+    /// The last number in the output.
+    LastNumber,
+    /// The capture group of `pattern`'s last match.
+    Regex,
+    /// A field of the JSON object the output is.
+    JsonField,
+}
+
 /// Most tokens any one call may generate; the bound of every `maxTokens`.
 pub const MAX_CALL_TOKENS: i32 = 32768;
 
@@ -326,8 +380,10 @@ pub enum AggregationStrategy {
     /// A model merges the passing outputs into one answer.
     #[default]
     Synthesize,
-    /// Majority over normalised short answers.
+    /// Majority over the answers found in the outputs.
     Vote,
+    /// Majority over the answers found, each output's vote weighing its gate score.
+    WeightedVote,
     /// The output with the highest verifier score.
     BestOf,
     /// Every passing output, kept side by side.
@@ -510,4 +566,37 @@ pub struct ResultReference {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256))]
     pub preview: Option<String>,
+    /// How a vote chose the answer, for `vote` and `weightedVote`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tally: Option<Tally>,
+}
+
+/// The count behind a vote's answer.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Tally {
+    /// The answer that won, as found and normalised, cut to 256 characters.
+    #[schemars(length(max = 256))]
+    pub answer: String,
+    /// Outputs that gave it.
+    pub votes: i32,
+    /// Passing outputs that gave an answer, so that voted.
+    pub of: i32,
+    /// Passing outputs in which no answer was found; they did not vote.
+    pub unanswered: i32,
+    /// What decided between the answers: `Majority` (the most votes), `GateScore` (the
+    /// most gate score: a weighted vote, or a tie in votes), `FirstGiven` (a tie nothing
+    /// else broke, to the first subagent's answer).
+    pub decided_by: Decision,
+}
+
+/// What decided a vote.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// More outputs gave the answer than any other.
+    Majority,
+    /// The answer carried the most gate score.
+    GateScore,
+    /// A tie nothing else broke went to the first subagent's answer.
+    FirstGiven,
 }

@@ -7,7 +7,7 @@ mod progress;
 mod store;
 mod worker;
 
-pub use model::{ModelError, default_model};
+pub use model::{Known, ModelError, fetch};
 pub use worker::WorkerError;
 
 use std::collections::BTreeMap;
@@ -180,7 +180,7 @@ pub async fn run(args: Args) -> Result<PathBuf, LocalError> {
                     .or_else(|| args.models.iter().find(|(name, _)| name.is_none()));
                 let model = match chosen {
                     Some((_, model)) => model.clone(),
-                    None => model::default_model(&|line| view.say(line))?,
+                    None => model::fetch(Known::default(), &|line| view.say(line))?,
                 };
                 let binary = worker::binary(args.worker.as_deref())?;
                 view.say(&format!(

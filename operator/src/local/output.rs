@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::api::{AggregationStrategy, OutputCheckType, SwarmJob};
+use crate::api::{AggregationStrategy, Decision, OutputCheckType, SwarmJob, Tally};
 use crate::swarm::Outcome;
-use crate::swarm::checks;
 use crate::swarm::record::{self, SubagentRecord};
+use crate::swarm::{checks, render};
 
 pub fn write(dir: &Path, job: &SwarmJob, outcome: &Outcome, took: Duration) -> std::io::Result<()> {
     let svg = job
@@ -28,6 +28,14 @@ pub fn write(dir: &Path, job: &SwarmJob, outcome: &Outcome, took: Duration) -> s
             ("md", record.output.as_str())
         };
         std::fs::write(subagents.join(format!("{:03}.{ext}", record.index)), body)?;
+        // The thumbnail is the picture as the svg check rendered it.
+        if ext == "svg"
+            && let Some(png) = render::render(body, THUMBNAIL_WIDTH)
+                .ok()
+                .and_then(|p| p.encode_png().ok())
+        {
+            std::fs::write(subagents.join(format!("{:03}.png", record.index)), png)?;
+        }
         std::fs::write(
             subagents.join(format!("{:03}.json", record.index)),
             record::encode(record),
@@ -52,6 +60,9 @@ pub fn write(dir: &Path, job: &SwarmJob, outcome: &Outcome, took: Duration) -> s
         if result.truncated() {
             text.push_str(TRUNCATED_ANSWER);
         }
+        if let Some(tally) = &result.tally {
+            text.push_str(&tally_line(tally));
+        }
         std::fs::write(dir.join("answer.md"), text)?;
         if svg && result.strategy == AggregationStrategy::Collect {
             let passed: Vec<&SubagentRecord> = result
@@ -67,6 +78,28 @@ pub fn write(dir: &Path, job: &SwarmJob, outcome: &Outcome, took: Duration) -> s
 
 /// The line under an answer the model was cut off writing.
 pub const TRUNCATED_ANSWER: &str = "\n\n> kubeswarm: this answer was cut off at its token limit and is incomplete: raise spec.aggregation.maxTokens.\n";
+
+/// The line under a vote's answer: what won, by how many, and what decided.
+pub fn tally_line(tally: &Tally) -> String {
+    let decided = match tally.decided_by {
+        Decision::Majority => "the most votes",
+        Decision::GateScore => "the most gate score",
+        Decision::FirstGiven => "a tie, to the first subagent's answer",
+    };
+    let unanswered = match tally.unanswered {
+        0 => String::new(),
+        n => format!("; {n} passing outputs gave no answer and did not vote"),
+    };
+    format!(
+        "\n\n> kubeswarm: the answer `{}` won {} of {} votes, decided by {decided}{unanswered}.\n",
+        tally.answer.replace('`', "'"),
+        tally.votes,
+        tally.of
+    )
+}
+
+/// The gallery's thumbnails are drawn at the width they are shown at.
+const THUMBNAIL_WIDTH: u32 = 400;
 
 /// How many subagents' last outputs were cut off at `fanOut.maxTokens`.
 pub fn truncated_outputs(outcome: &Outcome) -> usize {
@@ -84,7 +117,7 @@ fn gallery(job: &SwarmJob, pictures: &[&SubagentRecord]) -> String {
     let mut page = format!(
         "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>\n<style>\
          body{{font-family:sans-serif;margin:2em}} .grid{{display:flex;flex-wrap:wrap;gap:1.5em}} \
-         figure{{margin:0;width:400px}} img{{width:400px;height:300px;border:1px solid #ccc}}\
+         figure{{margin:0;width:400px}} img{{width:400px;height:auto;border:1px solid #ccc}}\
          </style></head><body>\n<h1>{title}</h1>\n<p>{} pictures passed verification.</p>\n<div class=\"grid\">\n",
         pictures.len()
     );
@@ -98,10 +131,10 @@ fn gallery(job: &SwarmJob, pictures: &[&SubagentRecord]) -> String {
             .unwrap_or_default();
         let _ = writeln!(
             page,
-            "<figure><img src=\"subagents/{:03}.svg\" alt=\"{}\"><figcaption>{}{score}</figcaption></figure>",
-            record.index,
+            "<figure><a href=\"subagents/{i:03}.svg\"><img src=\"subagents/{i:03}.png\" alt=\"{}\"></a><figcaption>{}{score}</figcaption></figure>",
             escape(caption),
-            escape(caption)
+            escape(caption),
+            i = record.index,
         );
     }
     page.push_str("</div></body></html>\n");
@@ -113,4 +146,24 @@ fn escape(text: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tally_line_says_what_won_by_how_much_and_why() {
+        let tally = Tally {
+            answer: "a `b`".to_owned(),
+            votes: 3,
+            of: 5,
+            unanswered: 2,
+            decided_by: Decision::Majority,
+        };
+        assert_eq!(
+            tally_line(&tally),
+            "\n\n> kubeswarm: the answer `a 'b'` won 3 of 5 votes, decided by the most votes; 2 passing outputs gave no answer and did not vote.\n"
+        );
+    }
 }

@@ -1,18 +1,20 @@
 //! The aggregate step: the answer from the outputs that passed, by the job's strategy.
-//! `vote` and `bestOf` need no model; `synthesize` asks one; `collect` keeps them all.
+//! `vote`, `weightedVote` and `bestOf` need no model; `synthesize` asks one; `collect` keeps them all.
 
 use tracing::Instrument;
 
+use super::answer::Extractor;
 use super::call::Prompt;
 use super::failure::{Fail, Failure, Reason};
 use super::record::{self, JobResult, Store, SubagentRecord};
 use super::run::Run;
+use super::vote::vote;
 use super::{Observer, prompts};
 use crate::api::{AggregationStrategy, FinishReason, MAX_CALL_TOKENS, SwarmJobSpec};
 
 impl<S: Store, O: Observer> Run<'_, '_, S, O> {
     /// The answer from the outputs that passed, by the job's strategy; recorded.
-    pub(super) async fn aggregate(&self) -> Result<(JobResult, String), Fail> {
+    pub(super) async fn aggregate(&self, extract: &Extractor) -> Result<(JobResult, String), Fail> {
         let span = tracing::info_span!("aggregate");
         async move {
             let spec = self.spec();
@@ -46,16 +48,31 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
             let mut result = JobResult {
                 strategy,
                 chosen: Vec::new(),
-                votes: None,
+                tally: None,
                 finish_reason: None,
             };
             let answer = match strategy {
-                AggregationStrategy::Vote => {
-                    let tally = vote(&candidates).expect("candidates are not empty");
-                    result.chosen = vec![tally.index];
-                    result.votes = Some(tally.into());
-                    result.finish_reason = answer_finish(&[&records[&tally.index]]);
-                    records[&tally.index].output.clone()
+                AggregationStrategy::Vote | AggregationStrategy::WeightedVote => {
+                    let weighted = strategy == AggregationStrategy::WeightedVote;
+                    let won = vote(&candidates, extract, weighted).ok_or_else(|| {
+                        Failure::new(
+                            Reason::AggregationFailed,
+                            match spec.aggregation.answer {
+                                Some(_) => format!(
+                                    "none of the {} passing outputs has an answer spec.aggregation.answer finds: make the task ask for the answer in that form, or change spec.aggregation.answer",
+                                    candidates.len()
+                                ),
+                                None => format!(
+                                    "the {} passing outputs are empty, so nothing could be voted on",
+                                    candidates.len()
+                                ),
+                            },
+                        )
+                    })?;
+                    result.chosen = vec![won.index];
+                    result.tally = Some(won.tally);
+                    result.finish_reason = answer_finish(&[&records[&won.index]]);
+                    records[&won.index].output.clone()
                 }
                 AggregationStrategy::BestOf => {
                     let best = best_of(&candidates).expect("candidates are not empty");
@@ -154,64 +171,12 @@ pub struct Candidate<'a> {
     pub score: Option<u8>,
 }
 
-/// The result of a vote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tally {
-    /// The subagent whose wording of the winning answer is reported.
-    pub index: usize,
-    pub votes: usize,
-    pub of: usize,
-}
-
-/// Majority over normalised answers. Ties go to the answer with the higher total score,
-/// then to the one first given, so the result does not depend on timing.
-pub fn vote(candidates: &[Candidate]) -> Option<Tally> {
-    // (normalised answer, first index, votes, total score), in first-seen order.
-    let mut groups: Vec<(String, usize, usize, u32)> = Vec::new();
-    let mut sorted = candidates.to_vec();
-    sorted.sort_by_key(|c| c.index);
-    for candidate in &sorted {
-        let key = normalise(candidate.output);
-        let score = u32::from(candidate.score.unwrap_or(0));
-        match groups.iter_mut().find(|g| g.0 == key) {
-            Some(group) => {
-                group.2 += 1;
-                group.3 += score;
-            }
-            None => groups.push((key, candidate.index, 1, score)),
-        }
-    }
-    let best = groups
-        .iter()
-        .max_by(|a, b| a.2.cmp(&b.2).then(a.3.cmp(&b.3)).then(b.1.cmp(&a.1)))?;
-    Some(Tally {
-        index: best.1,
-        votes: best.2,
-        of: candidates.len(),
-    })
-}
-
 /// The output with the highest gate score; the first given wins a tie.
 pub fn best_of(candidates: &[Candidate]) -> Option<usize> {
     candidates
         .iter()
         .max_by(|a, b| a.score.cmp(&b.score).then(b.index.cmp(&a.index)))
         .map(|c| c.index)
-}
-
-/// A short answer reduced to what a vote compares: case, surrounding whitespace and
-/// punctuation, inner runs of whitespace, and a leading "the answer is" do not count.
-pub fn normalise(answer: &str) -> String {
-    let lower = answer.trim().to_lowercase();
-    let words: Vec<&str> = lower.split_whitespace().collect();
-    let joined = words.join(" ");
-    let stripped = ["final answer:", "answer:", "the answer is"]
-        .iter()
-        .find_map(|prefix| joined.strip_prefix(prefix))
-        .unwrap_or(&joined);
-    stripped
-        .trim_matches(|c: char| c.is_whitespace() || c.is_ascii_punctuation())
-        .to_owned()
 }
 
 #[cfg(test)]
@@ -224,41 +189,6 @@ mod tests {
             output,
             score,
         }
-    }
-
-    #[test]
-    fn normalising_ignores_case_spacing_punctuation_and_preamble() {
-        assert_eq!(normalise("  Paris. "), "paris");
-        assert_eq!(normalise("The answer is   PARIS!"), "paris");
-        assert_eq!(normalise("Answer: \"Paris\""), "paris");
-        assert_eq!(normalise("New  York"), "new york");
-    }
-
-    #[test]
-    fn the_majority_wins() {
-        let votes = [
-            c(0, "Lyon", None),
-            c(1, "paris", None),
-            c(2, "Paris.", None),
-            c(3, "Nice", None),
-        ];
-        assert_eq!(
-            vote(&votes),
-            Some(Tally {
-                index: 1,
-                votes: 2,
-                of: 4
-            })
-        );
-    }
-
-    #[test]
-    fn ties_go_to_the_higher_score_then_the_first_answer() {
-        let by_score = [c(0, "a", Some(50)), c(1, "b", Some(90))];
-        assert_eq!(vote(&by_score).unwrap().index, 1);
-        let by_order = [c(3, "b", None), c(2, "a", None)];
-        assert_eq!(vote(&by_order).unwrap().index, 2);
-        assert_eq!(vote(&[]), None);
     }
 
     #[test]

@@ -63,7 +63,8 @@ impl Check {
                         "the output's root element is <{}>, not <svg>",
                         doc.root_element().tag_name().name()
                     )),
-                    Ok(_) => None,
+                    // Well-formed is not yet a picture.
+                    Ok(_) => super::render::blank(text),
                 }
             }
             Check::Regex(regex) => (!regex.is_match(output))
@@ -140,7 +141,7 @@ mod tests {
     #[test]
     fn svg_needs_an_svg_root_and_tolerates_prose_around_it() {
         let svg = check(OutputCheckType::Svg, None);
-        let doc = r#"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 4 3"><rect width="4" height="3"/></svg>"#;
+        let doc = r#"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 4 3"><rect width="4" height="3"/><circle cx="2" cy="1.5" r="1" fill="red"/></svg>"#;
         assert!(run(&svg, doc).is_empty());
         assert!(
             run(
@@ -156,6 +157,8 @@ mod tests {
         );
         assert!(run(&svg, "<svg><rect></svg>")[0].contains("not well-formed SVG"));
         assert!(run(&svg, "a lighthouse")[0].contains("not well-formed SVG"));
+        let nothing_drawn = r#"<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 300 100 100"><path d="l" fill="red"/></svg>"#;
+        assert!(run(&svg, nothing_drawn)[0].starts_with("the picture is blank"));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! file: `plan`, `subagent`, `verify`, `aggregate`, over the state of a run in `run`.
 
 pub(crate) mod aggregate;
+mod answer;
 pub(crate) mod balance;
 pub mod call;
 pub(crate) mod checks;
@@ -18,9 +19,11 @@ mod plan;
 pub mod pool;
 pub mod prompts;
 pub mod record;
+pub mod render;
 mod run;
 mod subagent;
 mod verify;
+mod vote;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -134,24 +134,34 @@ pub fn critique(
     task: &str,
     subtask: Option<&str>,
     output: &str,
+    answer: Option<Option<String>>,
 ) -> (Vec<ChatCompletionRequestMessage>, Value) {
     let part = subtask
         .map(|s| format!("\n\nThe answer's part of the task:\n{s}"))
         .unwrap_or_default();
+    // Where the job says how to find the answer, the gate judges that answer, not the
+    // prose around it.
+    let found = match answer {
+        None => String::new(),
+        Some(Some(answer)) => format!("\n\nThe final answer it gives: {answer}"),
+        Some(None) => "\n\nIt gives no final answer in the form the task asks for.".to_owned(),
+    };
     let messages = vec![
         system(GATE),
         user(format!(
-            "Task:\n{task}{part}\n\nAnswer to review:\n{output}\n\nReply as {{\"pass\": true|false, \"score\": 0-100, \"issues\": [\"...\"]}}."
+            "Task:\n{task}{part}\n\nAnswer to review:\n{output}{found}\n\nReply as {{\"issues\": [one sentence per problem], \"score\": 0-100, \"pass\": true|false}}."
         )),
     ];
     let schema = json!({
         "type": "object",
+        // Issues first: a model that decodes its verdict in this order finds the problems
+        // before it commits to a score and a pass.
         "properties": {
-            "pass": {"type": "boolean"},
+            "issues": {"type": "array", "items": {"type": "string"}, "maxItems": 10},
             "score": {"type": "integer", "minimum": 0, "maximum": 100},
-            "issues": {"type": "array", "items": {"type": "string"}, "maxItems": 10}
+            "pass": {"type": "boolean"}
         },
-        "required": ["pass", "score", "issues"],
+        "required": ["issues", "score", "pass"],
         "additionalProperties": false
     });
     (messages, schema)
@@ -197,6 +207,18 @@ fn json_text(answer: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gate_writes_its_issues_before_its_score_and_pass() {
+        // The order reaches the grammar only as the serialized schema's key order.
+        let (_, schema) = critique("t", None, "o", None);
+        let text = schema.to_string();
+        let at = |key: &str| text.find(&format!("\"{key}\":{{")).unwrap();
+        assert!(
+            at("issues") < at("score") && at("score") < at("pass"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn plans_are_read_strictly() {

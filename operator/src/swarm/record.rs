@@ -7,9 +7,8 @@ use std::future::Future;
 
 use serde::{Deserialize, Serialize};
 
-use super::aggregate::Tally;
 use super::call::Usage;
-use crate::api::{AggregationStrategy, FinishReason};
+use crate::api::{AggregationStrategy, FinishReason, Tally};
 
 /// Most bytes the entries of one job may hold: a ConfigMap is limited to 1 MiB, and its
 /// metadata needs room too. Local mode keeps the same limit so a job that runs locally
@@ -95,8 +94,9 @@ pub struct JobResult {
     pub strategy: AggregationStrategy,
     /// Subagents whose outputs make up the answer.
     pub chosen: Vec<usize>,
+    /// How a vote chose the answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub votes: Option<Votes>,
+    pub tally: Option<Tally>,
     /// Why the model that wrote the answer stopped, for an answer a model wrote
     /// (`synthesize`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -107,23 +107,6 @@ impl JobResult {
     /// Whether the answer was cut off at its token limit.
     pub fn truncated(&self) -> bool {
         self.finish_reason == Some(FinishReason::Length)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Votes {
-    pub winner: usize,
-    pub votes: usize,
-    pub of: usize,
-}
-
-impl From<Tally> for Votes {
-    fn from(t: Tally) -> Self {
-        Self {
-            winner: t.index,
-            votes: t.votes,
-            of: t.of,
-        }
     }
 }
 

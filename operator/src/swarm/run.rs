@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
+use super::answer::Extractor;
 use super::call::{self, Budget, Caller, Ledger, Policy};
+use super::checks::{self, Check};
 use super::failure::{Fail, Failure, Interrupted, Reason};
 use super::pool::Pool;
 use super::record::{self, JobResult, Stage, Store, SubagentRecord};
-use super::{Event, Job, Observer, checks};
-use crate::api::SwarmJobSpec;
+use super::{Event, Job, Observer};
+use crate::api::{OutputCheckType, SwarmJobSpec};
 use crate::telemetry;
 
 /// Attempts at writing the records before a store fault interrupts the run: a write is
@@ -22,6 +24,36 @@ const STORE_ATTEMPTS: u32 = 5;
 
 /// Attempts at a plan or a verdict that came back malformed, before giving up.
 pub(super) const STRUCTURED_ATTEMPTS: u32 = 3;
+
+/// What a job's checks and answer extraction compile to, once per run.
+pub(super) struct Rules {
+    pub(super) checks: Vec<Check>,
+    pub(super) extract: Extractor,
+}
+
+impl Rules {
+    /// The job's rules; a bad pattern names its field.
+    fn compile(spec: &SwarmJobSpec) -> Result<Self, String> {
+        let extract = Extractor::compile(spec.aggregation.answer.as_ref())?;
+        // CEL could say this only with a comprehension, which the API server's cost
+        // analysis of CRD rules does not scope; the job says it when it starts.
+        if extract.schema().is_some()
+            && let Some(i) = spec
+                .verification
+                .checks
+                .iter()
+                .position(|c| matches!(c.type_, OutputCheckType::Svg | OutputCheckType::Xml))
+        {
+            return Err(format!(
+                "spec.aggregation.answer of type jsonField makes every output a JSON object, which spec.verification.checks[{i}] would fail: remove that check, or find the answer another way"
+            ));
+        }
+        Ok(Self {
+            checks: checks::compile(&spec.verification.checks)?,
+            extract,
+        })
+    }
+}
 
 /// The state of one run of a job: what it has spent and recorded so far.
 pub(super) struct Run<'r, 'a, S: Store, O: Observer> {
@@ -67,8 +99,8 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
         &self,
         plan: Option<Vec<String>>,
     ) -> Result<Result<(JobResult, String), Failure>, Interrupted> {
-        let checks = match checks::compile(&self.spec().verification.checks) {
-            Ok(checks) => checks,
+        let rules = match Rules::compile(self.spec()) {
+            Ok(rules) => rules,
             Err(message) => return Ok(Err(Failure::new(Reason::InvalidSpec, message))),
         };
         let subtasks = match plan {
@@ -120,7 +152,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
         let subtasks = subtasks.as_deref();
         let mut stops = Vec::new();
         let mut outcomes = futures::stream::iter(0..n)
-            .map(|index| self.subagent(index, subtasks.map(|s| s[index].as_str()), &checks))
+            .map(|index| self.subagent(index, subtasks.map(|s| s[index].as_str()), &rules))
             .buffer_unordered(concurrency);
         while let Some(outcome) = outcomes.next().await {
             match outcome {
@@ -134,7 +166,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
             return Ok(Err(failure));
         }
         self.job.observer.event(Event::Aggregating);
-        match self.aggregate().await {
+        match self.aggregate(&rules.extract).await {
             Ok(result) => Ok(Ok(result)),
             Err(Fail::Job(failure)) => Ok(Err(failure)),
             Err(Fail::Store(err)) => Err(err),

@@ -4,10 +4,9 @@
 use tracing::Instrument;
 
 use super::call::{self, Prompt};
-use super::checks::Check;
 use super::failure::{Fail, Failure};
 use super::record::{Stage, Store, SubagentRecord};
-use super::run::Run;
+use super::run::{Rules, Run};
 use super::{Event, Observer, balance, grammar, prompts};
 
 impl<S: Store, O: Observer> Run<'_, '_, S, O> {
@@ -16,7 +15,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
         &self,
         index: usize,
         subtask: Option<&str>,
-        checks: &[Check],
+        rules: &Rules,
     ) -> Result<(), Fail> {
         let recorded = self
             .records
@@ -39,8 +38,13 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                 messages: conversation.clone(),
                 max_tokens: spec.fan_out.max_tokens.max(1) as u32,
                 temperature: spec.fan_out.temperature as f32,
-                schema: None,
-                grammar: grammar::for_checks(&spec.verification.checks),
+                // A schema that holds the answer takes the place of the checks' grammar:
+                // a request constrained twice would satisfy neither.
+                schema: rules.extract.schema(),
+                grammar: match rules.extract.schema() {
+                    Some(_) => None,
+                    None => grammar::for_checks(&spec.verification.checks),
+                },
                 affinity: Some(balance::prefix_key(&spec.task)),
             };
             let mut record = match recorded {
@@ -77,7 +81,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                     record
                 }
             };
-            let mut verdict = self.verify(&record, subtask, checks).await?;
+            let mut verdict = self.verify(&record, subtask, rules).await?;
             if !verdict.pass && spec.verification.repair_rounds > 0 && !record.repaired {
                 self.wait_unsuspended().await;
                 self.job.observer.event(Event::Running { index });
@@ -100,7 +104,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                         record.output.clear();
                         record.add(&reply);
                         record.repaired = true;
-                        verdict = self.verify(&record, subtask, checks).await?;
+                        verdict = self.verify(&record, subtask, rules).await?;
                     }
                     Err(err) if err.stops_job() => return Err(Failure::from(err).into()),
                     Err(err) => verdict.error = Some(format!("the repair failed: {err}")),

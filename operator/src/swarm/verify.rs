@@ -2,11 +2,12 @@
 
 use tracing::Instrument;
 
+use super::answer::Extractor;
 use super::call::Prompt;
-use super::checks::{self, Check};
+use super::checks;
 use super::failure::{Fail, Failure};
 use super::record::{Store, SubagentRecord, VerdictRecord};
-use super::run::{Run, STRUCTURED_ATTEMPTS};
+use super::run::{Rules, Run, STRUCTURED_ATTEMPTS};
 use super::{Observer, balance, prompts};
 use crate::api::{TruncatedOutputs, VerificationMode};
 
@@ -21,7 +22,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
         &self,
         record: &SubagentRecord,
         subtask: Option<&str>,
-        checks: &[Check],
+        rules: &Rules,
     ) -> Result<Judgement, Fail> {
         let span = tracing::info_span!("verify");
         async move {
@@ -38,7 +39,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                     )],
                 }));
             }
-            let problems = checks::run(checks, output);
+            let problems = checks::run(&rules.checks, output);
             if !problems.is_empty() {
                 return Ok(Judgement::verdict(VerdictRecord {
                     pass: false,
@@ -58,7 +59,12 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                 }
             };
             let pool = self.pool(gate)?;
-            let (messages, schema) = prompts::critique(&spec.task, subtask, output);
+            let answer = match rules.extract {
+                // The whole output is the answer: the gate has it in view already.
+                Extractor::Whole => None,
+                ref extract => Some(extract.found(output)),
+            };
+            let (messages, schema) = prompts::critique(&spec.task, subtask, output, answer);
             let prompt = Prompt {
                 messages,
                 max_tokens: VERDICT_TOKENS,
@@ -73,15 +79,10 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                 match self.caller().call(pool, &prompt).await {
                     Ok(reply) => match prompts::read_verdict(&reply.content) {
                         Ok(verdict) => {
-                            let pass = match verification.min_score {
-                                Some(min) => i32::from(verdict.score) >= min,
-                                None => verdict.pass,
-                            };
-                            return Ok(Judgement::verdict(VerdictRecord {
-                                pass,
-                                score: Some(verdict.score),
-                                issues: verdict.issues,
-                            }));
+                            return Ok(Judgement::verdict(judge(
+                                verdict,
+                                verification.min_score.unwrap_or(DEFAULT_MIN_SCORE),
+                            )));
                         }
                         Err(problem) => last = problem,
                     },
@@ -97,6 +98,40 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// The score an output needs when the job sets no `verification.minScore`: a gate that
+/// passes an output it scores 0 has not verified it.
+pub const DEFAULT_MIN_SCORE: i32 = 50;
+
+/// The record of a gate's verdict: a pass needs the gate's pass and a score of at least
+/// `min_score`. Issues that say nothing (blank, or a placeholder like "...") are dropped,
+/// and a fail that names no issue says why it failed, so the repair round has something
+/// to fix.
+pub fn judge(verdict: prompts::Verdict, min_score: i32) -> VerdictRecord {
+    let mut issues: Vec<String> = verdict
+        .issues
+        .into_iter()
+        .map(|issue| issue.trim().to_owned())
+        .filter(|issue| issue.chars().any(char::is_alphanumeric))
+        .collect();
+    let high_enough = i32::from(verdict.score) >= min_score;
+    let pass = verdict.pass && high_enough;
+    if !pass && issues.is_empty() {
+        issues.push(if high_enough {
+            "the reviewer failed the answer without naming an issue".to_owned()
+        } else {
+            format!(
+                "the reviewer scored the answer {}/100, below the {min_score} it needs to pass",
+                verdict.score
+            )
+        });
+    }
+    VerdictRecord {
+        pass,
+        score: Some(verdict.score),
+        issues,
     }
 }
 

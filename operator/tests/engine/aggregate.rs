@@ -1,6 +1,7 @@
 //! The aggregate step: a vote over the outputs, and the best by the gate's score.
 
 use super::*;
+use kubeswarm::api::Decision;
 
 #[tokio::test]
 async fn vote_and_best_of_choose_by_majority_and_score() {
@@ -29,8 +30,17 @@ verification: {mode: adversarial, pool: gate}
     .result
     .unwrap();
     assert_eq!(answer, "Paris");
-    let votes = voted.votes.unwrap();
-    assert_eq!((votes.winner, votes.votes, votes.of), (0, 2, 3));
+    let tally = voted.tally.unwrap();
+    assert_eq!(voted.chosen, [0]);
+    assert_eq!(
+        (
+            tally.answer.as_str(),
+            tally.votes,
+            tally.of,
+            tally.decided_by
+        ),
+        ("paris", 2, 3, Decision::Majority)
+    );
     let (best, answer) = run_job(
         &spec(&format!("{base}aggregation: {{strategy: bestOf}}")),
         &pools,
@@ -91,4 +101,178 @@ async fn the_synthesis_has_its_own_limit_and_a_cut_off_answer_says_so() {
         .result
         .unwrap();
     assert_eq!(synthesis()["max_completion_tokens"], 3000);
+}
+
+/// Subagents that reason before they answer, as small models get arithmetic right: no two
+/// outputs are equal, and the vote is over the numbers they end on.
+const REASONED: [&str; 6] = [
+    "12 pens in 3 boxes of 4, so the total is 12.",
+    "Each box holds 4; 4 + 4 + 4 = 13.",
+    "3 * 4 = 12. The answer is 12.",
+    "I am not sure how many there are.",
+    "Three boxes, four pens: 13",
+    "Four pens, three times: 12",
+];
+
+#[tokio::test]
+async fn votes_count_the_answers_found_and_weighted_votes_trust_the_gate() {
+    let workers = Mock::start("m", |_, n| text(REASONED[n % 6])).await;
+    // The gate sees the answer the job found, and is surer of 13.
+    let gate = Mock::start("m", |body, _| {
+        let review = last_user(body);
+        if review.contains("The final answer it gives: 13") {
+            verdict(true, 95, &[])
+        } else if review.contains("The final answer it gives: 12") {
+            verdict(true, 55, &[])
+        } else {
+            assert!(review.contains("It gives no final answer"), "{review}");
+            verdict(true, 60, &[])
+        }
+    })
+    .await;
+    let pools = pools(&[
+        ("workers", vec![workers.url.clone()]),
+        ("gate", vec![gate.url.clone()]),
+    ]);
+    let job = |strategy: &str| {
+        spec(&format!(
+            r#"
+task: How many pens are in 3 boxes of 4?
+fanOut: {{pool: workers, subagents: 6, maxConcurrency: 1}}
+verification: {{mode: adversarial, pool: gate}}
+aggregation: {{strategy: {strategy}, answer: {{type: lastNumber}}}}
+"#
+        ))
+    };
+    let tally = |strategy: &str| {
+        let job = job(strategy);
+        let pools = &pools;
+        async move {
+            let (result, answer) = run_job(&job, pools, &Memory::default())
+                .await
+                .result
+                .unwrap();
+            let t = result.tally.unwrap();
+            (answer, t.answer, t.votes, t.of, t.unanswered, t.decided_by)
+        }
+    };
+    assert_eq!(
+        tally("vote").await,
+        (
+            REASONED[0].to_owned(),
+            "12".to_owned(),
+            3,
+            5,
+            1,
+            Decision::Majority
+        )
+    );
+    // 3 votes at 55 weigh less than 2 at 95.
+    assert_eq!(
+        tally("weightedVote").await,
+        (
+            REASONED[1].to_owned(),
+            "13".to_owned(),
+            2,
+            5,
+            1,
+            Decision::GateScore
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_vote_with_no_answer_to_count_fails_and_says_what_to_change() {
+    let workers = Mock::start("m", |_, _| text("I am not sure.")).await;
+    let job = spec(
+        r#"
+task: How many pens are in 3 boxes of 4?
+fanOut: {pool: workers, subagents: 2}
+verification: {mode: none}
+aggregation: {strategy: vote, answer: {type: lastNumber}}
+"#,
+    );
+    let failure = run_job(
+        &job,
+        &pools(&[("workers", vec![workers.url.clone()])]),
+        &Memory::default(),
+    )
+    .await
+    .result
+    .unwrap_err();
+    assert_eq!(failure.reason, Reason::AggregationFailed);
+    assert!(
+        failure
+            .message
+            .contains("none of the 2 passing outputs has an answer"),
+        "{}",
+        failure.message
+    );
+}
+
+#[tokio::test]
+async fn an_answer_field_with_a_picture_check_is_refused_before_any_call() {
+    let workers = Mock::start("m", |_, _| text("{}")).await;
+    let job = spec(
+        r#"
+task: Draw.
+fanOut: {pool: workers, subagents: 2}
+verification: {mode: none, checks: [{type: json}, {type: svg}]}
+aggregation: {strategy: vote, answer: {type: jsonField, field: result}}
+"#,
+    );
+    let failure = run_job(
+        &job,
+        &pools(&[("workers", vec![workers.url.clone()])]),
+        &Memory::default(),
+    )
+    .await
+    .result
+    .unwrap_err();
+    assert_eq!(failure.reason, Reason::InvalidSpec);
+    assert!(
+        failure
+            .message
+            .contains("which spec.verification.checks[1] would fail"),
+        "{}",
+        failure.message
+    );
+    assert_eq!(workers.count(), 0);
+}
+
+#[tokio::test]
+async fn an_answer_field_has_subagents_write_under_its_schema() {
+    let workers = Mock::start("m", |_, n| {
+        text(format!(
+            r#"{{"reasoning": "counted", "result": {}}}"#,
+            4 + n % 2
+        ))
+    })
+    .await;
+    let job = spec(
+        r#"
+task: How many legs has a dog?
+fanOut: {pool: workers, subagents: 3, maxConcurrency: 1}
+verification: {mode: none, checks: [{type: json}]}
+aggregation: {strategy: vote, answer: {type: jsonField, field: result}}
+"#,
+    );
+    let (result, _) = run_job(
+        &job,
+        &pools(&[("workers", vec![workers.url.clone()])]),
+        &Memory::default(),
+    )
+    .await
+    .result
+    .unwrap();
+    assert_eq!(result.tally.unwrap().answer, "4");
+    for request in workers.requests() {
+        let schema = &request["response_format"]["json_schema"]["schema"];
+        assert_eq!(
+            schema["required"],
+            serde_json::json!(["reasoning", "result"])
+        );
+        // The schema replaces the json check's grammar: one constraint per request.
+        assert!(request.get("grammar").is_none(), "{request}");
+    }
 }

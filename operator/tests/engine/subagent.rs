@@ -45,7 +45,7 @@ aggregation: {strategy: collect}
 
 #[tokio::test]
 async fn format_checks_constrain_decoding_on_workers_and_not_on_other_servers() {
-    let svg = "<svg xmlns=\"http://www.w3.org/2000/svg\"><rect width=\"4\" height=\"3\"/></svg>";
+    let svg = "<svg xmlns=\"http://www.w3.org/2000/svg\" viewBox=\"0 0 4 3\"><rect width=\"4\" height=\"3\"/><circle cx=\"2\" cy=\"1.5\" r=\"1\" fill=\"red\"/></svg>";
     let job = spec(
         &FOUR
             .replace(

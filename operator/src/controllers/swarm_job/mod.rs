@@ -485,12 +485,13 @@ impl<'a> Reconciler<'a> {
             usage: state.usage_status(),
             result: match end {
                 Some(Ending {
-                    outcome: Ok(_),
+                    outcome: Ok(result),
                     preview,
                     ..
                 }) => Some(ResultReference {
                     config_map_name: store::result_name(self.job),
                     preview: preview.clone(),
+                    tally: result.tally.clone(),
                 }),
                 _ => None,
             },

@@ -1,6 +1,6 @@
 //! A SwarmJob's conditions, from where it waits and how far it got. Pure.
 
-use crate::api::{AggregationStrategy, SwarmJobSpec, VerificationMode};
+use crate::api::{AggregationStrategy, Decision, SwarmJobSpec, VerificationMode};
 use crate::conditions::{Desired, Notice};
 use crate::swarm::Failure;
 use crate::swarm::record::JobResult;
@@ -173,22 +173,12 @@ pub fn phases(
             true,
             reason::ANSWER_TRUNCATED,
             format!(
-                "{} over {} outputs; the answer was cut off at its token limit: raise spec.aggregation.maxTokens",
-                strategy_name(result.strategy),
-                result.chosen.len()
+                "{}; the answer was cut off at its token limit: raise spec.aggregation.maxTokens",
+                aggregated(result)
             ),
         )
         .warning(),
-        Some(Ok(result)) => Desired::new(
-            AGGREGATED,
-            true,
-            reason::AGGREGATED,
-            format!(
-                "{} over {} outputs",
-                strategy_name(result.strategy),
-                result.chosen.len()
-            ),
-        ),
+        Some(Ok(result)) => Desired::new(AGGREGATED, true, reason::AGGREGATED, aggregated(result)),
         _ if state.aggregating => Desired::new(
             AGGREGATED,
             false,
@@ -246,10 +236,39 @@ fn pending(type_: &'static str, message: &str) -> Desired {
     Desired::new(type_, false, reason::PENDING, message).silent()
 }
 
+/// How the answer came about: the strategy and what it used, or the tally of a vote.
+fn aggregated(result: &JobResult) -> String {
+    let strategy = strategy_name(result.strategy);
+    match &result.tally {
+        Some(tally) => format!(
+            "{strategy}: {:?} won with {} of {} votes ({}{})",
+            tally.answer,
+            tally.votes,
+            tally.of,
+            match tally.decided_by {
+                Decision::Majority => "majority",
+                Decision::GateScore => "gate score",
+                Decision::FirstGiven => "a tie, to the first given",
+            },
+            match tally.unanswered {
+                0 => String::new(),
+                n => format!("; {n} outputs gave no answer"),
+            }
+        ),
+        None => match (result.strategy, result.chosen.as_slice()) {
+            (AggregationStrategy::BestOf, [best]) => {
+                format!("{strategy}: subagent {best}'s output scored highest")
+            }
+            _ => format!("{strategy} over {} outputs", result.chosen.len()),
+        },
+    }
+}
+
 fn strategy_name(strategy: AggregationStrategy) -> &'static str {
     match strategy {
         AggregationStrategy::Synthesize => "synthesize",
         AggregationStrategy::Vote => "vote",
+        AggregationStrategy::WeightedVote => "weightedVote",
         AggregationStrategy::BestOf => "bestOf",
         AggregationStrategy::Collect => "collect",
     }
@@ -349,7 +368,7 @@ mod tests {
         let result = JobResult {
             strategy: AggregationStrategy::Synthesize,
             chosen: vec![0],
-            votes: None,
+            tally: None,
             finish_reason: None,
         };
         let done = phases(&spec, true, &progress.state(), Some(&Ok(result)));
@@ -458,7 +477,7 @@ mod tests {
         let result = JobResult {
             strategy: AggregationStrategy::Synthesize,
             chosen: vec![0, 1],
-            votes: None,
+            tally: None,
             finish_reason: Some(FinishReason::Length),
         };
         let done = phases(&spec, true, &state, Some(&Ok(result)));
@@ -474,6 +493,36 @@ mod tests {
             ]
         );
         assert!(done[3..].iter().all(|d| d.notice == Notice::Warning));
+    }
+
+    #[test]
+    fn the_aggregated_condition_says_what_won_a_vote_and_what_a_best_of_chose() {
+        let voted = JobResult {
+            strategy: AggregationStrategy::WeightedVote,
+            chosen: vec![3],
+            tally: Some(crate::api::Tally {
+                answer: "13".to_owned(),
+                votes: 2,
+                of: 5,
+                unanswered: 1,
+                decided_by: Decision::GateScore,
+            }),
+            finish_reason: None,
+        };
+        assert_eq!(
+            aggregated(&voted),
+            "weightedVote: \"13\" won with 2 of 5 votes (gate score; 1 outputs gave no answer)"
+        );
+        let best = JobResult {
+            strategy: AggregationStrategy::BestOf,
+            chosen: vec![2],
+            tally: None,
+            finish_reason: None,
+        };
+        assert_eq!(
+            aggregated(&best),
+            "bestOf: subagent 2's output scored highest"
+        );
     }
 
     #[test]

@@ -99,7 +99,7 @@ pub fn blank(svg: &str) -> Option<String> {
         ));
     }
     let mut counts: Vec<usize> = colours.into_values().collect();
-    counts.sort_unstable_by(|a, b| b.cmp(a));
+    counts.sort_unstable_by_key(|&n| std::cmp::Reverse(n));
     let second = counts.get(1).copied().unwrap_or(0);
     if second * 1000 < painted * MIN_SECOND_COLOUR_PER_MILLE {
         return Some(

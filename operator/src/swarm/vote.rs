@@ -65,7 +65,7 @@ pub fn vote(candidates: &[Candidate], extract: &Extractor, weighted: bool) -> Op
     };
     // Groups are in first-given order, so on equal keys the earliest stays ahead.
     let mut ranked: Vec<&Group> = groups.iter().collect();
-    ranked.sort_by(|a, b| key(b).cmp(&key(a)));
+    ranked.sort_by_key(|g| std::cmp::Reverse(key(g)));
     let winner = *ranked.first()?;
     let decided_by = match ranked.get(1).map(|second| (key(winner), key(second))) {
         None => Decision::Majority,

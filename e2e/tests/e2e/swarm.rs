@@ -77,7 +77,9 @@ pub fn pool_spec(bed: &Bed, replicas: u32, gpus: u32, extra: &str) -> String {
 }
 
 /// A job of `subagents` short subtasks on a job-scoped worker pool, checked by a gate pool
-/// and synthesized by it.
+/// and synthesized by it. The gate runs the 135M test model, which is no critic and scores
+/// most outputs near 0: `minScore: 0` leaves the verdict to its pass, as these tests are
+/// about the machinery, not the answers.
 fn job(bed: &Bed, name: &str, subagents: u32, concurrency: u32) -> String {
     let subtasks: Vec<String> = [
         "lighthouse",
@@ -101,7 +103,7 @@ spec:
   subtasks:
 {subtasks}
   fanOut: {{pool: worker, subagents: {subagents}, maxConcurrency: {concurrency}, maxTokens: 48, temperature: 0.2, timeoutSeconds: 300}}
-  verification: {{mode: adversarial, pool: gate, repairRounds: 0}}
+  verification: {{mode: adversarial, pool: gate, repairRounds: 0, minScore: 0}}
   aggregation: {{strategy: synthesize, pool: gate}}
   pools:
   - {{name: worker, spec: {worker}}}

@@ -157,7 +157,8 @@ pub fn critique(
         // Issues first: a model that decodes its verdict in this order finds the problems
         // before it commits to a score and a pass.
         "properties": {
-            "issues": {"type": "array", "items": {"type": "string"}, "maxItems": 10},
+            // Bounded, so a gate that repeats itself ends its verdict within its tokens.
+            "issues": {"type": "array", "items": {"type": "string", "maxLength": 300}, "maxItems": 10},
             "score": {"type": "integer", "minimum": 0, "maximum": 100},
             "pass": {"type": "boolean"}
         },

@@ -311,3 +311,35 @@ spec:
     assert!(!dir.join("kubeswarm-out").exists(), "nothing started");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_job_that_runs_and_fails_exits_3_and_keeps_its_records() {
+    let dir = scratch("failed");
+    std::fs::write(
+        dir.join("job.yaml"),
+        r#"
+apiVersion: kubeswarm.dev/v1alpha1
+kind: SwarmJob
+metadata: {name: unanswered}
+spec:
+  task: Name a colour.
+  fanOut: {pool: workers, subagents: 2, maxTokens: 8}
+  verification: {mode: none, truncated: accept}
+  aggregation: {strategy: vote, answer: {type: regex, pattern: 'ZZZ(\d+)QQQ'}}
+"#,
+    )
+    .unwrap();
+    let out = kubeswarm(&["job.yaml"], &dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("AggregationFailed: none of the 2 passing outputs has an answer"),
+        "{stderr}"
+    );
+    let job = dir.join("kubeswarm-out/unanswered");
+    assert!(job.join("subagents/000.json").exists() && job.join("subagents/001.json").exists());
+    let usage: Value =
+        serde_json::from_str(&std::fs::read_to_string(job.join("usage.json")).unwrap()).unwrap();
+    assert_eq!(usage["result"]["reason"], "AggregationFailed", "{usage}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -90,10 +90,10 @@ bench-engine: third-party ## The swarm engine's calls/s and added latency agains
 	OPENAI_PYTHON="$$(hack/install-tool openai-python)" $(CARGO) bench --locked $(SELECT) --bench engine
 
 # Does the swarm help? A benchmark, not a test: every swarm arm runs through `kubeswarm run`
-# beside a direct call of the same model, on generated multi-step word problems. About 30
+# beside a direct call of the same model, on generated multi-step word problems. About 20
 # minutes on 2 cores at the defaults; EVAL_LIMIT problems, EVAL_N subagent counts.
-EVAL_LIMIT ?= 12
-EVAL_N ?= 1,3,5
+EVAL_LIMIT ?= 10
+EVAL_N ?= 1,3
 .PHONY: eval
 eval: build ## Does the swarm help? Swarm arms against a direct call, Qwen2.5-Coder-0.5B (a benchmark)
 	"$$(hack/install-tool eval-python)" eval/arithmetic.py --kubeswarm $(KUBESWARM) --worker $(WORKER) \

@@ -110,7 +110,7 @@ def wilson(correct, n):
     z, p = 1.96, correct / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (100 * (centre - half), 100 * (centre + half))
+    return (max(0.0, 100 * (centre - half)), min(100.0, 100 * (centre + half)))
 
 
 class Direct:
@@ -199,6 +199,8 @@ def main():
     parser.add_argument("--n", default="1,3,5", help="subagent counts of the swarm arms")
     parser.add_argument("--max-tokens", type=int, default=320)
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--strategies", default="vote,weightedVote",
+                        help="selections of the N>1 arms (vote, weightedVote, bestOf)")
     parser.add_argument("--out", default="eval-out")
     args = parser.parse_args()
     counts = [int(n) for n in args.n.split(",")]
@@ -258,7 +260,7 @@ def run_arms(args, counts, url, out):
         text = PROMPT + problem["question"]
         score("direct call", problem, direct.ask(text, args.max_tokens))
         for n in counts:
-            strategies = ["vote"] if n == 1 else ["vote", "weightedVote", "bestOf"]
+            strategies = ["vote"] if n == 1 else args.strategies.split(",")
             for strategy in strategies:
                 with tempfile.TemporaryDirectory() as work:
                     result = swarm(args.kubeswarm, url, problem["question"], n,
@@ -330,6 +332,7 @@ def plot(rows, path):
             ax.axhline(ys[0], linestyle="--", linewidth=1, label=name)
         else:
             ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xticks(sorted({r["n"] for r in rows}))
     ax.set_xlabel("subagents (N)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)

@@ -157,8 +157,9 @@ pub fn critique(
         // Issues first: a model that decodes its verdict in this order finds the problems
         // before it commits to a score and a pass.
         "properties": {
-            // Bounded, so a gate that repeats itself ends its verdict within its tokens.
-            "issues": {"type": "array", "items": {"type": "string", "maxLength": 300}, "maxItems": 10},
+            // Bounded, so a verdict always fits its tokens (VERDICT_TOKENS) however much
+            // the gate repeats itself.
+            "issues": {"type": "array", "items": {"type": "string", "maxLength": 200}, "maxItems": 5},
             "score": {"type": "integer", "minimum": 0, "maximum": 100},
             "pass": {"type": "boolean"}
         },

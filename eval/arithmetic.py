@@ -11,11 +11,9 @@ outputs and its own gate), never with the held-back answer.
 """
 
 import argparse
-import http.client
-import os
-import socket
 import json
 import math
+import os
 import random
 import re
 import subprocess
@@ -25,6 +23,10 @@ import time
 from pathlib import Path
 
 from openai import OpenAI
+
+# The project's helpers for starting a server and waiting for it (hack/lib/serving.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack" / "lib"))
+from serving import free_port, wait_until_serving  # noqa: E402
 
 PROMPT = (
     "Solve the math word problem. Think step by step, then write the final answer on the "
@@ -216,33 +218,11 @@ def main():
         env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
     )
     try:
-        wait_until_ready(port, worker)
+        wait_until_serving(port, worker, "/ready")
         run_arms(args, counts, url, out)
     finally:
         worker.terminate()
         worker.wait()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_ready(port, proc, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"the worker exited with {proc.returncode}: see its log")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/ready")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    sys.exit("the worker did not get ready in time")
 
 
 def run_arms(args, counts, url, out):

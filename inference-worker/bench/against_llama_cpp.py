@@ -15,40 +15,22 @@ import http.client
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+
+# The project's helpers for starting a server and waiting for it (hack/lib/serving.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "hack" / "lib"))
+from serving import free_port, wait_until_serving  # noqa: E402
 
 PROMPT = (
     "Write a short story about a lighthouse keeper who finds a message in a bottle. "
     "Describe the sea, the weather and what the message says."
 )
 MODEL = "bench"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_serving(port, proc, ready_path, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"the server exited with {proc.returncode} before serving")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", ready_path)
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    sys.exit("the server did not start serving in time")
 
 
 def one_request(port, number, max_tokens, results):

@@ -180,10 +180,11 @@ pub fn best_of(candidates: &[Candidate]) -> Option<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn c(index: usize, output: &str, score: Option<u8>) -> Candidate<'_> {
+    /// A candidate, for the selection tests here and in `vote`.
+    pub(in crate::swarm) fn c(index: usize, output: &str, score: Option<u8>) -> Candidate<'_> {
         Candidate {
             index,
             output,

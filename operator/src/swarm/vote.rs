@@ -101,14 +101,7 @@ pub fn vote(candidates: &[Candidate], extract: &Extractor, weighted: bool) -> Op
 mod tests {
     use super::*;
     use crate::api::{AnswerSpec, AnswerType};
-
-    fn c(index: usize, output: &str, score: Option<u8>) -> Candidate<'_> {
-        Candidate {
-            index,
-            output,
-            score,
-        }
-    }
+    use crate::swarm::aggregate::tests::c;
 
     fn last_number() -> Extractor {
         Extractor::compile(Some(&AnswerSpec {

@@ -184,18 +184,14 @@ aggregation: {{strategy: {strategy}, answer: {{type: lastNumber}}}}
 #[tokio::test]
 async fn a_vote_with_no_answer_to_count_fails_and_says_what_to_change() {
     let workers = Mock::start("m", |_, _| text("I am not sure.")).await;
-    let job = spec(
+    let failure = run_on(
+        &workers,
         r#"
 task: How many pens are in 3 boxes of 4?
 fanOut: {pool: workers, subagents: 2}
 verification: {mode: none}
 aggregation: {strategy: vote, answer: {type: lastNumber}}
 "#,
-    );
-    let failure = run_job(
-        &job,
-        &pools(&[("workers", vec![workers.url.clone()])]),
-        &Memory::default(),
     )
     .await
     .result
@@ -213,18 +209,14 @@ aggregation: {strategy: vote, answer: {type: lastNumber}}
 #[tokio::test]
 async fn an_answer_field_with_a_picture_check_is_refused_before_any_call() {
     let workers = Mock::start("m", |_, _| text("{}")).await;
-    let job = spec(
+    let failure = run_on(
+        &workers,
         r#"
 task: Draw.
 fanOut: {pool: workers, subagents: 2}
 verification: {mode: none, checks: [{type: json}, {type: svg}]}
 aggregation: {strategy: vote, answer: {type: jsonField, field: result}}
 "#,
-    );
-    let failure = run_job(
-        &job,
-        &pools(&[("workers", vec![workers.url.clone()])]),
-        &Memory::default(),
     )
     .await
     .result
@@ -249,18 +241,14 @@ async fn an_answer_field_has_subagents_write_under_its_schema() {
         ))
     })
     .await;
-    let job = spec(
+    let (result, _) = run_on(
+        &workers,
         r#"
 task: How many legs has a dog?
 fanOut: {pool: workers, subagents: 3, maxConcurrency: 1}
 verification: {mode: none, checks: [{type: json}]}
 aggregation: {strategy: vote, answer: {type: jsonField, field: result}}
 "#,
-    );
-    let (result, _) = run_job(
-        &job,
-        &pools(&[("workers", vec![workers.url.clone()])]),
-        &Memory::default(),
     )
     .await
     .result

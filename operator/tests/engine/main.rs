@@ -78,6 +78,12 @@ async fn run_job(
     run_with(spec, pools, store, fast()).await
 }
 
+/// A job whose only pool, `workers`, is `workers`.
+async fn run_on(workers: &Mock, yaml: &str) -> Outcome {
+    let pools = pools(&[("workers", vec![workers.url.clone()])]);
+    run_job(&spec(yaml), &pools, &Memory::default()).await
+}
+
 async fn run_with(
     spec: &SwarmJobSpec,
     pools: &BTreeMap<String, Arc<Pool>>,

@@ -229,7 +229,10 @@ pub async fn run(args: Args) -> Result<PathBuf, LocalError> {
     if let Ok((result, _)) = &outcome.result
         && result.truncated()
     {
-        view.say("the answer was cut off at its token limit (spec.aggregation.maxTokens): answer.md says so");
+        view.say(&format!(
+            "the answer was cut off at its token limit ({}): answer.md says so",
+            result.limit_field()
+        ));
     }
     output::write(&dir, &job, &outcome, started.elapsed()).map_err(|e| output_error(&dir, e))?;
     match outcome.result {

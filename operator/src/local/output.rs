@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::api::{AggregationStrategy, Decision, OutputCheckType, SwarmJob, Tally};
 use crate::swarm::Outcome;
-use crate::swarm::record::{self, SubagentRecord};
+use crate::swarm::record::{self, JobResult, SubagentRecord};
 use crate::swarm::{checks, render};
 
 pub fn write(dir: &Path, job: &SwarmJob, outcome: &Outcome, took: Duration) -> std::io::Result<()> {
@@ -58,7 +58,7 @@ pub fn write(dir: &Path, job: &SwarmJob, outcome: &Outcome, took: Duration) -> s
     if let Ok((result, answer)) = &outcome.result {
         let mut text = answer.clone();
         if result.truncated() {
-            text.push_str(TRUNCATED_ANSWER);
+            text.push_str(&truncated_answer(result));
         }
         if let Some(tally) = &result.tally {
             text.push_str(&tally_line(tally));
@@ -77,7 +77,12 @@ pub fn write(dir: &Path, job: &SwarmJob, outcome: &Outcome, took: Duration) -> s
 }
 
 /// The line under an answer the model was cut off writing.
-pub const TRUNCATED_ANSWER: &str = "\n\n> kubeswarm: this answer was cut off at its token limit and is incomplete: raise spec.aggregation.maxTokens.\n";
+pub fn truncated_answer(result: &JobResult) -> String {
+    format!(
+        "\n\n> kubeswarm: this answer was cut off at its token limit and is incomplete: raise {}.\n",
+        result.limit_field()
+    )
+}
 
 /// The line under a vote's answer: what won, by how many, and what decided.
 pub fn tally_line(tally: &Tally) -> String {

@@ -207,6 +207,20 @@ pub struct Reply {
     pub attempts: u32,
 }
 
+impl Reply {
+    /// Why a structured reply could not be read, saying so when the model was cut off at
+    /// `limit`: a plan or verdict that ran out of tokens reads as malformed JSON, and
+    /// the fix is a shorter answer, not a better prompt.
+    pub fn unusable(&self, problem: String, limit: u32) -> String {
+        match self.finish_reason {
+            Some(FinishReason::Length) => {
+                format!("{problem} (the reply was cut off at its limit of {limit} tokens)")
+            }
+            _ => problem,
+        }
+    }
+}
+
 /// Makes calls on behalf of one job.
 pub struct Caller<'a> {
     pub budget: &'a Budget,

@@ -56,7 +56,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                         .await?;
                     return Ok(Some(subtasks));
                 }
-                Err(problem) => last = problem,
+                Err(problem) => last = reply.unusable(problem, PLAN_TOKENS),
             }
         }
         Err(Failure::new(

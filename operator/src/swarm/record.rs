@@ -97,8 +97,9 @@ pub struct JobResult {
     /// How a vote chose the answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tally: Option<Tally>,
-    /// Why the model that wrote the answer stopped, for an answer a model wrote
-    /// (`synthesize`).
+    /// Why the model that wrote the answer stopped: the synthesis call's reason for
+    /// `synthesize`, and for the other strategies `Length` when an answer is made of an
+    /// output accepted although cut off (`verification.truncated: accept`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<FinishReason>,
 }
@@ -107,6 +108,15 @@ impl JobResult {
     /// Whether the answer was cut off at its token limit.
     pub fn truncated(&self) -> bool {
         self.finish_reason == Some(FinishReason::Length)
+    }
+
+    /// The field whose limit cut a truncated answer: the synthesis has its own, the
+    /// other strategies pass on the subagents' outputs.
+    pub fn limit_field(&self) -> &'static str {
+        match self.strategy {
+            AggregationStrategy::Synthesize => "spec.aggregation.maxTokens",
+            _ => "spec.fanOut.maxTokens",
+        }
     }
 }
 

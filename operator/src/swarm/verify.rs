@@ -84,7 +84,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                                 verification.min_score.unwrap_or(DEFAULT_MIN_SCORE),
                             )));
                         }
-                        Err(problem) => last = problem,
+                        Err(problem) => last = reply.unusable(problem, VERDICT_TOKENS),
                     },
                     Err(err) if err.stops_job() => return Err(Failure::from(err).into()),
                     Err(err) => {

@@ -60,4 +60,28 @@ aggregation: {strategy: collect}
         "{}",
         failure.message
     );
+
+    // A plan cut off at the planner's limit is malformed JSON, and the failure says why.
+    let cut = Mock::start("m", |_, _| {
+        Reply::Truncated(r#"{"subtasks": ["a", "#.to_owned())
+    })
+    .await;
+    let outcome = run_job(
+        &job,
+        &pools(&[
+            ("planner", vec![cut.url.clone()]),
+            ("workers", vec![workers.url.clone()]),
+        ]),
+        &Memory::default(),
+    )
+    .await;
+    let failure = outcome.result.unwrap_err();
+    assert_eq!(failure.reason, Reason::PlanFailed);
+    assert!(
+        failure
+            .message
+            .ends_with("(the reply was cut off at its limit of 2048 tokens)"),
+        "{}",
+        failure.message
+    );
 }

@@ -14,6 +14,9 @@ async fn malformed_verdicts_are_asked_again_then_reported() {
         *n += 1;
         if about.contains("Answer to review:\nblack") || *n == 1 {
             text("I think this answer is quite good overall!")
+        } else if about.contains("Answer to review:\nblue") {
+            // A verdict cut off at its limit on every ask after the first.
+            Reply::Truncated(r#"{"issues": ["the colour is"#.to_owned())
         } else {
             verdict(true, 70, &[])
         }
@@ -40,8 +43,13 @@ async fn malformed_verdicts_are_asked_again_then_reported() {
         "{error}"
     );
     assert!(!records[&3].passed());
-    assert_eq!(outcome.result.unwrap().0.chosen, [0, 1, 2]);
-    assert_eq!(gate.count(), 3 * 2 + 3);
+    let error = records[&2].error.as_deref().unwrap();
+    assert!(
+        error.ends_with("(the reply was cut off at its limit of 512 tokens)"),
+        "{error}"
+    );
+    assert_eq!(outcome.result.unwrap().0.chosen, [0, 1]);
+    assert_eq!(gate.count(), 2 * 2 + 3 + 3);
 }
 
 #[tokio::test]

@@ -237,6 +237,10 @@ spec:
         stderr.contains("2 of 2 outputs were cut off at spec.fanOut.maxTokens"),
         "{stderr}"
     );
+    assert!(
+        stderr.contains("the answer was cut off at its token limit (spec.aggregation.maxTokens): answer.md says so"),
+        "{stderr}"
+    );
     let job = dir.join("kubeswarm-out/cut");
     for i in 0..2 {
         let record: Value = serde_json::from_str(

@@ -1,6 +1,6 @@
 //! A SwarmJob's conditions, from where it waits and how far it got. Pure.
 
-use crate::api::{AggregationStrategy, Decision, SwarmJobSpec, VerificationMode};
+use crate::api::{AggregationStrategy, Decision, FinishReason, SwarmJobSpec, VerificationMode};
 use crate::conditions::{Desired, Notice};
 use crate::swarm::Failure;
 use crate::swarm::record::JobResult;
@@ -173,12 +173,19 @@ pub fn phases(
             true,
             reason::ANSWER_TRUNCATED,
             format!(
-                "{}; the answer was cut off at its token limit: raise spec.aggregation.maxTokens",
-                aggregated(result)
+                "{}{}; the answer was cut off at its token limit: raise {}",
+                aggregated(result),
+                used_cut(state, result),
+                result.limit_field()
             ),
         )
         .warning(),
-        Some(Ok(result)) => Desired::new(AGGREGATED, true, reason::AGGREGATED, aggregated(result)),
+        Some(Ok(result)) => Desired::new(
+            AGGREGATED,
+            true,
+            reason::AGGREGATED,
+            format!("{}{}", aggregated(result), used_cut(state, result)),
+        ),
         _ if state.aggregating => Desired::new(
             AGGREGATED,
             false,
@@ -197,7 +204,10 @@ pub fn phases(
                 COMPLETE,
                 true,
                 reason::ANSWER_TRUNCATED,
-                "the result is in the ConfigMap named by status.result, and its answer is cut off: raise spec.aggregation.maxTokens",
+                format!(
+                    "the result is in the ConfigMap named by status.result, and its answer is cut off: raise {}",
+                    result.limit_field()
+                ),
             )
             .warning(),
         ),
@@ -237,6 +247,28 @@ fn pending(type_: &'static str, message: &str) -> Desired {
 }
 
 /// How the answer came about: the strategy and what it used, or the tally of a vote.
+/// How many of the outputs an answer was made from were accepted although cut off
+/// (`verification.truncated: accept`), as a clause for the Aggregated message.
+fn used_cut(state: &State, result: &JobResult) -> String {
+    let cut = result
+        .chosen
+        .iter()
+        .filter(|i| {
+            state
+                .subagents
+                .get(i)
+                .is_some_and(|s| s.finish_reason == Some(FinishReason::Length))
+        })
+        .count();
+    match cut {
+        0 => String::new(),
+        cut => format!(
+            "; {cut} of the {} outputs it used were cut off at spec.fanOut.maxTokens",
+            result.chosen.len()
+        ),
+    }
+}
+
 fn aggregated(result: &JobResult) -> String {
     let strategy = strategy_name(result.strategy);
     match &result.tally {
@@ -277,7 +309,6 @@ fn strategy_name(strategy: AggregationStrategy) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::FinishReason;
     use crate::swarm::{Event, Observer, Reason};
 
     fn spec(extra: &str) -> SwarmJobSpec {
@@ -493,6 +524,25 @@ mod tests {
             ]
         );
         assert!(done[3..].iter().all(|d| d.notice == Notice::Warning));
+        assert_eq!(
+            done[3].message,
+            "synthesize over 2 outputs; 1 of the 2 outputs it used were cut off at spec.fanOut.maxTokens; the answer was cut off at its token limit: raise spec.aggregation.maxTokens"
+        );
+
+        // A vote whose winner was accepted although cut off: the limit to raise is the
+        // subagents', since no aggregation call wrote the answer.
+        let voted = JobResult {
+            strategy: AggregationStrategy::BestOf,
+            chosen: vec![1],
+            tally: None,
+            finish_reason: Some(FinishReason::Length),
+        };
+        let done = phases(&spec, true, &state, Some(&Ok(voted)));
+        assert_eq!(
+            done[3].message,
+            "bestOf: subagent 1's output scored highest; 1 of the 1 outputs it used were cut off at spec.fanOut.maxTokens; the answer was cut off at its token limit: raise spec.fanOut.maxTokens"
+        );
+        assert!(done[4].message.ends_with("raise spec.fanOut.maxTokens"));
     }
 
     #[test]

@@ -123,14 +123,39 @@ pub fn load(path: &Path) -> Result<SwarmJob, LocalError> {
     };
     let job: SwarmJob =
         serde_json::from_value(value).map_err(|e| bad(format!("not a valid SwarmJob: {e}")))?;
+    let mut messages = Vec::new();
+    let name = job.name_any();
+    // The name becomes a folder under --out that a fresh run empties first: a name the
+    // API server would refuse ("..", "/etc", "") could point that at any folder.
+    if !object_name(&name) {
+        messages.push(format!(
+            "metadata.name {name:?} is not a Kubernetes object name: use lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, at most 253 characters"
+        ));
+    }
     if let Err(errors) = kube::core::cel::validate_cel(&job) {
+        messages.extend(errors.into_vec().into_iter().map(|e| e.message));
+    }
+    if !messages.is_empty() {
         return Err(LocalError::Invalid {
             file,
-            name: job.name_any(),
-            messages: errors.into_vec().into_iter().map(|e| e.message).collect(),
+            name,
+            messages,
         });
     }
     Ok(job)
+}
+
+/// A DNS-1123 subdomain, what the API server accepts as a custom object's name.
+fn object_name(name: &str) -> bool {
+    let label = |l: &str| {
+        let b = l.as_bytes();
+        !b.is_empty()
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            && b[0] != b'-'
+            && b[b.len() - 1] != b'-'
+    };
+    !name.is_empty() && name.len() <= 253 && name.split('.').all(label)
 }
 
 /// Runs a manifest to its result; returns the folder the result is in.
@@ -270,5 +295,36 @@ async fn served_model(http: &reqwest::Client, pool: &str, url: &str) -> Result<S
             pool: pool.to_owned(),
             served: ids,
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::object_name;
+
+    #[test]
+    fn only_kubernetes_object_names_name_an_output_folder() {
+        for good in ["a", "gallery", "job-1", "a.b", "x".repeat(253).as_str()] {
+            assert!(object_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "/etc",
+            "a/b",
+            "A",
+            "-a",
+            "a-",
+            "a..b",
+            ".a",
+            "a.",
+            "a b",
+            "é",
+            &"x".repeat(254),
+        ] {
+            assert!(!object_name(bad), "{bad}");
+        }
     }
 }

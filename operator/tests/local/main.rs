@@ -76,6 +76,44 @@ spec:
 }
 
 #[test]
+fn a_name_that_would_leave_the_output_folder_is_refused_and_nothing_is_removed() {
+    let dir = scratch("escape");
+    // A fresh run empties <out>/<name> first: these names would point it at the folder
+    // above, at any absolute path (here one inside the scratch folder) or at the output
+    // folder itself.
+    std::fs::create_dir_all(dir.join("out/keep")).unwrap();
+    std::fs::create_dir_all(dir.join("victim")).unwrap();
+    std::fs::write(dir.join("precious"), "still here").unwrap();
+    let absolute = dir.join("victim").display().to_string();
+    for name in ["..", absolute.as_str(), "''"] {
+        std::fs::write(
+            dir.join("job.yaml"),
+            format!(
+                "apiVersion: kubeswarm.dev/v1alpha1\nkind: SwarmJob\nmetadata: {{name: {name}}}\nspec: {{task: x, fanOut: {{pool: w, subagents: 1}}, verification: {{mode: none}}, aggregation: {{strategy: collect}}}}\n"
+            ),
+        )
+        .unwrap();
+        let out = kubeswarm(&["job.yaml", "--out", "out"], &dir);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(
+            stderr.contains("is not a Kubernetes object name"),
+            "{name}: {stderr}"
+        );
+        assert!(
+            dir.join("precious").exists(),
+            "{name} removed a file above --out"
+        );
+        assert!(dir.join("out/keep").exists(), "{name} emptied --out");
+        assert!(
+            dir.join("victim").exists(),
+            "{name} removed an absolute path"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_job_runs_through_real_workers_and_leaves_its_results() {
     let dir = scratch("real");
     std::fs::write(

@@ -10,8 +10,8 @@ const LAYERS: &[&[&str]] = &[
     // Helpers that know only the API: conditions, metrics, tracing.
     &["conditions", "metrics", "telemetry"],
     // Protocols around the API: Kueue's Workloads, what a ModelPool promises its callers,
-    // the CRD YAML.
-    &["kueue", "pool_contract", "crdgen"],
+    // what a tenant may ask for, the CRD YAML.
+    &["kueue", "pool_contract", "tenancy", "crdgen"],
     // The swarm engine.
     &["swarm"],
     // Where the engine runs: the operator's controllers, and local mode.

@@ -17,3 +17,4 @@ pub mod metrics;
 pub(crate) mod pool_contract;
 pub mod swarm;
 pub mod telemetry;
+pub mod tenancy;

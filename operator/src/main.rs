@@ -35,6 +35,8 @@ enum Command {
         #[arg(long = "operator-pod-label", value_name = "KEY=VALUE", value_parser = parse_label,
               default_values = ["app.kubernetes.io/name=kubeswarm", "app.kubernetes.io/component=operator"])]
         operator_labels: Vec<(String, String)>,
+        #[command(flatten)]
+        tenancy: Tenancy,
     },
     /// Print the CustomResourceDefinitions, or write them into directories.
     ///
@@ -89,6 +91,66 @@ enum Command {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=32768))]
         max_tokens: Option<i32>,
     },
+}
+
+/// What tenants' pools may ask for (the chart's `tenancy` values). With none of these
+/// flags: no node paths, only the operator's worker image, a queue required, no
+/// PriorityClass, and no external endpoint on a private, loopback or cluster address.
+#[derive(clap::Args)]
+struct Tenancy {
+    /// A node path prefix `file:///` model sources may name (repeatable).
+    #[arg(long = "allow-host-path", value_name = "PATH", value_parser = parse_host_path)]
+    host_paths: Vec<String>,
+    /// A worker image pools may name besides --worker-image; a trailing `*` allows
+    /// every image that starts with the rest (repeatable).
+    #[arg(long = "allow-worker-image", value_name = "IMAGE")]
+    worker_images: Vec<String>,
+    /// Whether a pool that runs workers must name a Kueue queue.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    require_queue: bool,
+    /// A PriorityClass pools may name (repeatable).
+    #[arg(long = "allow-priority-class", value_name = "NAME")]
+    priority_classes: Vec<String>,
+    /// A host (`name` or `*.domain`) or network (CIDR or address) external pools may be at
+    /// although private or in the cluster (repeatable).
+    #[arg(long = "allow-external", value_name = "HOST|CIDR")]
+    external_allow: Vec<kubeswarm::tenancy::Allowed>,
+    /// A network external pools may not be at, besides the private, loopback and
+    /// link-local ones: the cluster's pod or service range when it is not private
+    /// (repeatable).
+    #[arg(long = "deny-external", value_name = "CIDR")]
+    external_deny: Vec<ipnet::IpNet>,
+}
+
+impl From<Tenancy> for kubeswarm::tenancy::Policy {
+    fn from(t: Tenancy) -> Self {
+        Self {
+            host_paths: t.host_paths,
+            worker_images: t.worker_images,
+            require_queue: t.require_queue,
+            priority_classes: t.priority_classes,
+            external: kubeswarm::tenancy::External {
+                allow: t.external_allow,
+                deny: t.external_deny,
+            },
+        }
+    }
+}
+
+fn parse_host_path(value: &str) -> Result<String, String> {
+    let plain = value.starts_with('/')
+        && value
+            .trim_end_matches('/')
+            .split('/')
+            .skip(1)
+            .all(|s| !matches!(s, "" | "." | ".."));
+    if plain && value != "/" {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "--allow-host-path {value}: expected an absolute path below / with no empty, . or .. segments"
+        ))
+    }
 }
 
 fn parse_pool(value: &str) -> Result<(String, String), String> {
@@ -149,12 +211,14 @@ fn main() -> ExitCode {
             leader_election_namespace,
             identity,
             operator_labels,
+            tenancy,
         } => operator(kubeswarm::controllers::Args {
             metrics_addr,
             worker_image,
             leader_election_namespace,
             identity: identity.unwrap_or_else(|| format!("kubeswarm-{}", std::process::id())),
             operator_labels: operator_labels.into_iter().collect(),
+            tenancy: tenancy.into(),
         }),
         Command::Crdgen { out } => crdgen(&out),
         Command::FetchModel { model } => fetch_model(model),

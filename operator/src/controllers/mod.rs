@@ -27,6 +27,7 @@ use tracing::{info, warn};
 use crate::api::{ModelPool, SwarmJob};
 use crate::kueue::Workload;
 use crate::metrics::Metrics;
+use crate::tenancy::{self, Policy};
 
 /// How the operator runs.
 pub struct Args {
@@ -37,6 +38,8 @@ pub struct Args {
     pub identity: String,
     /// Labels of the operator's pods, which the workers' NetworkPolicy admits.
     pub operator_labels: BTreeMap<String, String>,
+    /// What tenants' pools may ask for.
+    pub tenancy: Policy,
 }
 
 #[derive(Debug, Error)]
@@ -87,14 +90,17 @@ pub async fn run(args: Args) -> Result<(), RunError> {
             instance: Some(args.identity),
         },
     );
+    let worker_image = args.worker_image.clone();
+    let external_http = tenancy::external_client(&args.tenancy.external);
     let ctx = Arc::new(model_pool::Context {
         client: client.clone(),
         settings: model_pool::build::Settings {
-            worker_image: args.worker_image,
+            worker_image: worker_image.clone(),
             operator_namespace: args.leader_election_namespace,
             operator_labels: args.operator_labels,
+            tenancy: args.tenancy.clone(),
         },
-        http: crate::swarm::endpoint::http_client(),
+        http: external_http.clone(),
         recorder: recorder.clone(),
         metrics: metrics.clone(),
         backoff: Backoff::default(),
@@ -128,7 +134,14 @@ pub async fn run(args: Args) -> Result<(), RunError> {
                 warn!(err = %crate::telemetry::chain(&err), "controller");
             }
         });
-    let jobs = swarm_jobs(client, recorder, metrics);
+    let jobs = swarm_jobs(
+        client,
+        recorder,
+        metrics,
+        external_http,
+        &args.tenancy,
+        worker_image,
+    );
     tokio::select! {
         _ = futures::future::join(pools, jobs) => Ok(()),
         lost = elector.keep() => Err(RunError::LostLease(lost)),
@@ -138,11 +151,21 @@ pub async fn run(args: Args) -> Result<(), RunError> {
 /// The SwarmJob controller: woken by its jobs, by changes to the ModelPools they call,
 /// and by their engines' progress. The debounce folds a burst of progress into one status
 /// write.
-async fn swarm_jobs(client: kube::Client, recorder: Recorder, metrics: Arc<Metrics>) {
+async fn swarm_jobs(
+    client: kube::Client,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    external_http: reqwest::Client,
+    tenancy: &Policy,
+    worker_image: String,
+) {
     let (wake, woken) = futures::channel::mpsc::unbounded();
     let ctx = Arc::new(swarm_job::Context {
         client: client.clone(),
         http: crate::swarm::endpoint::http_client(),
+        external_http,
+        tenancy: tenancy.clone(),
+        worker_image,
         recorder,
         metrics,
         backoff: Backoff::default(),

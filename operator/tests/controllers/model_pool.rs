@@ -14,6 +14,7 @@ use kubeswarm::controllers::model_pool::build::{self, Settings};
 use kubeswarm::controllers::model_pool::{self, Context, reconcile};
 use kubeswarm::kueue::{Placement, Workload};
 use kubeswarm::metrics::Metrics;
+use kubeswarm::tenancy::{self, External, Policy};
 use serde_json::{Value, json};
 
 use crate::harness::{
@@ -33,6 +34,17 @@ fn settings() -> Settings {
         worker_image: "ghcr.io/kubeswarm/inference-worker:0.1.0".to_owned(),
         operator_namespace: "kubeswarm-system".to_owned(),
         operator_labels: [("app.kubernetes.io/name".to_owned(), "kubeswarm".to_owned())].into(),
+        // The scenarios' pools run without a queue, at the PriorityClass urgent, or at an
+        // external endpoint on loopback; the policy's refusals have scenarios of their own.
+        tenancy: Policy {
+            require_queue: false,
+            priority_classes: vec!["urgent".to_owned()],
+            external: External {
+                allow: vec!["127.0.0.0/8".parse().unwrap()],
+                deny: Vec::new(),
+            },
+            ..Policy::default()
+        },
     }
 }
 
@@ -108,12 +120,17 @@ fn stored() -> Value {
 
 /// Runs one reconcile of `pool` against `steps`.
 async fn scenario(pool: ModelPool, steps: Vec<Step>) {
+    scenario_under(settings(), pool, steps).await;
+}
+
+/// Runs one reconcile of `pool` against `steps`, with the operator configured by `settings`.
+async fn scenario_under(settings: Settings, pool: ModelPool, steps: Vec<Step>) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, NS);
     let ctx = Arc::new(Context {
         client: client.clone(),
-        settings: settings(),
-        http: reqwest::Client::new(),
+        http: tenancy::external_client(&settings.tenancy.external),
+        settings,
         recorder: recorder(client),
         metrics: Arc::new(Metrics::default()),
         backoff: Default::default(),
@@ -815,4 +832,83 @@ async fn an_external_pool_is_available_when_its_endpoint_serves_the_model() {
         ],
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_pool_the_tenancy_policy_refuses_gets_its_status_and_nothing_else() {
+    // Refused by the chart's default policy: a node path, another image, no queue and a
+    // PriorityClass off the list. The scenario answers only the status write, so any
+    // Service, NetworkPolicy, Pod or Workload the reconcile tried to create fails it.
+    let strict = Settings {
+        tenancy: Policy::default(),
+        ..settings()
+    };
+    let mut escaping = urgent_pool();
+    escaping.spec = serde_yaml_ng::from_str(
+        "model: {source: 'file:///etc'}\ntemplate: {image: 'evil/miner:1'}\npriorityClassName: system-node-critical",
+    )
+    .unwrap();
+    scenario_under(
+        strict.clone(),
+        escaping,
+        vec![
+            step(Method::PATCH, STATUS, 200, stored()).check(|body| {
+                let (status, reason, message) = condition(body, "Available");
+                assert_eq!(
+                    (status.as_str(), reason.as_str()),
+                    ("False", "PolicyDenied")
+                );
+                for field in [
+                    "spec.model.source: file:///etc mounts a node path",
+                    "spec.template.image: evil/miner:1 is not an allowed worker image",
+                    "spec.queueName: a pool that runs workers must name",
+                    "spec.priorityClassName: PriorityClass system-node-critical",
+                ] {
+                    assert!(message.contains(field), "{field:?} in {message}");
+                }
+                assert_eq!(condition(body, "Degraded").1, "PolicyDenied");
+            }),
+            event("PolicyDenied"),
+            event("PolicyDenied"),
+            event("PolicyDenied"),
+        ],
+    )
+    .await;
+
+    // An external pool on loopback is refused before anything connects to it.
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    let app = axum::Router::new().fallback(move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { "{}" }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut external = pool(1, false, None);
+    external.spec =
+        serde_yaml_ng::from_str(&format!("external: {{url: '{url}', model: m}}")).unwrap();
+    scenario_under(
+        strict,
+        external,
+        vec![
+            step(Method::PATCH, STATUS, 200, stored()).check(|body| {
+                let (_, reason, message) = condition(body, "Available");
+                assert_eq!(reason, "PolicyDenied");
+                assert!(
+                    message.contains("spec.external.url: 127.0.0.1 is in 127.0.0.0/8"),
+                    "{message}"
+                );
+            }),
+            event("PolicyDenied"),
+            event("PolicyDenied"),
+            event("PolicyDenied"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the endpoint was never called"
+    );
 }

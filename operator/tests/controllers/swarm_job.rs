@@ -14,6 +14,7 @@ use kubeswarm::api::{ModelPool, ModelPoolSpec, SwarmJob, SwarmJobSpec};
 use kubeswarm::controllers::swarm_job::{Context, FINALIZER, reconcile};
 use kubeswarm::metrics::Metrics;
 use kubeswarm::swarm::Options;
+use kubeswarm::tenancy::{self, External, Policy};
 use serde_json::{Value, json};
 
 use crate::harness::{NS, condition, event, list, not_found, recorder, says, serve, step};
@@ -77,6 +78,13 @@ struct Harness {
 
 /// A context whose API calls are answered by `steps`, in order, across every reconcile
 /// and the engine's checkpoints.
+fn loopback() -> External {
+    External {
+        allow: vec!["127.0.0.0/8".parse().unwrap()],
+        deny: Vec::new(),
+    }
+}
+
 fn harness(steps: Vec<crate::harness::Step>) -> Harness {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, NS);
@@ -84,6 +92,13 @@ fn harness(steps: Vec<crate::harness::Step>) -> Harness {
     let ctx = Arc::new(Context {
         client: client.clone(),
         http: reqwest::Client::new(),
+        // The scenarios' external pools are mock endpoints on loopback.
+        external_http: tenancy::external_client(&loopback()),
+        tenancy: Policy {
+            external: loopback(),
+            ..Policy::default()
+        },
+        worker_image: "ghcr.io/kubeswarm/inference-worker:0.1.0".to_owned(),
         recorder: recorder(client),
         metrics: Arc::new(Metrics::default()),
         backoff: Default::default(),
@@ -453,6 +468,28 @@ async fn job_scoped_pools_are_created_for_the_job_and_it_waits_for_their_workers
     ];
     let harness = harness(steps);
     harness.reconcile(job(SCOPED, false, Value::Null)).await;
+    harness.done().await;
+}
+
+#[tokio::test]
+async fn a_job_whose_own_pool_the_tenancy_policy_refuses_creates_nothing_and_waits_for_an_edit() {
+    // Only the status write is answered: a listed or created pool would fail the scenario.
+    let steps = vec![
+        step(Method::PATCH, JOB_STATUS, 200, stored_job()).check(|body| {
+            let (status, reason, message) = condition(body, "Admitted");
+            assert_eq!((status.as_str(), reason.as_str()), ("False", "PolicyDenied"));
+            assert!(
+                message.starts_with("refused by the tenancy policy: spec.pools[0].spec.model.source: file:///var/log/pods mounts a node path"),
+                "{message}"
+            );
+        }),
+        event("PolicyDenied"),
+    ];
+    let harness = harness(steps);
+    let escaping = SCOPED.replace("pvc://weights/g.gguf", "'file:///var/log/pods'");
+    let action = harness.reconcile(job(&escaping, false, Value::Null)).await;
+    assert_eq!(action, Action::await_change());
+    assert!(harness.ctx.runs.is_empty());
     harness.done().await;
 }
 

@@ -68,6 +68,7 @@ impl Error {
 pub struct Context {
     pub client: kube::Client,
     pub settings: Settings,
+    /// The client of external endpoints' probes: `tenancy::external_client`.
     pub http: reqwest::Client,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
@@ -117,6 +118,15 @@ impl<'a> Reconciler<'a> {
     }
 
     async fn run(&self) -> Result<Action, Error> {
+        let settings = &self.ctx.settings;
+        let denied = settings
+            .tenancy
+            .check(&self.pool.spec, &settings.worker_image);
+        if !denied.is_empty() {
+            self.update_status(status::denied(&denied), 0, 0).await?;
+            // A change of the policy restarts the operator, which reconciles every pool.
+            return Ok(Action::await_change());
+        }
         if let Some(external) = &self.pool.spec.external {
             let probe = probe(&self.ctx.http, &external.url, &external.model).await;
             self.update_status(

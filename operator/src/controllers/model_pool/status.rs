@@ -5,6 +5,7 @@ use crate::conditions::Desired;
 use crate::kueue::Admission;
 use crate::pool_contract::{AVAILABLE, PodHealth};
 use crate::telemetry;
+use crate::tenancy::Denied;
 
 pub const ADMITTED: &str = "Admitted";
 pub const PROGRESSING: &str = "Progressing";
@@ -23,6 +24,7 @@ pub mod reason {
     pub const NO_QUEUE: &str = "NoQueue";
     pub const NO_READY_REPLICAS: &str = "NoReadyReplicas";
     pub const POD_FAILING: &str = "PodFailing";
+    pub const POLICY_DENIED: &str = "PolicyDenied";
     pub const PRIORITY_CLASS_NOT_FOUND: &str = "PriorityClassNotFound";
     pub const REPLICAS_READY: &str = "ReplicasReady";
     pub const REPLICAS_STARTING: &str = "ReplicasStarting";
@@ -196,6 +198,29 @@ pub fn invalid(message: String) -> Vec<Desired> {
             "waiting for the spec to be fixed",
         ),
         Desired::new(DEGRADED, true, reason::INVALID_SPEC, message).warning(),
+    ]
+}
+
+/// The conditions of a pool that asks for more than the tenancy policy allows: nothing
+/// is created, and it waits for an edit (or a change of the policy, at the next resync).
+pub fn denied(denied: &[Denied]) -> Vec<Desired> {
+    let message = format!(
+        "refused by the tenancy policy: {}",
+        denied
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
+    vec![
+        Desired::new(AVAILABLE, false, reason::POLICY_DENIED, message.clone()).warning(),
+        Desired::new(
+            PROGRESSING,
+            false,
+            reason::POLICY_DENIED,
+            "waiting for the spec to be fixed",
+        ),
+        Desired::new(DEGRADED, true, reason::POLICY_DENIED, message).warning(),
     ]
 }
 

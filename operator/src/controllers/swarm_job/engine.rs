@@ -17,7 +17,7 @@ use super::runs::{self, Ended, Running};
 use super::status::{self, Admission};
 use super::{Ending, Error, PREVIEW_BYTES, Reconciler, store};
 use crate::api::SwarmJobStatus;
-use crate::swarm::pool::Pool;
+use crate::swarm::pool::{Pool, Server};
 use crate::swarm::{Job, Outcome, pools_used};
 
 impl Reconciler<'_> {
@@ -26,7 +26,11 @@ impl Reconciler<'_> {
         let pools: BTreeMap<String, Arc<Pool>> = endpoints
             .iter()
             .map(|e| {
-                let pool = Pool::new(&e.name, &e.model, e.server, &e.urls, self.ctx.http.clone());
+                let http = match e.server {
+                    Server::OpenAi => &self.ctx.external_http,
+                    Server::Worker => &self.ctx.http,
+                };
+                let pool = Pool::new(&e.name, &e.model, e.server, &e.urls, http.clone());
                 (e.name.clone(), Arc::new(pool))
             })
             .collect();

@@ -32,6 +32,7 @@ use serde_json::json;
 use thiserror::Error;
 use tracing::{Instrument, info, warn};
 
+use self::pools::Waiting;
 use self::progress::State;
 use self::runs::Running;
 use self::status::Admission;
@@ -44,6 +45,7 @@ use crate::controllers::{Backoff, key};
 use crate::metrics::Metrics;
 use crate::pool_contract::POOL_LABEL;
 use crate::swarm::{self, Options, pools_used};
+use crate::tenancy::Policy;
 
 /// Keeps a job's calls cancellable: removed once no run of the job is left.
 pub const FINALIZER: &str = "kubeswarm.dev/cancel-calls";
@@ -85,6 +87,12 @@ pub struct Context {
     pub client: kube::Client,
     /// Shared by every pool of every job, so connections to workers are pooled.
     pub http: reqwest::Client,
+    /// The client of external pools' endpoints: `tenancy::external_client`.
+    pub external_http: reqwest::Client,
+    /// What the job's own pools (`spec.pools`) may ask for, as for any ModelPool.
+    pub tenancy: Policy,
+    /// The operator's worker image, which every pool may run.
+    pub worker_image: String,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub backoff: Backoff,
@@ -316,6 +324,12 @@ impl<'a> Reconciler<'a> {
     /// A job with no run on this replica: started once every pool it calls is ready, or
     /// resumed from its records after a restart.
     async fn start_when_ready(&self, old: &SwarmJobStatus) -> Result<Action, Error> {
+        if let Some(denied) = self.denied_pools() {
+            let state = State::from_status(old, planned(old, &self.job.spec));
+            self.update_status(old, Admission::Waiting(&denied), &state, None, None)
+                .await?;
+            return Ok(Action::await_change());
+        }
         let (pools, pods) = self.observe_pools(None).await?;
         let used = pools_used(&self.job.spec);
         let state = State::from_status(old, planned(old, &self.job.spec));
@@ -384,6 +398,29 @@ impl<'a> Reconciler<'a> {
 
     /// Creates the job-scoped pools that are missing, and applies those whose spec changed.
     /// Returns the pools it created.
+    /// Why the job's own pools may not be created, if the tenancy policy refuses any: the
+    /// job waits for an edit, and none of its pools is created.
+    fn denied_pools(&self) -> Option<Waiting> {
+        let denied: Vec<String> = self
+            .job
+            .spec
+            .pools
+            .iter()
+            .enumerate()
+            .flat_map(|(i, entry)| {
+                self.ctx
+                    .tenancy
+                    .check(&entry.spec, &self.ctx.worker_image)
+                    .into_iter()
+                    .map(move |d| format!("spec.pools[{i}].{d}"))
+            })
+            .collect();
+        (!denied.is_empty()).then(|| Waiting {
+            reason: status::reason::POLICY_DENIED,
+            message: format!("refused by the tenancy policy: {}", denied.join("; ")),
+        })
+    }
+
     async fn ensure_pools(&self, existing: &[ModelPool]) -> Result<Vec<ModelPool>, Error> {
         let mut created = Vec::new();
         for entry in &self.job.spec.pools {

@@ -28,6 +28,7 @@ pub mod reason {
     pub const PENDING: &str = "Pending";
     pub const PLANNED: &str = "Planned";
     pub const PLANNING: &str = "Planning";
+    pub const POLICY_DENIED: &str = "PolicyDenied";
     pub const POOL_NOT_FOUND: &str = "PoolNotFound";
     pub const POOL_UNAVAILABLE: &str = "PoolUnavailable";
     pub const POOLS_READY: &str = "PoolsReady";

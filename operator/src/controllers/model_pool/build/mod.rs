@@ -25,6 +25,7 @@ use crate::kueue::{
     Placement, Workload, WorkloadPodSets, WorkloadPriorityClassSource, WorkloadSpec,
 };
 use crate::pool_contract::{POOL_LABEL, WORKER_CONTAINER, WORKER_PORT};
+use crate::tenancy::Policy;
 
 /// Label on pods and Workloads: which replica they are.
 pub const REPLICA_LABEL: &str = "kubeswarm.dev/replica";
@@ -39,6 +40,8 @@ pub struct Settings {
     pub operator_namespace: String,
     /// Labels of the operator's pods, for the NetworkPolicy.
     pub operator_labels: BTreeMap<String, String>,
+    /// What tenants' pools may ask for; a pool that asks for more gets no children.
+    pub tenancy: Policy,
 }
 
 /// A spec the builders cannot turn into pods; the pool waits for an edit.

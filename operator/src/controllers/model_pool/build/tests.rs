@@ -13,6 +13,7 @@ fn settings() -> Settings {
             "app.kubernetes.io/name".to_owned(),
             "kubeswarm".to_owned(),
         )]),
+        tenancy: Default::default(),
     }
 }
 

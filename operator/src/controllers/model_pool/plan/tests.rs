@@ -23,6 +23,7 @@ fn template(pool: &ModelPool) -> PodTemplateSpec {
         worker_image: "worker:1".to_owned(),
         operator_namespace: "kubeswarm-system".to_owned(),
         operator_labels: Default::default(),
+        tenancy: Default::default(),
     };
     worker_template(pool, &settings).unwrap()
 }

@@ -117,7 +117,7 @@ e2e-tools: ## Build the e2e control plane's binaries (Kubernetes, etcd, KWOK, Ku
 CLUSTER_DIR ?= $(KUBESWARM_CACHE)/cluster
 .PHONY: cluster-up cluster-down
 cluster-up: build e2e-tools ## Start the e2e control plane in $(CLUSTER_DIR) and leave it running
-	e2e/cluster up $(CLUSTER_DIR)
+	E2E_HOST_PATH=$(dir $(MODEL)) e2e/cluster up $(CLUSTER_DIR)
 cluster-down: ## Stop the control plane cluster-up started
 	e2e/cluster down $(CLUSTER_DIR)
 

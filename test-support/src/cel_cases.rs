@@ -25,7 +25,8 @@ pub fn pool() -> Value {
         "apiVersion": "kubeswarm.dev/v1alpha1",
         "kind": "ModelPool",
         "metadata": {"name": "smol", "namespace": "team-a"},
-        "spec": {"model": {"source": "file:///models/smollm2"}, "resources": {"gpus": 0}}
+        // Inside the e2e bed's tenancy policy too: a node path under /models, a queue.
+        "spec": {"model": {"source": "file:///models/smollm2"}, "resources": {"gpus": 0}, "queueName": "gpus"}
     })
 }
 
@@ -76,7 +77,7 @@ pub fn creation_cases() -> Vec<Case> {
     const AGGREGATION_TOKENS: &str = "spec.aggregation.maxTokens must be between 1 and 32768";
     const DEADLINE: &str = "spec.budget.deadlineSeconds must be between 1 and 604800";
     const PATTERN: &str = "spec.verification.checks[].pattern is required for type regex";
-    let external = json!({"url": "http://vllm:8000/v1", "model": "qwen"});
+    let external = json!({"url": "http://vllm.example.com:8000/v1", "model": "qwen"});
     vec![
         // ModelPool
         case("pool as given", pool, json!({}), None),
@@ -95,7 +96,7 @@ pub fn creation_cases() -> Vec<Case> {
         case(
             "external only",
             pool,
-            json!({"spec": {"model": null, "resources": null, "external": external}}),
+            json!({"spec": {"model": null, "queueName": null, "resources": null, "external": external}}),
             None,
         ),
         case(
@@ -173,13 +174,13 @@ pub fn creation_cases() -> Vec<Case> {
         case(
             "external ftp url",
             pool,
-            json!({"spec": {"model": null, "external": {"url": "ftp://models/v1", "model": "m"}}}),
+            json!({"spec": {"model": null, "queueName": null, "external": {"url": "ftp://models/v1", "model": "m"}}}),
             Some(URL),
         ),
         case(
             "external url with a space",
             pool,
-            json!({"spec": {"model": null, "external": {"url": "http://a b/v1", "model": "m"}}}),
+            json!({"spec": {"model": null, "queueName": null, "external": {"url": "http://a b/v1", "model": "m"}}}),
             Some(URL),
         ),
         case(
@@ -191,7 +192,7 @@ pub fn creation_cases() -> Vec<Case> {
         case(
             "external with a template",
             pool,
-            json!({"spec": {"model": null, "external": external, "template": {"image": "w:1"}}}),
+            json!({"spec": {"model": null, "queueName": null, "external": external, "template": {"image": "w:1"}}}),
             Some("spec.template customises worker pods"),
         ),
         case(
@@ -471,7 +472,7 @@ pub fn creation_cases() -> Vec<Case> {
         case(
             "job-scoped pool",
             job,
-            json!({"spec": {"pools": [{"name": "worker", "spec": {"model": {"source": "file:///m.gguf"}}}]}}),
+            json!({"spec": {"pools": [{"name": "worker", "spec": {"model": {"source": "file:///models/m.gguf"}, "queueName": "gpus"}}]}}),
             None,
         ),
     ]

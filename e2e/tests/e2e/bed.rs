@@ -50,7 +50,15 @@ pub fn cluster(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
 
 impl Bed {
     pub async fn up(dir: PathBuf, model: PathBuf) -> anyhow::Result<Self> {
-        cluster(&dir, &["up"])?;
+        // The tenancy policy lets pools mount the test model's folder and no other.
+        let folder = model.parent().context("the model is in a folder")?;
+        let status = Command::new(repo_root().join("e2e/cluster"))
+            .args(["up", dir.to_str().context("a UTF-8 directory")?])
+            .env("E2E_HOST_PATH", folder)
+            .status()?;
+        if !status.success() {
+            bail!("e2e/cluster up failed ({status})");
+        }
         let env: BTreeMap<String, String> = std::fs::read_to_string(dir.join("env"))?
             .lines()
             .filter_map(|l| l.split_once('='))

@@ -49,7 +49,8 @@ fn description(crd: &Value, path: &[&str]) -> anyhow::Result<String> {
 
 pub async fn printer_columns_and_explain(bed: &Bed) -> anyhow::Result<()> {
     let ns = bed.namespace("e2e-columns").await?;
-    // An external pool at an address that answers nothing, and a job that calls a pool
+    // An external pool at an address that answers nothing (TEST-NET-1, which the tenancy
+    // policy does not refuse), and a job that calls a pool
     // that does not exist: both stay unavailable, waiting, and show it.
     bed.apply(
         Some(&ns),
@@ -58,7 +59,7 @@ apiVersion: kubeswarm.dev/v1alpha1
 kind: ModelPool
 metadata: {name: vllm}
 spec:
-  external: {url: "http://127.0.0.1:9/v1", model: qwen}
+  external: {url: "http://192.0.2.1:9/v1", model: qwen}
 ---
 apiVersion: kubeswarm.dev/v1alpha1
 kind: SwarmJob
@@ -102,7 +103,7 @@ spec:
         "modelpool wide columns: {header:?}"
     );
     ensure!(
-        row["EXTERNAL"] == "http://127.0.0.1:9/v1",
+        row["EXTERNAL"] == "http://192.0.2.1:9/v1",
         "modelpool wide row: {row:?}"
     );
 

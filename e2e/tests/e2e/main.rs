@@ -11,6 +11,7 @@ mod cel;
 mod columns;
 mod quota;
 mod swarm;
+mod tenancy;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -30,6 +31,9 @@ const TESTS: &[(&str, Scenario)] = &[
     }),
     ("printer_columns_and_explain", |b| {
         Box::pin(columns::printer_columns_and_explain(b))
+    }),
+    ("tenants_cannot_leave_their_boundary", |b| {
+        Box::pin(tenancy::attempts_to_leave_the_boundary_are_refused(b))
     }),
     ("a_swarm_job_runs_to_completion", |b| {
         Box::pin(swarm::runs_to_completion(b))

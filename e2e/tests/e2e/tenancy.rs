@@ -1,0 +1,318 @@
+//! Test 3: the tenancy boundary, tried as a tenant would on the real API server: every
+//! way out (SSRF targets, node paths, images, quota, priority) is refused at admission
+//! by the chart's ValidatingAdmissionPolicy, legitimate manifests still pass, and with
+//! the policy's binding gone the operator still refuses and creates nothing.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail, ensure};
+use k8s_openapi::api::admissionregistration::v1::ValidatingAdmissionPolicyBinding;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kubeswarm::api::ModelPool;
+use serde_json::{Value, json};
+
+use crate::bed::{Bed, condition, json_condition, until};
+
+const BINDING: &str = "kubeswarm-tenancy-modelpools";
+
+fn pool(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "kubeswarm.dev/v1alpha1",
+        "kind": "ModelPool",
+        "metadata": {"name": name},
+        "spec": spec,
+    })
+}
+
+fn external(name: &str, url: &str) -> Value {
+    pool(name, json!({"external": {"url": url, "model": "m"}}))
+}
+
+fn job(name: &str, pool_spec: Value) -> Value {
+    json!({
+        "apiVersion": "kubeswarm.dev/v1alpha1",
+        "kind": "SwarmJob",
+        "metadata": {"name": name},
+        "spec": {
+            "task": "Name a colour.",
+            "fanOut": {"pool": "worker", "subagents": 1},
+            "verification": {"mode": "none"},
+            "aggregation": {"strategy": "collect"},
+            "pools": [{"name": "worker", "spec": pool_spec}],
+        },
+    })
+}
+
+pub async fn attempts_to_leave_the_boundary_are_refused(bed: &Bed) -> anyhow::Result<()> {
+    let ns = bed.namespace("e2e-tenancy").await?;
+    let model = bed.model.display().to_string();
+    let folder = bed
+        .model
+        .parent()
+        .context("the model's folder")?
+        .display()
+        .to_string();
+    let queued = |source: &str| json!({"model": {"source": source}, "queueName": "gpus"});
+
+    // What a tenant might try, and the field the refusal must name.
+    let attempts: Vec<(&str, Value, &str)> = vec![
+        (
+            "cloud metadata",
+            external("a1", "http://169.254.169.254/latest/meta-data"),
+            "spec.external.url",
+        ),
+        (
+            "loopback",
+            external("a2", "http://127.0.0.1:8000/v1"),
+            "spec.external.url",
+        ),
+        (
+            "loopback, IPv6",
+            external("a3", "http://[::1]:8000/v1"),
+            "spec.external.url",
+        ),
+        (
+            "loopback, as one number",
+            external("a4", "http://2130706433/v1"),
+            "spec.external.url",
+        ),
+        (
+            "localhost",
+            external("a5", "http://localhost:8000/v1"),
+            "spec.external.url",
+        ),
+        (
+            "the API server",
+            external("a6", "https://kubernetes.default.svc/api"),
+            "spec.external.url",
+        ),
+        (
+            "the API server, short name",
+            external("a7", "https://kubernetes/api"),
+            "spec.external.url",
+        ),
+        (
+            "another tenant's workers",
+            external(
+                "a8",
+                "http://gemma-workers.e2e-swarm.svc.cluster.local:8000/v1",
+            ),
+            "spec.external.url",
+        ),
+        (
+            "a private address",
+            external("a9", "http://10.96.0.10:8000/v1"),
+            "spec.external.url",
+        ),
+        (
+            "credentials in the URL",
+            external("a10", "https://user:sk-1@api.example.com/v1"),
+            "spec.external.url",
+        ),
+        (
+            "the node's root",
+            pool("b1", queued("file:///")),
+            "spec.model.source",
+        ),
+        (
+            "/etc",
+            pool("b2", queued("file:///etc")),
+            "spec.model.source",
+        ),
+        (
+            "climbing out with ..",
+            pool("b3", queued(&format!("file://{folder}/../../../etc"))),
+            "spec.model.source",
+        ),
+        (
+            "pod logs",
+            pool("b4", queued("file:///var/log/pods")),
+            "spec.model.source",
+        ),
+        (
+            "an image off the list",
+            pool(
+                "c1",
+                json!({"model": {"source": "pvc://weights/m"}, "queueName": "gpus", "template": {"image": "docker.io/evil/miner:1"}}),
+            ),
+            "spec.template.image",
+        ),
+        (
+            "no queue: no quota",
+            pool("d1", json!({"model": {"source": "pvc://weights/m"}})),
+            "spec.queueName",
+        ),
+        (
+            "system-node-critical",
+            pool(
+                "e1",
+                json!({"model": {"source": "pvc://weights/m"}, "queueName": "gpus", "priorityClassName": "system-node-critical"}),
+            ),
+            "spec.priorityClassName",
+        ),
+        (
+            "a job's own pool on /etc",
+            job("f1", queued("file:///etc")),
+            "spec.pools[].spec.model.source",
+        ),
+        (
+            "a job's own pool at cloud metadata",
+            job(
+                "f2",
+                json!({"external": {"url": "http://169.254.169.254/", "model": "m"}}),
+            ),
+            "spec.pools[].spec.external.url",
+        ),
+        (
+            "a job's own pool without a queue",
+            job("f3", json!({"model": {"source": "pvc://weights/m"}})),
+            "spec.pools[].spec.queueName",
+        ),
+    ];
+    let legitimate: Vec<(&str, Value)> = vec![
+        (
+            "a pool on a claim, in its queue",
+            pool("ok1", queued("pvc://weights/m")),
+        ),
+        (
+            "a pool on the allowed node path",
+            pool("ok2", queued(&format!("file://{model}"))),
+        ),
+        (
+            "an external endpoint on the internet",
+            external("ok3", "https://api.example.com/v1"),
+        ),
+        (
+            "an allowed PriorityClass",
+            pool(
+                "ok4",
+                json!({"model": {"source": "pvc://weights/m"}, "queueName": "gpus", "priorityClassName": "e2e-low"}),
+            ),
+        ),
+        (
+            "a job with its own pool",
+            job("ok5", queued("pvc://weights/m")),
+        ),
+    ];
+
+    let mut accepted = Vec::new();
+    for (what, object, field) in &attempts {
+        match bed.dry_run_create(&ns, object).await? {
+            Ok(()) => accepted.push(format!("{what}: accepted")),
+            Err(kube::Error::Api(err))
+                if err.message.contains(field)
+                    && err.message.contains("ValidatingAdmissionPolicy") => {}
+            Err(err) => accepted.push(format!("{what}: refused without naming {field}: {err}")),
+        }
+    }
+    let mut refused = Vec::new();
+    for (what, object) in &legitimate {
+        if let Err(err) = bed.dry_run_create(&ns, object).await? {
+            refused.push(format!("{what}: {err}"));
+        }
+    }
+    println!(
+        "tenancy: attempts accepted {}/{}, legitimate manifests accepted {}/{}",
+        accepted.len(),
+        attempts.len(),
+        legitimate.len() - refused.len(),
+        legitimate.len()
+    );
+    ensure!(
+        accepted.is_empty(),
+        "attempts that got through: {accepted:#?}"
+    );
+    ensure!(
+        refused.is_empty(),
+        "legitimate manifests refused: {refused:#?}"
+    );
+
+    operator_refuses_without_the_admission_policy(bed, &ns).await
+}
+
+/// Defence in depth: with the admission policy's binding deleted, a pool on /etc is
+/// stored, and the operator reports it and creates nothing for it.
+async fn operator_refuses_without_the_admission_policy(bed: &Bed, ns: &str) -> anyhow::Result<()> {
+    let bindings: Api<ValidatingAdmissionPolicyBinding> = Api::all(bed.client.clone());
+    let mut binding = bindings.get(BINDING).await?;
+    bindings.delete(BINDING, &DeleteParams::default()).await?;
+    let escaping = pool(
+        "escape",
+        json!({"model": {"source": "file:///etc"}, "queueName": "gpus"}),
+    );
+    // The API server drops the binding from its policies within a moment.
+    let stored = async {
+        for _ in 0..60 {
+            if bed.dry_run_create(ns, &escaping).await?.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        bail!("the pool was still refused 30 s after the binding was deleted")
+    };
+    let result = async {
+        stored.await?;
+        bed.apply(Some(ns), &serde_json::to_string(&escaping)?)
+            .await?;
+        let pools: Api<ModelPool> = Api::namespaced(bed.client.clone(), ns);
+        until(
+            &pools,
+            "escape",
+            Duration::from_secs(30),
+            "the operator refuses it",
+            json_condition(|p| {
+                condition(p, "Available").is_some_and(|c| {
+                    c["status"] == "False"
+                        && c["reason"] == "PolicyDenied"
+                        && c["message"]
+                            .as_str()
+                            .is_some_and(|m| m.contains("spec.model.source: file:///etc"))
+                })
+            }),
+        )
+        .await?;
+        let services: Api<Service> = Api::namespaced(bed.client.clone(), ns);
+        ensure!(
+            services.get_opt("escape-workers").await?.is_none(),
+            "the operator created the refused pool's Service"
+        );
+        let pods: Api<Pod> = Api::namespaced(bed.client.clone(), ns);
+        let created = pods
+            .list(&ListParams::default().labels("kubeswarm.dev/pool=escape"))
+            .await?;
+        ensure!(
+            created.items.is_empty(),
+            "the operator created the refused pool's pods"
+        );
+        Ok(())
+    }
+    .await;
+
+    // The binding comes back whatever happened, so later tests run under the policy.
+    binding.metadata.resource_version = None;
+    binding.metadata.uid = None;
+    binding.metadata.creation_timestamp = None;
+    binding.metadata.managed_fields = None;
+    bindings.create(&PostParams::default(), &binding).await?;
+    for _ in 0..60 {
+        if bed
+            .dry_run_create(
+                ns,
+                &pool(
+                    "again",
+                    json!({"model": {"source": "file:///etc"}, "queueName": "gpus"}),
+                ),
+            )
+            .await?
+            .is_err()
+        {
+            return result;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    result.and(Err(anyhow::anyhow!(
+        "the policy did not apply again after its binding came back"
+    )))
+}

@@ -98,7 +98,7 @@ impl std::str::FromStr for Allowed {
 /// Networks no external endpoint may be in unless allowed: this host, private networks
 /// (where cluster pod and service ranges live), carrier-grade NAT, link-local (cloud
 /// metadata at 169.254.169.254), multicast and reserved ranges.
-const DENIED: &[&str] = &[
+pub const DENIED: &[&str] = &[
     "0.0.0.0/8",
     "10.0.0.0/8",
     "100.64.0.0/10",
@@ -117,8 +117,9 @@ const DENIED: &[&str] = &[
     "ff00::/8",
 ];
 
-/// Name suffixes of in-cluster services, and of this host.
-const CLUSTER_SUFFIXES: &[&str] = &["svc", "cluster.local", "localhost", "internal"];
+/// Name suffixes of in-cluster services, and of this host. The chart's admission policy
+/// holds the same lists; a chart test keeps them equal.
+pub const CLUSTER_SUFFIXES: &[&str] = &["svc", "cluster.local", "localhost", "internal"];
 
 impl External {
     fn allows_host(&self, host: &str) -> bool {

@@ -116,12 +116,108 @@ fn optional_parts_follow_the_values() {
 }
 
 #[test]
+fn the_tenancy_values_reach_the_operator_and_its_admission_policy_alike() {
+    let defaults = render(None);
+    let policies = find(&defaults, "ValidatingAdmissionPolicy");
+    let kinds: Vec<&str> = policies
+        .iter()
+        .map(|p| {
+            p["spec"]["matchConstraints"]["resourceRules"][0]["resources"][0]
+                .as_str()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(kinds, ["modelpools", "swarmjobs"]);
+    assert_eq!(find(&defaults, "ValidatingAdmissionPolicyBinding").len(), 2);
+    // The networks refused by default are the operator's own list, not a copy that drifts.
+    let external = policies[0]["spec"]["validations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|v| {
+            v["expression"]
+                .as_str()
+                .filter(|e| e.contains("external.url"))
+        })
+        .unwrap();
+    for net in kubeswarm::tenancy::DENIED
+        .iter()
+        .chain(kubeswarm::tenancy::CLUSTER_SUFFIXES)
+    {
+        assert!(
+            external.contains(&format!("\"{net}\"")),
+            "{net} is not in {external}"
+        );
+    }
+    let args = |docs: &[Value]| -> Vec<String> {
+        one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .filter(|a| {
+                a.starts_with("--allow-") || a.starts_with("--deny-") || a.starts_with("--require-")
+            })
+            .collect()
+    };
+    assert_eq!(args(&defaults), ["--require-queue=true"]);
+
+    let all = render(Some("ci/all-features-values.yaml"));
+    assert_eq!(
+        args(&all),
+        [
+            "--require-queue=true",
+            "--allow-host-path=/var/lib/kubeswarm/models",
+            "--allow-worker-image=registry.corp.example/kubeswarm/cuda-worker:0.1.0",
+            "--allow-worker-image=registry.corp.example/team-a/*",
+            "--allow-priority-class=batch-low",
+            "--allow-priority-class=batch-high",
+            "--allow-external=vllm.inference.svc.cluster.local",
+            "--allow-external=*.gpu.corp.example",
+            "--allow-external=10.20.0.0/16",
+            "--deny-external=203.0.113.0/24",
+        ]
+    );
+    let text = serde_json::to_string(&find(&all, "ValidatingAdmissionPolicy")).unwrap();
+    for value in [
+        "[\\\"/var/lib/kubeswarm/models\\\"]",
+        "registry.corp.example/team-a/",
+        "batch-high",
+        "gpu.corp.example",
+        "10.20.0.0/16",
+        "203.0.113.0/24",
+    ] {
+        assert!(
+            text.contains(value),
+            "{value} is not in the admission policies"
+        );
+    }
+
+    let off = Command::new(helm())
+        .args([
+            "template",
+            "ks",
+            "--kube-version",
+            "1.33.0",
+            "--set",
+            "tenancy.admissionPolicy=false",
+        ])
+        .arg(repo_root().join("charts/kubeswarm"))
+        .output()
+        .expect("helm runs");
+    assert!(off.status.success());
+    assert!(!String::from_utf8_lossy(&off.stdout).contains("kind: ValidatingAdmissionPolicy"));
+}
+
+#[test]
 fn values_schema_refuses_typos_and_bad_values() {
     let chart = repo_root().join("charts/kubeswarm");
     for (set, complaint) in [
         ("replicaCount=0", "replicaCount"),
         ("metrics.serviceMonitr.enabled=true", "serviceMonitr"),
         ("logFormat=xml", "logFormat"),
+        ("tenancy.hostPaths={/models/../etc}", "hostPaths"),
+        ("tenancy.requireQueu=false", "requireQueu"),
     ] {
         let out = Command::new(helm())
             .args(["template", "ks", "--kube-version", "1.33.0", "--set", set])

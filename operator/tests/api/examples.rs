@@ -181,3 +181,36 @@ fn the_gallery_is_the_demo() {
         kubeswarm::api::AggregationStrategy::Collect
     );
 }
+
+#[test]
+fn example_pools_pass_the_default_tenancy_policy_with_the_allowance_they_document() {
+    // pools.yaml says its vLLM endpoint needs tenancy.external.allow; nothing else does.
+    let policy = kubeswarm::tenancy::Policy {
+        external: kubeswarm::tenancy::External {
+            allow: vec!["vllm.inference.svc.cluster.local".parse().unwrap()],
+            deny: Vec::new(),
+        },
+        ..Default::default()
+    };
+    let worker = "ghcr.io/kubeswarm/inference-worker:0.1.0";
+    let mut checked = 0;
+    for Doc { file, value } in examples() {
+        let specs: Vec<Value> = match value["kind"].as_str() {
+            Some("ModelPool") => vec![value["spec"].clone()],
+            Some("SwarmJob") => value["spec"]["pools"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| p["spec"].clone())
+                .collect(),
+            _ => continue,
+        };
+        for spec in specs {
+            let spec: kubeswarm::api::ModelPoolSpec = serde_json::from_value(spec).unwrap();
+            let denied = policy.check(&spec, worker);
+            assert!(denied.is_empty(), "{file}: {denied:?}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "only {checked} pools checked");
+}

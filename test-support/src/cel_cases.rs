@@ -90,7 +90,7 @@ pub fn creation_cases() -> Vec<Case> {
         case(
             "model and external",
             pool,
-            json!({"spec": {"external": external}}),
+            json!({"spec": {"external": external, "queueName": null}}),
             Some(EXACTLY_ONE),
         ),
         case(

@@ -10,6 +10,7 @@
 pub(crate) mod aggregate;
 mod answer;
 pub(crate) mod balance;
+mod bounded;
 pub mod call;
 pub(crate) mod checks;
 pub(crate) mod endpoint;

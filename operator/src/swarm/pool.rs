@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use async_openai::Client;
 use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
-use async_openai::middleware::ReqwestService;
 use async_openai::types::chat::{CreateChatCompletionRequest, CreateChatCompletionResponse};
 use serde::Serialize;
 
 use super::balance::{self, Load};
+use super::bounded::{self, Bounded};
 use super::grammar::Grammar;
 
 /// A failed replica is skipped for this long, doubled per consecutive failure up to
@@ -118,9 +118,12 @@ impl Pool {
                     .with_api_base(url)
                     .with_api_key("kubeswarm");
                 // A bare reqwest service: the client's default stack retries 5xx and
-                // refused connections itself, behind the engine's back and budget.
-                let client = Client::with_config(config)
-                    .with_http_service(ReqwestService::new(self.http.clone()));
+                // refused connections itself, behind the engine's back and budget. Its
+                // responses are read to a bound.
+                let client = Client::with_config(config).with_http_service(Bounded {
+                    http: self.http.clone(),
+                    limit: bounded::MAX_RESPONSE_BYTES,
+                });
                 Arc::new(Replica {
                     url: url.to_owned(),
                     client,
@@ -216,6 +219,7 @@ fn replica_at_fault(err: &OpenAIError) -> bool {
     match err {
         OpenAIError::Reqwest(_) => true,
         OpenAIError::ApiError(api) => api.status_code.is_server_error(),
+        err if bounded::too_large(err) => true,
         _ => false,
     }
 }

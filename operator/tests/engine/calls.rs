@@ -314,3 +314,36 @@ async fn a_suspended_job_starts_no_call_until_resumed() {
     assert_eq!(events.first().unwrap(), "planned 4");
     assert_eq!(events.last().unwrap(), "aggregating");
 }
+
+#[tokio::test]
+async fn a_response_past_the_bound_is_not_read_and_fails_the_call() {
+    // A hostile or broken endpoint: "black" gets an answer of 9 MiB, the rest a colour.
+    let workers = Mock::start("m", |body, _| match part(body).as_str() {
+        "black" => text("k".repeat(9 << 20)),
+        other => text(other),
+    })
+    .await;
+    let job = spec(
+        &FOUR
+            .replace("{mode: adversarial, pool: gate}", "{mode: none}")
+            .replace("synthesize", "collect"),
+    );
+    let (outcome, log) = run_logged(
+        &job,
+        &pools(&[("workers", vec![workers.url.clone()])]),
+        &Memory::default(),
+        fast(),
+    )
+    .await;
+    let records = &outcome.checkpoint.subagents;
+    let error = records[&3].error.as_deref().unwrap();
+    assert!(
+        error.contains("the endpoint sent more than 8388608 bytes in one response"),
+        "{error}"
+    );
+    assert!(
+        log.iter().any(|line| line == "call workers malformed"),
+        "{log:?}"
+    );
+    assert_eq!(outcome.result.unwrap().0.chosen, [0, 1, 2]);
+}

@@ -3,9 +3,11 @@
 //!
 //! Layer: beside `kueue`, above `api` and `conditions`; it knows no controller.
 //!
-//! The promise: every worker pod of pool `P` carries the label `kubeswarm.dev/pool=P`,
-//! serves the OpenAI API at `http://<pod IP>:8000/v1` under the model name `P`, and is a
-//! ready replica when its `Ready` condition is true. The pool's `Available` condition is
+//! The promise: every worker pod of pool `P` carries the label `kubeswarm.dev/pool=P`
+//! and a controller owner reference to `P`, serves the OpenAI API at
+//! `http://<pod IP>:8000/v1` under the model name `P`, and is a ready replica when its
+//! `Ready` condition is true. A pod with the label and another owner (or none) is anyone's
+//! pod, not a replica: it never receives prompts. The pool's `Available` condition is
 //! true when at least one replica is ready (or, for an external pool, when its endpoint
 //! answered the last probe), and its message says why not otherwise.
 
@@ -33,11 +35,27 @@ pub fn available(pool: &ModelPool) -> Option<&Condition> {
         .find(|c| c.type_ == AVAILABLE)
 }
 
-/// The base URL of pool `pool`'s worker `pod` when it is a ready replica of that pool.
+/// Whether `object`'s controller owner reference is the object with `uid`: the only
+/// proof that an object of a given name or label is the one its owner made.
+pub fn controlled_by(object: &impl kube::Resource, uid: &str) -> bool {
+    object
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && o.uid == uid)
+}
+
+/// The base URL of `pool`'s worker `pod` when it is a ready replica of that pool.
 /// Pod IPs rather than the headless Service's names: they work the same in the cluster
 /// and for an operator running outside it.
-pub fn ready_worker_url(pod: &Pod, pool: &str) -> Option<String> {
-    if pod.labels().get(POOL_LABEL).map(String::as_str) != Some(pool) || !pod_health(pod).ready {
+pub fn ready_worker_url(pod: &Pod, pool: &ModelPool) -> Option<String> {
+    let name = pool.name_any();
+    let uid = pool.metadata.uid.as_deref().unwrap_or_default();
+    if pod.labels().get(POOL_LABEL) != Some(&name)
+        || !controlled_by(pod, uid)
+        || !pod_health(pod).ready
+    {
         return None;
     }
     let ip = pod.status.as_ref()?.pod_ip.as_ref()?;

@@ -912,3 +912,57 @@ async fn a_pool_the_tenancy_policy_refuses_gets_its_status_and_nothing_else() {
         "the endpoint was never called"
     );
 }
+
+#[tokio::test]
+async fn another_owners_service_is_named_as_a_conflict_and_never_taken_over() {
+    let direct = pool(1, false, None);
+    let mut foreign = existing_service(&direct);
+    foreign["metadata"]["ownerReferences"] = json!(null);
+    foreign["metadata"]["annotations"] = json!(null);
+    scenario(
+        direct,
+        vec![
+            // Only a read: an apply over the Service would fail the scenario.
+            step(Method::GET, SVC, 200, foreign),
+            step(Method::PATCH, STATUS, 200, stored()).check(|body| {
+                says(
+                    body,
+                    "Available",
+                    (
+                        "False",
+                        "NameConflict",
+                        "Service gemma-workers exists and is not this pool's",
+                    ),
+                );
+            }),
+            event("NameConflict"),
+            event("NameConflict"),
+            event("NameConflict"),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_labelled_pod_of_another_owner_is_neither_a_replica_nor_deleted() {
+    let direct = pool(1, false, None);
+    // Ready, labelled as replica 5 of the pool, beyond its one replica: a pod the pool
+    // made would be deleted; this one is not the pool's.
+    let mut foreign = built_pod(&direct, 5, &Placement::default(), true);
+    foreign["metadata"]["ownerReferences"] = json!(null);
+    let mut steps = settled_start(
+        &direct,
+        vec![built_pod(&direct, 0, &Placement::default(), false), foreign],
+        None,
+    );
+    steps.extend([
+        step(Method::PATCH, STATUS, 200, stored()).check(|body| {
+            assert_eq!(body["status"]["readyReplicas"], 0, "{body}");
+        }),
+        event("NoQueue"),
+        event("NoReadyReplicas"),
+        event("ReplicasStarting"),
+        event("AsExpected"),
+    ]);
+    scenario(direct, steps).await;
+}

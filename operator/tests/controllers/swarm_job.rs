@@ -494,6 +494,33 @@ async fn a_job_whose_own_pool_the_tenancy_policy_refuses_creates_nothing_and_wai
 }
 
 #[tokio::test]
+async fn a_pool_of_another_owner_under_the_name_of_the_jobs_own_is_never_taken_over() {
+    let mut squatter = owned_pool();
+    squatter["metadata"]["ownerReferences"] = json!(null);
+    squatter["metadata"]["uid"] = json!("someone-elses");
+    // Reads and the status write only: an apply over the pool would fail the scenario.
+    let steps = vec![
+        step(Method::GET, POOLS, 200, list("ModelPool", vec![squatter])),
+        step(Method::GET, PODS, 200, list("Pod", vec![])),
+        step(Method::PATCH, JOB_STATUS, 200, stored_job()).check(|body| {
+            says(
+                body,
+                "Admitted",
+                (
+                    "False",
+                    "NameConflict",
+                    "ModelPool review-worker exists and is not this job's",
+                ),
+            );
+        }),
+        event("NameConflict"),
+    ];
+    let harness = harness(steps);
+    harness.reconcile(job(SCOPED, false, Value::Null)).await;
+    harness.done().await;
+}
+
+#[tokio::test]
 async fn a_suspended_job_releases_its_pools_and_says_so() {
     let mut steps = release_owned_pool();
     steps.extend([

@@ -46,6 +46,8 @@ const EXTERNAL_PROBE: Duration = Duration::from_secs(30);
 const RESYNC: Duration = Duration::from_secs(300);
 /// How long an external endpoint may take to answer the probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a pool whose child's name another object holds looks again.
+const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
 /// How often a pool whose queue needs a missing Kueue looks again.
 const KUEUE_RECHECK: Duration = Duration::from_secs(60);
 
@@ -157,9 +159,18 @@ impl<'a> Reconciler<'a> {
                 }
             },
         };
-        self.ensure(build::service(self.pool)).await?;
-        self.ensure(build::network_policy(self.pool, &self.ctx.settings))
-            .await?;
+        let mut conflict = self.ensure(build::service(self.pool)).await?;
+        if conflict.is_none() {
+            conflict = self
+                .ensure(build::network_policy(self.pool, &self.ctx.settings))
+                .await?;
+        }
+        if let Some(conflict) = conflict {
+            self.update_status(status::name_conflict(&conflict), 0, 0)
+                .await?;
+            // Nothing of another's wakes the pool: it looks again now and then.
+            return Ok(Action::requeue(CONFLICT_RECHECK));
+        }
 
         let desired = plan::Blueprint {
             pool: self.pool,
@@ -192,6 +203,9 @@ impl<'a> Reconciler<'a> {
         let name = self.pool.name_any();
         let selector =
             ListParams::default().labels(&format!("{}={name}", pool_contract::POOL_LABEL));
+        // Only what the pool controls is its own: a labelled pod of another's is neither
+        // a replica nor deleted.
+        let uid = self.uid();
         let mut observed = plan::Observed {
             pods: self
                 .api::<Pod>()
@@ -199,6 +213,7 @@ impl<'a> Reconciler<'a> {
                 .await
                 .map_err(api_error("list", "Pod", &name))?
                 .into_iter()
+                .filter(|p| pool_contract::controlled_by(p, &uid))
                 .map(|p| (p.name_any(), p))
                 .collect(),
             ..plan::Observed::default()
@@ -207,7 +222,11 @@ impl<'a> Reconciler<'a> {
             return Ok(Some(observed));
         }
         observed.workloads = match self.api::<Workload>().list(&selector).await {
-            Ok(list) => list.into_iter().map(|w| (w.name_any(), w)).collect(),
+            Ok(list) => list
+                .into_iter()
+                .filter(|w| pool_contract::controlled_by(w, &uid))
+                .map(|w| (w.name_any(), w))
+                .collect(),
             Err(err) if kueue::is_not_installed(&err) => return Ok(None),
             Err(err) => return Err(api_error("list", "Workload", &name)(err).into()),
         };
@@ -260,7 +279,9 @@ impl<'a> Reconciler<'a> {
     }
 
     /// Creates or replaces a namespaced child whose build hash differs from what exists.
-    async fn ensure<K: Child>(&self, want: K) -> Result<(), Error> {
+    /// Applies a child unless an object of its name exists that the pool does not
+    /// control: that one is named, never taken over.
+    async fn ensure<K: Child>(&self, want: K) -> Result<Option<String>, Error> {
         let name = want.name_any();
         let api = self.api::<K>();
         let kind = K::kind(&()).into_owned();
@@ -268,8 +289,17 @@ impl<'a> Reconciler<'a> {
             .get_opt(&name)
             .await
             .map_err(api_error("get", &kind, &name))?;
+        if let Some(current) = &current
+            && !pool_contract::controlled_by(current, &self.uid())
+        {
+            return Ok(Some(format!("{kind} {name}")));
+        }
         apply_if_changed(&api, current.as_ref(), &want).await?;
-        Ok(())
+        Ok(None)
+    }
+
+    fn uid(&self) -> String {
+        self.pool.metadata.uid.clone().unwrap_or_default()
     }
 
     async fn create<K: Child>(&self, object: &K) -> Result<(), Error> {

@@ -21,6 +21,7 @@ pub mod reason {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const KUEUE_NOT_INSTALLED: &str = "KueueNotInstalled";
     pub const MINIMUM_REPLICAS_AVAILABLE: &str = "MinimumReplicasAvailable";
+    pub const NAME_CONFLICT: &str = "NameConflict";
     pub const NO_QUEUE: &str = "NoQueue";
     pub const NO_READY_REPLICAS: &str = "NoReadyReplicas";
     pub const POD_FAILING: &str = "PodFailing";
@@ -198,6 +199,24 @@ pub fn invalid(message: String) -> Vec<Desired> {
             "waiting for the spec to be fixed",
         ),
         Desired::new(DEGRADED, true, reason::INVALID_SPEC, message).warning(),
+    ]
+}
+
+/// The conditions of a pool one of whose children's names another object holds: the pool
+/// creates nothing until it is gone or renamed.
+pub fn name_conflict(object: &str) -> Vec<Desired> {
+    let message = format!(
+        "{object} exists and is not this pool's, so the pool does not take it over: delete it or rename the pool"
+    );
+    vec![
+        Desired::new(AVAILABLE, false, reason::NAME_CONFLICT, message.clone()).warning(),
+        Desired::new(
+            PROGRESSING,
+            false,
+            reason::NAME_CONFLICT,
+            "waiting for the name to be free",
+        ),
+        Desired::new(DEGRADED, true, reason::NAME_CONFLICT, message).warning(),
     ]
 }
 

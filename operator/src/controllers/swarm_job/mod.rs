@@ -43,7 +43,7 @@ use crate::controllers::children::{
 };
 use crate::controllers::{Backoff, key};
 use crate::metrics::Metrics;
-use crate::pool_contract::POOL_LABEL;
+use crate::pool_contract::{self, POOL_LABEL};
 use crate::swarm::{self, Options, pools_used};
 use crate::tenancy::Policy;
 
@@ -426,15 +426,19 @@ impl<'a> Reconciler<'a> {
         for entry in &self.job.spec.pools {
             let want = build::job_pool(self.job, entry);
             let name = want.name_any();
+            let uid = self.job.uid().unwrap_or_default();
             match existing.iter().find(|p| p.name_any() == name) {
                 None => {
                     let pool = create(&self.api::<ModelPool>(), &want).await?;
                     info!(pool = %name, "created a job-scoped pool");
                     created.push(pool);
                 }
-                Some(current) => {
+                Some(current) if pool_contract::controlled_by(current, &uid) => {
                     apply_if_changed(&self.api::<ModelPool>(), Some(current), &want).await?;
                 }
+                // Another's pool of the same name is never taken over; the job waits
+                // with NameConflict (`pools::endpoints`).
+                Some(_) => {}
             }
         }
         Ok(created)
@@ -442,12 +446,9 @@ impl<'a> Reconciler<'a> {
 
     /// Deletes the job's own pools among `existing`, so their quota returns to the queue.
     async fn release_pools(&self, existing: &[ModelPool]) -> Result<(), Error> {
-        let uid = self.job.uid();
+        let uid = self.job.uid().unwrap_or_default();
         let owned = existing.iter().filter(|p| {
-            p.metadata.deletion_timestamp.is_none()
-                && p.owner_references()
-                    .iter()
-                    .any(|o| Some(&o.uid) == uid.as_ref())
+            p.metadata.deletion_timestamp.is_none() && pool_contract::controlled_by(*p, &uid)
         });
         for pool in owned {
             let name = pool.name_any();

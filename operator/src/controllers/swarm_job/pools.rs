@@ -65,6 +65,18 @@ pub fn endpoints(
             "the job calls pool {name}, and namespace {namespace} has no ModelPool {object}: create it, or fix the pool name in the job"
         ),
     })?;
+    // A job-scoped pool is the job's only if the job controls it: a ModelPool that
+    // happens to have its name is someone else's, and gets none of the job's prompts.
+    if object != name
+        && !pool_contract::controlled_by(pool, job.metadata.uid.as_deref().unwrap_or_default())
+    {
+        return Err(Waiting {
+            reason: reason::NAME_CONFLICT,
+            message: format!(
+                "ModelPool {object} exists and is not this job's: rename the pool in spec.pools, or delete {object}"
+            ),
+        });
+    }
     let available = pool_contract::available(pool);
     let unavailable = |detail: String| Waiting {
         reason: reason::POOL_UNAVAILABLE,
@@ -86,7 +98,7 @@ pub fn endpoints(
     }
     let urls: Vec<String> = pods
         .iter()
-        .filter_map(|p| pool_contract::ready_worker_url(p, &object))
+        .filter_map(|p| pool_contract::ready_worker_url(p, pool))
         .collect();
     if urls.is_empty() {
         let why = available
@@ -108,6 +120,7 @@ mod tests {
     use crate::api::{ModelPoolSpec, SwarmJobSpec};
     use crate::pool_contract::{AVAILABLE, POOL_LABEL};
     use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
     use kube::api::ObjectMeta;
 
@@ -118,7 +131,17 @@ mod tests {
         .unwrap();
         let mut job = SwarmJob::new("review", spec);
         job.metadata.namespace = Some("team-a".to_owned());
+        job.metadata.uid = Some("job-uid".to_owned());
         job
+    }
+
+    /// A controller owner reference to the object with `uid`.
+    fn controller(uid: &str) -> Option<Vec<OwnerReference>> {
+        Some(vec![OwnerReference {
+            uid: uid.to_owned(),
+            controller: Some(true),
+            ..Default::default()
+        }])
     }
 
     fn pool(name: &str, spec: &str, available: Option<(&str, &str)>) -> ModelPool {
@@ -126,6 +149,11 @@ mod tests {
             name,
             serde_yaml_ng::from_str::<ModelPoolSpec>(spec).unwrap(),
         );
+        pool.metadata.uid = Some(format!("uid-{name}"));
+        // A job's own pool is controlled by its job.
+        if name.starts_with("review-") {
+            pool.metadata.owner_references = controller("job-uid");
+        }
         pool.status = available.map(|(status, message)| crate::api::ModelPoolStatus {
             conditions: vec![Condition {
                 type_: AVAILABLE.to_owned(),
@@ -145,6 +173,7 @@ mod tests {
             metadata: ObjectMeta {
                 name: Some(format!("{pool}-{index}")),
                 labels: Some([(POOL_LABEL.to_owned(), pool.to_owned())].into()),
+                owner_references: controller(&format!("uid-{pool}")),
                 ..Default::default()
             },
             spec: None,
@@ -240,5 +269,37 @@ mod tests {
         let resolved = resolve(&scoped, &pools, &[pod("review-worker", 3, true)]).unwrap();
         assert_eq!(resolved[0].model, "review-worker");
         assert_eq!(resolved[0].urls, ["http://10.0.0.3:8000/v1"]);
+    }
+
+    #[test]
+    fn only_what_the_pool_or_job_controls_gets_prompts() {
+        // A ready pod labelled as a replica, made by someone else: not a replica.
+        let mut foreign = pod("worker", 7, true);
+        foreign.metadata.owner_references = None;
+        let pools = [
+            pool("worker", WORKERS, Some(("True", ""))),
+            pool("gate", EXTERNAL, Some(("True", ""))),
+        ];
+        let resolved =
+            resolve(&job(""), &pools, &[foreign.clone(), pod("worker", 1, true)]).unwrap();
+        assert_eq!(resolved[0].urls, ["http://10.0.0.1:8000/v1"]);
+        let waiting = resolve(&job(""), &pools, &[foreign]).unwrap_err();
+        assert_eq!(waiting.reason, "PoolUnavailable");
+
+        // A ModelPool with the name of the job's own pool, made by someone else.
+        let scoped = job("pools:\n- name: worker\n  spec: {model: {source: pvc://w/g.gguf}}\n");
+        let mut squatter = pool("review-worker", WORKERS, Some(("True", "")));
+        squatter.metadata.owner_references = None;
+        let waiting = resolve(
+            &scoped,
+            &[squatter, pool("gate", EXTERNAL, Some(("True", "")))],
+            &[pod("review-worker", 3, true)],
+        )
+        .unwrap_err();
+        assert_eq!(waiting.reason, "NameConflict");
+        assert_eq!(
+            waiting.message,
+            "ModelPool review-worker exists and is not this job's: rename the pool in spec.pools, or delete review-worker"
+        );
     }
 }

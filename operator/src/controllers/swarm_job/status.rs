@@ -23,6 +23,7 @@ pub mod reason {
     pub const ANSWER_TRUNCATED: &str = "AnswerTruncated";
     pub const CHECKS_ONLY: &str = "ChecksOnly";
     pub const IN_PROGRESS: &str = "InProgress";
+    pub const NAME_CONFLICT: &str = "NameConflict";
     pub const NOT_SPLIT: &str = "NotSplit";
     pub const OUTPUTS_RECEIVED: &str = "OutputsReceived";
     pub const PENDING: &str = "Pending";

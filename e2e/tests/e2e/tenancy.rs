@@ -1,7 +1,8 @@
 //! Test 3: the tenancy boundary, tried as a tenant would on the real API server: every
 //! way out (SSRF targets, node paths, images, quota, priority) is refused at admission
 //! by the chart's ValidatingAdmissionPolicy, legitimate manifests still pass, and with
-//! the policy's binding gone the operator still refuses and creates nothing.
+//! the policy's binding gone the operator still refuses and creates nothing. Objects of
+//! another owner under a name the operator would use are never taken over.
 
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kubeswarm::api::ModelPool;
 use serde_json::{Value, json};
 
-use crate::bed::{Bed, condition, json_condition, until};
+use crate::bed::{Bed, condition, delete_and_wait, json_condition, until};
 
 const BINDING: &str = "kubeswarm-tenancy-modelpools";
 
@@ -229,7 +230,89 @@ pub async fn attempts_to_leave_the_boundary_are_refused(bed: &Bed) -> anyhow::Re
         "legitimate manifests refused: {refused:#?}"
     );
 
+    names_of_others_are_never_taken_over(bed, &ns).await?;
     operator_refuses_without_the_admission_policy(bed, &ns).await
+}
+
+/// A Service named like a pool's, and a ModelPool named like a job's own pool, made by
+/// someone else: the pool and the job say NameConflict, and neither object is touched.
+async fn names_of_others_are_never_taken_over(bed: &Bed, ns: &str) -> anyhow::Result<()> {
+    bed.apply(
+        Some(ns),
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: clash-workers}
+spec: {ports: [{port: 80}], selector: {app: mine}}
+---
+apiVersion: kubeswarm.dev/v1alpha1
+kind: ModelPool
+metadata: {name: clash}
+spec: {model: {source: 'pvc://weights/m'}, queueName: gpus}
+---
+apiVersion: kubeswarm.dev/v1alpha1
+kind: ModelPool
+metadata: {name: mine-worker}
+spec: {external: {url: 'https://api.example.com/v1', model: m}}
+---
+apiVersion: kubeswarm.dev/v1alpha1
+kind: SwarmJob
+metadata: {name: mine}
+spec:
+  task: Name a colour.
+  fanOut: {pool: worker, subagents: 1}
+  verification: {mode: none}
+  aggregation: {strategy: collect}
+  pools: [{name: worker, spec: {model: {source: 'pvc://weights/m'}, queueName: gpus}}]
+"#,
+    )
+    .await?;
+    let pools: Api<ModelPool> = Api::namespaced(bed.client.clone(), ns);
+    until(
+        &pools,
+        "clash",
+        Duration::from_secs(30),
+        "the pool names the clash",
+        json_condition(|o| conflict(o, "Available")),
+    )
+    .await?;
+    let jobs: Api<kubeswarm::api::SwarmJob> = Api::namespaced(bed.client.clone(), ns);
+    until(
+        &jobs,
+        "mine",
+        Duration::from_secs(30),
+        "the job names the clash",
+        json_condition(|o| conflict(o, "Admitted")),
+    )
+    .await?;
+
+    let services: Api<Service> = Api::namespaced(bed.client.clone(), ns);
+    let service = services.get("clash-workers").await?;
+    ensure!(
+        service.metadata.owner_references.is_none()
+            && service
+                .spec
+                .and_then(|s| s.selector)
+                .is_some_and(|s| s["app"] == "mine"),
+        "the pool took over another's Service"
+    );
+    let squatted = pools.get("mine-worker").await?;
+    ensure!(
+        squatted.metadata.owner_references.is_none() && squatted.spec.external.is_some(),
+        "the job took over another's ModelPool"
+    );
+    // The job's end does not take the pool it never owned with it.
+    delete_and_wait(&jobs, "mine", Duration::from_secs(30)).await?;
+    ensure!(
+        pools.get_opt("mine-worker").await?.is_some(),
+        "deleting the job deleted another's ModelPool"
+    );
+    Ok(())
+}
+
+fn conflict(object: &Value, type_: &str) -> bool {
+    condition(object, type_)
+        .is_some_and(|c| c["status"] == "False" && c["reason"] == "NameConflict")
 }
 
 /// Defence in depth: with the admission policy's binding deleted, a pool on /etc is

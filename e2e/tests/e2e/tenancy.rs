@@ -230,8 +230,73 @@ pub async fn attempts_to_leave_the_boundary_are_refused(bed: &Bed) -> anyhow::Re
         "legitimate manifests refused: {refused:#?}"
     );
 
+    worker_pods_pass_the_restricted_standard(bed).await?;
     names_of_others_are_never_taken_over(bed, &ns).await?;
     operator_refuses_without_the_admission_policy(bed, &ns).await
+}
+
+/// The worker pods of every example pool, as the operator builds them, are admitted in a
+/// namespace that enforces the restricted Pod Security Standard; a pod on a node path
+/// (hostPath), which the tenancy policy keeps off by default, is not.
+async fn worker_pods_pass_the_restricted_standard(bed: &Bed) -> anyhow::Result<()> {
+    use kubeswarm::controllers::model_pool::build;
+    bed.apply(
+        None,
+        "{apiVersion: v1, kind: Namespace, metadata: {name: e2e-restricted, labels: {pod-security.kubernetes.io/enforce: restricted}}}",
+    )
+    .await?;
+    let settings = build::Settings {
+        worker_image: "kubeswarm/inference-worker:e2e".to_owned(),
+        operator_namespace: "kubeswarm-system".to_owned(),
+        operator_labels: [("app.kubernetes.io/name".to_owned(), "kubeswarm".to_owned())].into(),
+        tenancy: Default::default(),
+    };
+    let mut pools = Vec::new();
+    for entry in std::fs::read_dir(crate::bed::repo_root().join("examples"))? {
+        let text = std::fs::read_to_string(entry?.path())?;
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let value: Value = serde::Deserialize::deserialize(doc)?;
+            let specs: Vec<Value> = match value["kind"].as_str() {
+                Some("ModelPool") => vec![value["spec"].clone()],
+                Some("SwarmJob") => value["spec"]["pools"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| p["spec"].clone())
+                    .collect(),
+                _ => continue,
+            };
+            pools.extend(specs.into_iter().filter(|s| s.get("model").is_some()));
+        }
+    }
+    ensure!(
+        pools.len() >= 2,
+        "only {} example pools run workers",
+        pools.len()
+    );
+    let on_node = json!({"model": {"source": "file:///var/lib/models/m.gguf"}});
+    for (i, spec) in pools.iter().chain([&on_node]).enumerate() {
+        let mut pool = ModelPool::new(&format!("p{i}"), serde_json::from_value(spec.clone())?);
+        pool.metadata.namespace = Some("e2e-restricted".to_owned());
+        pool.metadata.uid = Some("uid".to_owned());
+        let template = build::worker_template(&pool, &settings)?;
+        let pod = build::pod(&pool, &template, 0, &Default::default());
+        let mut object = serde_json::to_value(&pod)?;
+        object["apiVersion"] = json!("v1");
+        object["kind"] = json!("Pod");
+        let answer = bed.dry_run_create("e2e-restricted", &object).await?;
+        match (std::ptr::eq(spec, &on_node), answer) {
+            (false, Ok(())) => {}
+            (true, Err(kube::Error::Api(err)))
+                if err.message.contains("restricted") && err.message.contains("hostPath") => {}
+            (_, answer) => bail!("the worker pod of {spec}: {answer:?}"),
+        }
+    }
+    println!(
+        "tenancy: {} example worker pods pass the restricted Pod Security Standard",
+        pools.len()
+    );
+    Ok(())
 }
 
 /// A Service named like a pool's, and a ModelPool named like a job's own pool, made by

@@ -37,6 +37,10 @@ enum Command {
         operator_labels: Vec<(String, String)>,
         #[command(flatten)]
         tenancy: Tenancy,
+        /// The ClusterRole that, bound in a namespace with a RoleBinding, lets the
+        /// operator read the API keys of that namespace's external pools.
+        #[arg(long, default_value = "kubeswarm-api-keys", value_name = "NAME")]
+        api_key_role: String,
     },
     /// Print the CustomResourceDefinitions, or write them into directories.
     ///
@@ -212,6 +216,7 @@ fn main() -> ExitCode {
             identity,
             operator_labels,
             tenancy,
+            api_key_role,
         } => operator(kubeswarm::controllers::Args {
             metrics_addr,
             worker_image,
@@ -219,6 +224,7 @@ fn main() -> ExitCode {
             identity: identity.unwrap_or_else(|| format!("kubeswarm-{}", std::process::id())),
             operator_labels: operator_labels.into_iter().collect(),
             tenancy: tenancy.into(),
+            api_key_role,
         }),
         Command::Crdgen { out } => crdgen(&out),
         Command::FetchModel { model } => fetch_model(model),

@@ -59,6 +59,8 @@ struct Shared {
     script: Script,
     model: String,
     seen: Arc<Mutex<Vec<Value>>>,
+    /// The Authorization header of each request, in arrival order.
+    authorizations: Arc<Mutex<Vec<Option<String>>>>,
     count: Arc<AtomicUsize>,
     in_flight: Arc<AtomicUsize>,
 }
@@ -79,6 +81,7 @@ impl Mock {
             script: Arc::new(script),
             model: model.to_owned(),
             seen: Arc::default(),
+            authorizations: Arc::default(),
             count: Arc::default(),
             in_flight: Arc::default(),
         };
@@ -101,6 +104,11 @@ impl Mock {
     /// Request bodies received, in arrival order.
     pub fn requests(&self) -> Vec<Value> {
         self.shared.seen.lock().unwrap().clone()
+    }
+
+    /// The Authorization header of each request, in arrival order.
+    pub fn authorizations(&self) -> Vec<Option<String>> {
+        self.shared.authorizations.lock().unwrap().clone()
     }
 
     pub fn count(&self) -> usize {
@@ -135,9 +143,19 @@ impl Drop for InFlight {
     }
 }
 
-async fn chat(State(shared): State<Shared>, Json(body): Json<Value>) -> Response {
+async fn chat(
+    State(shared): State<Shared>,
+    headers: axum::http::HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
     let n = shared.count.fetch_add(1, Ordering::SeqCst);
     shared.seen.lock().unwrap().push(body.clone());
+    shared.authorizations.lock().unwrap().push(
+        headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    );
     shared.in_flight.fetch_add(1, Ordering::SeqCst);
     let _guard = InFlight(shared.in_flight.clone());
     let mut reply = (shared.script)(&body, n);

@@ -1,6 +1,7 @@
 //! The operator: the ModelPool and SwarmJob controllers behind a leader Lease, with
 //! /metrics and probes.
 
+pub(crate) mod api_keys;
 pub(crate) mod children;
 pub mod leader;
 pub mod model_pool;
@@ -40,6 +41,8 @@ pub struct Args {
     pub operator_labels: BTreeMap<String, String>,
     /// What tenants' pools may ask for.
     pub tenancy: Policy,
+    /// The ClusterRole that grants reads of external pools' API keys, per namespace.
+    pub api_key_role: String,
 }
 
 #[derive(Debug, Error)]
@@ -87,7 +90,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         client.clone(),
         Reporter {
             controller: "kubeswarm".to_owned(),
-            instance: Some(args.identity),
+            instance: Some(args.identity.clone()),
         },
     );
     let worker_image = args.worker_image.clone();
@@ -96,9 +99,10 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         client: client.clone(),
         settings: model_pool::build::Settings {
             worker_image: worker_image.clone(),
-            operator_namespace: args.leader_election_namespace,
-            operator_labels: args.operator_labels,
+            operator_namespace: args.leader_election_namespace.clone(),
+            operator_labels: args.operator_labels.clone(),
             tenancy: args.tenancy.clone(),
+            api_key_role: args.api_key_role.clone(),
         },
         http: external_http.clone(),
         recorder: recorder.clone(),
@@ -139,7 +143,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         recorder,
         metrics,
         external_http,
-        &args.tenancy,
+        &args,
         worker_image,
     );
     tokio::select! {
@@ -156,7 +160,7 @@ async fn swarm_jobs(
     recorder: Recorder,
     metrics: Arc<Metrics>,
     external_http: reqwest::Client,
-    tenancy: &Policy,
+    args: &Args,
     worker_image: String,
 ) {
     let (wake, woken) = futures::channel::mpsc::unbounded();
@@ -164,7 +168,8 @@ async fn swarm_jobs(
         client: client.clone(),
         http: crate::swarm::endpoint::http_client(),
         external_http,
-        tenancy: tenancy.clone(),
+        tenancy: args.tenancy.clone(),
+        api_key_role: args.api_key_role.clone(),
         worker_image,
         recorder,
         metrics,

@@ -283,7 +283,7 @@ async fn served_model(http: &reqwest::Client, pool: &str, url: &str) -> Result<S
         url: url.to_owned(),
         source,
     };
-    let ids = endpoint::served_models(http, url, Duration::from_secs(10))
+    let ids = endpoint::served_models(http, url, None, Duration::from_secs(10))
         .await
         .map_err(|err| fail(err.into()))?;
     if ids.iter().any(|id| id == pool) {

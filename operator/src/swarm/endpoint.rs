@@ -46,6 +46,7 @@ pub enum ModelsError {
 pub async fn served_models(
     http: &reqwest::Client,
     base: &str,
+    api_key: Option<&str>,
     timeout: Duration,
 ) -> Result<Vec<String>, ModelsError> {
     let url = format!("{}/models", base.trim_end_matches('/'));
@@ -54,12 +55,11 @@ pub async fn served_models(
         url: url.clone(),
         source: source.without_url(),
     };
-    let mut response = http
-        .get(&url)
-        .timeout(timeout)
-        .send()
-        .await
-        .map_err(request_failed)?;
+    let mut request = http.get(&url).timeout(timeout);
+    if let Some(key) = api_key {
+        request = request.bearer_auth(key);
+    }
+    let mut response = request.send().await.map_err(request_failed)?;
     if !response.status().is_success() {
         return Err(ModelsError::Status {
             url,
@@ -104,7 +104,7 @@ mod tests {
 
     async fn models(body: &[u8]) -> Result<Vec<String>, ModelsError> {
         let url = serving(body.to_vec()).await;
-        served_models(&http_client(), &url, Duration::from_secs(5)).await
+        served_models(&http_client(), &url, None, Duration::from_secs(5)).await
     }
 
     #[tokio::test]

@@ -44,6 +44,8 @@ pub struct Pool {
     model: String,
     server: Server,
     http: reqwest::Client,
+    /// Sent as the bearer token of every call.
+    api_key: String,
     replicas: Mutex<Vec<Arc<Replica>>>,
     /// Woken whenever the replicas are replaced.
     changed: tokio::sync::Notify,
@@ -80,11 +82,25 @@ impl Pool {
         urls: &[String],
         http: reqwest::Client,
     ) -> Self {
+        Self::with_api_key(name, model, server, urls, http, None)
+    }
+
+    /// A pool whose endpoints want `api_key` as their bearer token (an external pool's
+    /// `apiKeySecretRef`); without one a placeholder is sent, as OpenAI clients must.
+    pub fn with_api_key(
+        name: &str,
+        model: &str,
+        server: Server,
+        urls: &[String],
+        http: reqwest::Client,
+        api_key: Option<String>,
+    ) -> Self {
         let pool = Self {
             name: name.to_owned(),
             model: model.to_owned(),
             server,
             http,
+            api_key: api_key.unwrap_or_else(|| "kubeswarm".to_owned()),
             replicas: Mutex::new(Vec::new()),
             changed: tokio::sync::Notify::new(),
             in_flight: AtomicUsize::new(0),
@@ -116,7 +132,7 @@ impl Pool {
             next.push(kept.unwrap_or_else(|| {
                 let config = OpenAIConfig::new()
                     .with_api_base(url)
-                    .with_api_key("kubeswarm");
+                    .with_api_key(self.api_key.as_str());
                 // A bare reqwest service: the client's default stack retries 5xx and
                 // refused connections itself, behind the engine's back and budget. Its
                 // responses are read to a bound.

@@ -45,6 +45,7 @@ fn settings() -> Settings {
             },
             ..Policy::default()
         },
+        api_key_role: "kubeswarm-api-keys".to_owned(),
     }
 }
 
@@ -965,4 +966,76 @@ async fn a_labelled_pod_of_another_owner_is_neither_a_replica_nor_deleted() {
         event("AsExpected"),
     ]);
     scenario(direct, steps).await;
+}
+
+const KEY: &str = "/api/v1/namespaces/team-a/secrets/vllm-key";
+
+#[tokio::test]
+async fn an_external_pools_api_key_is_read_from_its_secret_and_never_shown() {
+    // An endpoint that serves its models only with the right bearer token.
+    let app = axum::Router::new().route(
+        "/v1/models",
+        axum::routing::get(|headers: axum::http::HeaderMap| async move {
+            if headers.get("authorization").and_then(|v| v.to_str().ok())
+                != Some("Bearer sk-live-1")
+            {
+                return (axum::http::StatusCode::UNAUTHORIZED, axum::Json(json!({})))
+                    .into_response();
+            }
+            axum::Json(json!({"object": "list", "data": [{"id": "llama-3"}]})).into_response()
+        }),
+    );
+    use axum::response::IntoResponse;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let mut keyed = pool(1, false, None);
+    keyed.spec = serde_yaml_ng::from_str(&format!(
+        "external: {{url: '{url}', model: llama-3, apiKeySecretRef: {{name: vllm-key, key: token}}}}"
+    ))
+    .unwrap();
+    // "sk-live-1\n", as `kubectl create secret --from-file` stores a file with its newline.
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "vllm-key"}, "data": {"token": "c2stbGl2ZS0xCg=="}});
+    scenario(
+        keyed.clone(),
+        vec![
+            step(Method::GET, KEY, 200, secret),
+            step(Method::PATCH, STATUS, 200, stored()).check(|body| {
+                assert_eq!(
+                    condition(body, "Available").1,
+                    "EndpointServesModel",
+                    "{body}"
+                );
+            }),
+            event("NoQueue"),
+            event("EndpointServesModel"),
+            event("AsExpected"),
+        ],
+    )
+    .await;
+
+    // Without the RoleBinding the read is forbidden: the pool says which one it needs.
+    let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "secrets \"vllm-key\" is forbidden"});
+    scenario(
+        keyed,
+        vec![
+            step(Method::GET, KEY, 403, forbidden),
+            step(Method::PATCH, STATUS, 200, stored()).check(|body| {
+                says(
+                    body,
+                    "Available",
+                    (
+                        "False",
+                        "ApiKeyUnavailable",
+                        "the operator may not read Secret vllm-key in namespace team-a: grant it with a RoleBinding in team-a to the ClusterRole kubeswarm-api-keys",
+                    ),
+                );
+                assert!(!body.to_string().contains("sk-live"));
+            }),
+            event("NoQueue"),
+            event("ApiKeyUnavailable"),
+            event("ApiKeyUnavailable"),
+        ],
+    )
+    .await;
 }

@@ -99,6 +99,7 @@ fn harness(steps: Vec<crate::harness::Step>) -> Harness {
             ..Policy::default()
         },
         worker_image: "ghcr.io/kubeswarm/inference-worker:0.1.0".to_owned(),
+        api_key_role: "kubeswarm-api-keys".to_owned(),
         recorder: recorder(client),
         metrics: Arc::new(Metrics::default()),
         backoff: Default::default(),
@@ -301,7 +302,10 @@ async fn a_job_runs_through_every_phase_to_complete_and_lets_go_of_its_finalizer
 #[tokio::test]
 async fn a_restarted_operator_resumes_from_the_records_and_never_repeats_a_subagent() {
     let model = Mock::start("m", |body, _| text(part(body).to_uppercase())).await;
-    let pools = list("ModelPool", vec![external_pool("ext", &model.url)]);
+    // The endpoint wants an API key, which the job reads from the pool's Secret.
+    let mut keyed = external_pool("ext", &model.url);
+    keyed["spec"]["external"]["apiKeySecretRef"] = json!({"name": "ext-key", "key": "token"});
+    let pools = list("ModelPool", vec![keyed]);
     // The last operator recorded subagent 0 and its usage, then died.
     let recorded = json!({
         "subagent-000.json": json!({"index": 0, "stage": "finished", "output": "EMBER", "promptTokens": 100, "completionTokens": 50, "attempts": 1, "verdict": {"pass": true, "issues": []}}).to_string(),
@@ -311,8 +315,16 @@ async fn a_restarted_operator_resumes_from_the_records_and_never_repeats_a_subag
     let mut steps = vec![
         step(Method::GET, POOLS, 200, pools),
         step(Method::GET, PODS, 200, list("Pod", vec![])),
+        // base64 of "sk-ext-7".
+        step(
+            Method::GET,
+            "/api/v1/namespaces/team-a/secrets/ext-key",
+            200,
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ext-key"}, "data": {"token": "c2stZXh0LTc="}}),
+        ),
         step(Method::PATCH, JOB_STATUS, 200, stored_job()).check(|body| {
             assert_eq!(body["status"]["startTime"], "2026-11-22T09:00:00Z");
+            assert!(!body.to_string().contains("sk-ext-7"));
         }),
         event("PoolsReady"),
         step(Method::GET, CM, 200, configmap(recorded)),
@@ -349,6 +361,7 @@ async fn a_restarted_operator_resumes_from_the_records_and_never_repeats_a_subag
     harness.done().await;
     assert_eq!(model.count(), 1, "only the unfinished subagent is called");
     assert!(part(&model.requests()[0]).contains("cold"));
+    assert_eq!(model.authorizations(), [Some("Bearer sk-ext-7".to_owned())]);
 }
 
 #[tokio::test]

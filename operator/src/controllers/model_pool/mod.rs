@@ -35,7 +35,7 @@ use crate::conditions::{self, Desired};
 use crate::controllers::children::{
     ApiError, Child, api_error, apply_if_changed, apply_status, create, delete,
 };
-use crate::controllers::{Backoff, key};
+use crate::controllers::{Backoff, api_keys, key};
 use crate::kueue::{self, ResourceFlavor, Workload};
 use crate::metrics::Metrics;
 use crate::pool_contract;
@@ -130,7 +130,28 @@ impl<'a> Reconciler<'a> {
             return Ok(Action::await_change());
         }
         if let Some(external) = &self.pool.spec.external {
-            let probe = probe(&self.ctx.http, &external.url, &external.model).await;
+            let probe = async {
+                let key = match &external.api_key_secret_ref {
+                    Some(reference) => Some(
+                        api_keys::read(
+                            &self.ctx.client,
+                            &self.namespace,
+                            reference,
+                            &settings.api_key_role,
+                        )
+                        .await?,
+                    ),
+                    None => None,
+                };
+                probe(
+                    &self.ctx.http,
+                    &external.url,
+                    key.as_deref(),
+                    &external.model,
+                )
+                .await
+            }
+            .await;
             self.update_status(
                 status::external(&external.url, &external.model, probe.err().as_ref()),
                 0,
@@ -374,6 +395,8 @@ pub fn pools_naming<'a>(
 #[derive(Debug, Error)]
 pub enum ProbeError {
     #[error(transparent)]
+    Key(#[from] api_keys::KeyError),
+    #[error(transparent)]
     Unreachable(#[from] endpoint::ModelsError),
     #[error("{url} does not serve {model} (it serves: {}): fix spec.external.model", served_list(.served))]
     NotServed {
@@ -392,8 +415,13 @@ fn served_list(served: &[String]) -> String {
 }
 
 /// Asks an OpenAI-compatible endpoint whether it serves `model`.
-async fn probe(http: &reqwest::Client, url: &str, model: &str) -> Result<(), ProbeError> {
-    let served = endpoint::served_models(http, url, PROBE_TIMEOUT).await?;
+async fn probe(
+    http: &reqwest::Client,
+    url: &str,
+    api_key: Option<&str>,
+    model: &str,
+) -> Result<(), ProbeError> {
+    let served = endpoint::served_models(http, url, api_key, PROBE_TIMEOUT).await?;
     if served.iter().any(|m| m == model) {
         return Ok(());
     }

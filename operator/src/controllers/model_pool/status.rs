@@ -14,6 +14,7 @@ pub const DEGRADED: &str = "Degraded";
 /// The reasons of the conditions, as `kubectl describe` and Events show them.
 pub mod reason {
     pub const ADMITTED: &str = "Admitted";
+    pub const API_KEY_UNAVAILABLE: &str = "ApiKeyUnavailable";
     pub const AS_EXPECTED: &str = "AsExpected";
     pub const ENDPOINT_SERVES_MODEL: &str = "EndpointServesModel";
     pub const ENDPOINT_UNAVAILABLE: &str = "EndpointUnavailable";
@@ -264,10 +265,14 @@ pub fn external(url: &str, model: &str, failed: Option<&ProbeError>) -> Vec<Desi
         ],
         Some(err) => {
             let why = telemetry::chain(err);
+            let reason = match err {
+                ProbeError::Key(_) => reason::API_KEY_UNAVAILABLE,
+                _ => reason::ENDPOINT_UNAVAILABLE,
+            };
             vec![
                 admitted,
-                Desired::new(AVAILABLE, false, reason::ENDPOINT_UNAVAILABLE, why.clone()).warning(),
-                Desired::new(DEGRADED, true, reason::ENDPOINT_UNAVAILABLE, why).warning(),
+                Desired::new(AVAILABLE, false, reason, why.clone()).warning(),
+                Desired::new(DEGRADED, true, reason, why).warning(),
             ]
         }
     }

@@ -11,18 +11,57 @@ use kube::runtime::reflector::ObjectRef;
 use tokio::sync::watch;
 use tracing::info;
 
-use super::pools::{self, Endpoints};
+use super::pools::{self, Endpoints, Waiting};
 use super::progress::{self, Progress, State};
 use super::runs::{self, Ended, Running};
 use super::status::{self, Admission};
 use super::{Ending, Error, PREVIEW_BYTES, Reconciler, store};
 use crate::api::SwarmJobStatus;
+use crate::controllers::api_keys;
 use crate::swarm::pool::{Pool, Server};
 use crate::swarm::{Job, Outcome, pools_used};
 
 impl Reconciler<'_> {
+    /// The API keys of the job's external pools that name one, by the name the job uses,
+    /// or why the job waits for them.
+    pub(super) async fn api_keys(
+        &self,
+        endpoints: &[Endpoints],
+    ) -> Result<BTreeMap<String, String>, Waiting> {
+        let namespace = self.job.namespace().unwrap_or_default();
+        let mut keys = BTreeMap::new();
+        for e in endpoints {
+            let Some(reference) = &e.api_key else {
+                continue;
+            };
+            let key = api_keys::read(
+                &self.ctx.client,
+                &namespace,
+                reference,
+                &self.ctx.api_key_role,
+            )
+            .await
+            .map_err(|err| Waiting {
+                reason: status::reason::API_KEY_UNAVAILABLE,
+                message: format!(
+                    "the API key of pool {}: {}",
+                    e.name,
+                    crate::telemetry::chain(&err)
+                ),
+            })?;
+            keys.insert(e.name.clone(), key);
+        }
+        Ok(keys)
+    }
+
     /// The engine as a task, resuming from the job's records.
-    pub(super) fn start(&self, endpoints: &[Endpoints], start: Timestamp, state: State) -> Running {
+    pub(super) fn start(
+        &self,
+        endpoints: &[Endpoints],
+        keys: &BTreeMap<String, String>,
+        start: Timestamp,
+        state: State,
+    ) -> Running {
         let pools: BTreeMap<String, Arc<Pool>> = endpoints
             .iter()
             .map(|e| {
@@ -30,7 +69,9 @@ impl Reconciler<'_> {
                     Server::OpenAi => &self.ctx.external_http,
                     Server::Worker => &self.ctx.http,
                 };
-                let pool = Pool::new(&e.name, &e.model, e.server, &e.urls, http.clone());
+                let key = keys.get(&e.name).cloned();
+                let pool =
+                    Pool::with_api_key(&e.name, &e.model, e.server, &e.urls, http.clone(), key);
                 (e.name.clone(), Arc::new(pool))
             })
             .collect();

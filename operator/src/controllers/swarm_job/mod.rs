@@ -32,7 +32,6 @@ use serde_json::json;
 use thiserror::Error;
 use tracing::{Instrument, info, warn};
 
-use self::pools::Waiting;
 use self::progress::State;
 use self::runs::Running;
 use self::status::Admission;
@@ -93,6 +92,8 @@ pub struct Context {
     pub tenancy: Policy,
     /// The operator's worker image, which every pool may run.
     pub worker_image: String,
+    /// The ClusterRole that grants reads of external pools' API keys, per namespace.
+    pub api_key_role: String,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub backoff: Backoff,
@@ -324,7 +325,7 @@ impl<'a> Reconciler<'a> {
     /// A job with no run on this replica: started once every pool it calls is ready, or
     /// resumed from its records after a restart.
     async fn start_when_ready(&self, old: &SwarmJobStatus) -> Result<Action, Error> {
-        if let Some(denied) = self.denied_pools() {
+        if let Some(denied) = pools::denied(self.job, &self.ctx.tenancy, &self.ctx.worker_image) {
             let state = State::from_status(old, planned(old, &self.job.spec));
             self.update_status(old, Admission::Waiting(&denied), &state, None, None)
                 .await?;
@@ -346,6 +347,14 @@ impl<'a> Reconciler<'a> {
                 return Ok(Action::requeue(WAITING_RECHECK));
             }
         };
+        let keys = match self.api_keys(&endpoints).await {
+            Ok(keys) => keys,
+            Err(why) => {
+                self.update_status(old, Admission::Waiting(&why), &state, None, None)
+                    .await?;
+                return Ok(Action::requeue(WAITING_RECHECK));
+            }
+        };
         // The finalizer first: from the first call on, a delete must cancel.
         self.set_finalizer(true).await?;
         let start = old.start_time.as_ref().map_or_else(Timestamp::now, |t| t.0);
@@ -357,7 +366,7 @@ impl<'a> Reconciler<'a> {
             None,
         )
         .await?;
-        let run = self.start(&endpoints, start, state);
+        let run = self.start(&endpoints, &keys, start, state);
         info!(pools = ?used, "started the job's engine");
         self.ctx.runs.insert(self.key.clone(), Arc::new(run));
         Ok(Action::requeue(RUNNING_RESYNC))
@@ -398,29 +407,6 @@ impl<'a> Reconciler<'a> {
 
     /// Creates the job-scoped pools that are missing, and applies those whose spec changed.
     /// Returns the pools it created.
-    /// Why the job's own pools may not be created, if the tenancy policy refuses any: the
-    /// job waits for an edit, and none of its pools is created.
-    fn denied_pools(&self) -> Option<Waiting> {
-        let denied: Vec<String> = self
-            .job
-            .spec
-            .pools
-            .iter()
-            .enumerate()
-            .flat_map(|(i, entry)| {
-                self.ctx
-                    .tenancy
-                    .check(&entry.spec, &self.ctx.worker_image)
-                    .into_iter()
-                    .map(move |d| format!("spec.pools[{i}].{d}"))
-            })
-            .collect();
-        (!denied.is_empty()).then(|| Waiting {
-            reason: status::reason::POLICY_DENIED,
-            message: format!("refused by the tenancy policy: {}", denied.join("; ")),
-        })
-    }
-
     async fn ensure_pools(&self, existing: &[ModelPool]) -> Result<Vec<ModelPool>, Error> {
         let mut created = Vec::new();
         for entry in &self.job.spec.pools {

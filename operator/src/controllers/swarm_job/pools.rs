@@ -6,10 +6,11 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
 use super::status::reason;
-use crate::api::{ModelPool, SwarmJob};
+use crate::api::{ModelPool, SecretKeyReference, SwarmJob};
 use crate::pool_contract;
 use crate::swarm::pool::Server;
 use crate::swarm::pools_used;
+use crate::tenancy::Policy;
 
 /// A pool the engine can call: the model name its servers expect and their base URLs.
 #[derive(Clone, Debug, PartialEq)]
@@ -19,6 +20,8 @@ pub struct Endpoints {
     pub model: String,
     pub server: Server,
     pub urls: Vec<String>,
+    /// The Secret key holding an external pool's API key, read when the job starts.
+    pub api_key: Option<SecretKeyReference>,
 }
 
 /// Why a job cannot call its pools yet.
@@ -27,6 +30,27 @@ pub struct Waiting {
     /// `PoolNotFound` or `PoolUnavailable`.
     pub reason: &'static str,
     pub message: String,
+}
+
+/// Why the job's own pools (`spec.pools`) may not be created, if the tenancy policy
+/// refuses any: the job waits for an edit, and none of its pools is created.
+pub fn denied(job: &SwarmJob, policy: &Policy, worker_image: &str) -> Option<Waiting> {
+    let denied: Vec<String> = job
+        .spec
+        .pools
+        .iter()
+        .enumerate()
+        .flat_map(|(i, entry)| {
+            policy
+                .check(&entry.spec, worker_image)
+                .into_iter()
+                .map(move |d| format!("spec.pools[{i}].{d}"))
+        })
+        .collect();
+    (!denied.is_empty()).then(|| Waiting {
+        reason: reason::POLICY_DENIED,
+        message: format!("refused by the tenancy policy: {}", denied.join("; ")),
+    })
 }
 
 /// The ModelPool behind a name the job uses: `<job>-<name>` for a job-scoped pool.
@@ -89,6 +113,7 @@ pub fn endpoints(
                 model: external.model.clone(),
                 server: Server::OpenAi,
                 urls: vec![external.url.clone()],
+                api_key: external.api_key_secret_ref.clone(),
             }),
             Some(c) => Err(unavailable(c.message.clone())),
             None => Err(unavailable(
@@ -111,6 +136,7 @@ pub fn endpoints(
         model: object,
         server: Server::Worker,
         urls,
+        api_key: None,
     })
 }
 
@@ -216,12 +242,14 @@ mod tests {
                         "http://10.0.0.0:8000/v1".to_owned(),
                         "http://10.0.0.2:8000/v1".to_owned()
                     ],
+                    api_key: None,
                 },
                 Endpoints {
                     name: "gate".to_owned(),
                     model: "llama".to_owned(),
                     server: Server::OpenAi,
                     urls: vec!["http://vllm:8000/v1".to_owned()],
+                    api_key: None,
                 },
             ]
         );

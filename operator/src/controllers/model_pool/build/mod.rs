@@ -42,6 +42,9 @@ pub struct Settings {
     pub operator_labels: BTreeMap<String, String>,
     /// What tenants' pools may ask for; a pool that asks for more gets no children.
     pub tenancy: Policy,
+    /// The ClusterRole that, bound in a namespace, lets the operator read the API keys
+    /// of its external pools; named in the message when it is not bound.
+    pub api_key_role: String,
 }
 
 /// A spec the builders cannot turn into pods; the pool waits for an edit.

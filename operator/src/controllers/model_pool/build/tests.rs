@@ -14,6 +14,7 @@ fn settings() -> Settings {
             "kubeswarm".to_owned(),
         )]),
         tenancy: Default::default(),
+        api_key_role: "kubeswarm-api-keys".to_owned(),
     }
 }
 

@@ -24,6 +24,7 @@ fn template(pool: &ModelPool) -> PodTemplateSpec {
         operator_namespace: "kubeswarm-system".to_owned(),
         operator_labels: Default::default(),
         tenancy: Default::default(),
+        api_key_role: "kubeswarm-api-keys".to_owned(),
     };
     worker_template(pool, &settings).unwrap()
 }

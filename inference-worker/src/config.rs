@@ -34,6 +34,12 @@ pub struct Config {
     #[arg(long, env = "WORKER_ISQ")]
     pub isq: Option<String>,
 
+    /// Bearer token every /v1 request must carry (`Authorization: Bearer TOKEN`); others
+    /// get 401. Unset, /v1 is open: for a worker on a developer's machine. The operator
+    /// sets it on every worker pod it creates.
+    #[arg(long, env = "KUBESWARM_WORKER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
     /// Jinja chat template file that replaces the model's own.
     #[arg(long, env = "WORKER_CHAT_TEMPLATE")]
     pub chat_template: Option<PathBuf>,

@@ -183,6 +183,7 @@ async fn run(config: Config, model: Model) -> anyhow::Result<()> {
     };
     let app = Arc::new(server::AppState::new(
         config.served_model_name.clone(),
+        config.token.clone(),
         limits,
         metrics,
     ));

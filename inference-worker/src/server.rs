@@ -39,6 +39,8 @@ pub struct Limits {
 
 pub struct AppState {
     served_model_name: String,
+    /// What `Authorization: Bearer` must say on /v1, when set.
+    token: Option<String>,
     limits: Limits,
     engine: OnceLock<SharedMistralRsState>,
     draining: AtomicBool,
@@ -47,12 +49,18 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(served_model_name: String, limits: Limits, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        served_model_name: String,
+        token: Option<String>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         Self {
             served_model_name,
+            token,
             limits,
             engine: OnceLock::new(),
             draining: AtomicBool::new(false),
@@ -78,14 +86,54 @@ impl AppState {
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
+    // The probes and metrics stay open for the kubelet and Prometheus; the API needs the
+    // token.
+    let api = Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authorized,
+        ));
     Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .route("/v1/models", get(models))
-        .route("/v1/chat/completions", post(chat_completions))
+        .merge(api)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// Lets a request through when the worker has no token or the request carries it.
+async fn authorized(
+    State(app): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = &app.token else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
+        return next.run(request).await;
+    }
+    Refusal {
+        status: StatusCode::UNAUTHORIZED,
+        param: None,
+        code: "invalid_api_key",
+        message: "this worker serves only its pool's operator: send Authorization: Bearer <the pool's token>".to_owned(),
+    }
+    .into_response()
+}
+
+/// Compares in time that depends on the length only, so the token cannot be guessed a
+/// byte at a time from response times.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A request refused before it reaches the engine, answered as an OpenAI-style error.

@@ -384,3 +384,35 @@ async fn the_official_openai_python_client_completes_and_streams() {
         assert!(stdout.contains(line), "{stdout}\n{stderr}");
     }
 }
+
+#[tokio::test]
+async fn with_a_token_the_api_answers_only_requests_that_carry_it() {
+    let worker = Worker::ready(&["--token", "pool-token-1"]).await;
+    // Probes and metrics stay open for the kubelet and Prometheus.
+    assert_eq!(worker.get("/health").await.status(), StatusCode::OK);
+    assert_eq!(worker.get("/ready").await.status(), StatusCode::OK);
+    assert_eq!(worker.get("/metrics").await.status(), StatusCode::OK);
+
+    let request = chat_request("Hi", 4);
+    for (header, want) in [
+        (None, StatusCode::UNAUTHORIZED),
+        (Some("Bearer pool-token-2"), StatusCode::UNAUTHORIZED),
+        (Some("Bearer pool-token-1x"), StatusCode::UNAUTHORIZED),
+        (Some("pool-token-1"), StatusCode::UNAUTHORIZED),
+        (Some("Bearer pool-token-1"), StatusCode::OK),
+    ] {
+        let mut post = worker.post_json(request.clone());
+        let mut get = worker.http.get(format!("{}/v1/models", worker.base));
+        if let Some(h) = header {
+            post = post.header("authorization", h);
+            get = get.header("authorization", h);
+        }
+        let answer = post.send().await.unwrap();
+        assert_eq!(answer.status(), want, "{header:?}");
+        assert_eq!(get.send().await.unwrap().status(), want, "{header:?}");
+        if want == StatusCode::UNAUTHORIZED {
+            let body: Value = answer.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "invalid_api_key");
+        }
+    }
+}

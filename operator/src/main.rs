@@ -41,6 +41,10 @@ enum Command {
         /// operator read the API keys of that namespace's external pools.
         #[arg(long, default_value = "kubeswarm-api-keys", value_name = "NAME")]
         api_key_role: String,
+        /// The secret each pool's worker token is derived from (at least 32 characters;
+        /// the chart keeps one in a Secret). Workers answer only requests with their token.
+        #[arg(long, env = "KUBESWARM_WORKER_KEY", hide_env_values = true, value_parser = parse_worker_key)]
+        worker_key: String,
     },
     /// Print the CustomResourceDefinitions, or write them into directories.
     ///
@@ -141,6 +145,14 @@ impl From<Tenancy> for kubeswarm::tenancy::Policy {
     }
 }
 
+fn parse_worker_key(value: &str) -> Result<String, String> {
+    if value.trim().len() >= 32 {
+        Ok(value.trim().to_owned())
+    } else {
+        Err("the worker key needs at least 32 characters".to_owned())
+    }
+}
+
 fn parse_host_path(value: &str) -> Result<String, String> {
     let plain = value.starts_with('/')
         && value
@@ -217,6 +229,7 @@ fn main() -> ExitCode {
             operator_labels,
             tenancy,
             api_key_role,
+            worker_key,
         } => operator(kubeswarm::controllers::Args {
             metrics_addr,
             worker_image,
@@ -225,6 +238,7 @@ fn main() -> ExitCode {
             operator_labels: operator_labels.into_iter().collect(),
             tenancy: tenancy.into(),
             api_key_role,
+            worker_key,
         }),
         Command::Crdgen { out } => crdgen(&out),
         Command::FetchModel { model } => fetch_model(model),

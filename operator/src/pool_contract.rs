@@ -7,7 +7,9 @@
 //! and a controller owner reference to `P`, serves the OpenAI API at
 //! `http://<pod IP>:8000/v1` under the model name `P`, and is a ready replica when its
 //! `Ready` condition is true. A pod with the label and another owner (or none) is anyone's
-//! pod, not a replica: it never receives prompts. The pool's `Available` condition is
+//! pod, not a replica: it never receives prompts. Its API answers only requests that carry
+//! `Authorization: Bearer <worker_token>`, a token derived from the operator's key and the
+//! pool, so only the operator (which holds the key) can produce it. The pool's `Available` condition is
 //! true when at least one replica is ready (or, for an external pool, when its endpoint
 //! answered the last probe), and its message says why not otherwise.
 
@@ -25,6 +27,47 @@ pub const WORKER_PORT: i32 = 8000;
 pub const WORKER_CONTAINER: &str = "worker";
 /// The pool condition that says whether callers can send it requests.
 pub const AVAILABLE: &str = "Available";
+
+/// The worker's environment variable that holds its pool's token.
+pub const TOKEN_ENV: &str = "KUBESWARM_WORKER_TOKEN";
+
+/// The bearer token of `pool`'s workers: HMAC-SHA256 of the pool's namespace, name and
+/// uid under the operator's `key`, in hex. A pool deleted and created again under the same
+/// name gets another.
+pub fn worker_token(key: &[u8], pool: &ModelPool) -> String {
+    let message = format!(
+        "{}/{}/{}",
+        pool.namespace().unwrap_or_default(),
+        pool.name_any(),
+        pool.metadata.uid.as_deref().unwrap_or_default()
+    );
+    hmac_sha256(key, message.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// HMAC-SHA256 (RFC 2104), with the sha2 crate the operator has already.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    const BLOCK: usize = 64;
+    let mut block = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.map(|b| b ^ byte);
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
 
 /// The pool's `Available` condition, once the ModelPool controller has written one.
 pub fn available(pool: &ModelPool) -> Option<&Condition> {
@@ -188,6 +231,49 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    #[test]
+    fn the_worker_token_is_an_hmac_of_the_pool_under_the_operators_key() {
+        let hex = |b: [u8; 32]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        // RFC 4231, test cases 2 and 6 (a key longer than the block).
+        assert_eq!(
+            hex(hmac_sha256(b"Jefe", b"what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        assert_eq!(
+            hex(hmac_sha256(
+                &[0xaa; 131],
+                b"Test Using Larger Than Block-Size Key - Hash Key First"
+            )),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+        let pool = |ns: &str, uid: &str| {
+            let mut p = ModelPool::new(
+                "gemma",
+                serde_yaml_ng::from_str("model: {source: pvc://w}").unwrap(),
+            );
+            p.metadata.namespace = Some(ns.to_owned());
+            p.metadata.uid = Some(uid.to_owned());
+            p
+        };
+        let token = worker_token(b"key", &pool("team-a", "u1"));
+        assert_eq!(token.len(), 64);
+        assert_ne!(
+            token,
+            worker_token(b"key", &pool("team-b", "u1")),
+            "per namespace"
+        );
+        assert_ne!(
+            token,
+            worker_token(b"key", &pool("team-a", "u2")),
+            "per pool object"
+        );
+        assert_ne!(
+            token,
+            worker_token(b"other", &pool("team-a", "u1")),
+            "per operator key"
+        );
     }
 
     #[test]

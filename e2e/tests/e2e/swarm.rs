@@ -216,6 +216,36 @@ async fn pods_on_admitted_flavors(bed: &Bed, ns: &str) -> anyhow::Result<usize> 
     Ok(checked)
 }
 
+/// Anyone who reaches a worker without its pool's token gets 401 (where no CNI enforces
+/// the NetworkPolicy, the token is the guard); the job completing shows the operator has it.
+async fn workers_refuse_calls_without_their_token(bed: &Bed, ns: &str) -> anyhow::Result<()> {
+    let pods: Api<Pod> = Api::namespaced(bed.client.clone(), ns);
+    let http = reqwest::Client::new();
+    let mut tried = 0;
+    for pod in pods
+        .list(&ListParams::default().labels("kubeswarm.dev/pool"))
+        .await?
+    {
+        let Some(ip) = pod.status.and_then(|s| s.pod_ip) else {
+            continue;
+        };
+        for token in [None, Some("kubeswarm")] {
+            let mut request = http.get(format!("http://{ip}:8000/v1/models"));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let status = request.send().await?.status();
+            ensure!(
+                status == 401,
+                "{ip} answered {status} to a call with {token:?}"
+            );
+            tried += 1;
+        }
+    }
+    ensure!(tried >= 2, "no worker pod to try");
+    Ok(())
+}
+
 pub async fn runs_to_completion(bed: &Bed) -> anyhow::Result<()> {
     let ns = bed.namespace("e2e-job").await?;
     tenant(bed, &ns, "e2e-job", 8, 4, "").await?;
@@ -229,6 +259,7 @@ pub async fn runs_to_completion(bed: &Bed) -> anyhow::Result<()> {
         pods == 3,
         "expected 3 worker pods (2 workers, 1 gate), checked {pods}"
     );
+    workers_refuse_calls_without_their_token(bed, &ns).await?;
 
     let jobs: Api<SwarmJob> = Api::namespaced(bed.client.clone(), &ns);
     let job = wait_finished(&jobs, "pictures").await?;

@@ -43,6 +43,8 @@ pub struct Args {
     pub tenancy: Policy,
     /// The ClusterRole that grants reads of external pools' API keys, per namespace.
     pub api_key_role: String,
+    /// The key each pool's worker token is derived from.
+    pub worker_key: String,
 }
 
 #[derive(Debug, Error)]
@@ -103,6 +105,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
             operator_labels: args.operator_labels.clone(),
             tenancy: args.tenancy.clone(),
             api_key_role: args.api_key_role.clone(),
+            worker_key: args.worker_key.clone(),
         },
         http: external_http.clone(),
         recorder: recorder.clone(),
@@ -170,6 +173,7 @@ async fn swarm_jobs(
         external_http,
         tenancy: args.tenancy.clone(),
         api_key_role: args.api_key_role.clone(),
+        worker_key: args.worker_key.clone(),
         worker_image,
         recorder,
         metrics,

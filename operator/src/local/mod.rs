@@ -195,8 +195,8 @@ pub async fn run(args: Args) -> Result<PathBuf, LocalError> {
     let mut pools = BTreeMap::new();
     for pool in swarm::pools_used(&job.spec) {
         // Endpoints named with --pool may be any OpenAI-compatible server: no grammars.
-        let (url, server) = match args.external.iter().find(|(name, _)| *name == pool) {
-            Some((_, url)) => (url.trim_end_matches('/').to_owned(), Server::OpenAi),
+        let (url, server, token) = match args.external.iter().find(|(name, _)| *name == pool) {
+            Some((_, url)) => (url.trim_end_matches('/').to_owned(), Server::OpenAi, None),
             None => {
                 let chosen = args
                     .models
@@ -214,16 +214,23 @@ pub async fn run(args: Args) -> Result<PathBuf, LocalError> {
                 ));
                 let log = dir.join(format!("worker-{pool}.log"));
                 let worker = worker::Worker::start(&binary, &model, &pool, log).await?;
-                let url = worker.url.clone();
+                let (url, token) = (worker.url.clone(), worker.token.clone());
                 workers.push(worker);
-                (url, Server::Worker)
+                (url, Server::Worker, Some(token))
             }
         };
-        let served = served_model(&http, &pool, &url).await?;
+        let served = served_model(&http, &pool, &url, token.as_deref()).await?;
         view.say(&format!("pool {pool}: {url} serves {served}"));
         pools.insert(
             pool.clone(),
-            Arc::new(Pool::new(&pool, &served, server, &[url], http.clone())),
+            Arc::new(Pool::with_api_key(
+                &pool,
+                &served,
+                server,
+                &[url],
+                http.clone(),
+                token,
+            )),
         );
     }
 
@@ -277,13 +284,18 @@ pub enum EndpointError {
 
 /// The model an endpoint serves, from its `/models`: the pool's name when it serves that
 /// (kubeswarm workers do), else its only model.
-async fn served_model(http: &reqwest::Client, pool: &str, url: &str) -> Result<String, LocalError> {
+async fn served_model(
+    http: &reqwest::Client,
+    pool: &str,
+    url: &str,
+    token: Option<&str>,
+) -> Result<String, LocalError> {
     let fail = |source: EndpointError| LocalError::External {
         pool: pool.to_owned(),
         url: url.to_owned(),
         source,
     };
-    let ids = endpoint::served_models(http, url, None, Duration::from_secs(10))
+    let ids = endpoint::served_models(http, url, token, Duration::from_secs(10))
         .await
         .map_err(|err| fail(err.into()))?;
     if ids.iter().any(|id| id == pool) {

@@ -41,6 +41,9 @@ pub struct Worker {
     child: Child,
     /// Base URL of its OpenAI-compatible API, ending in `/v1`.
     pub url: String,
+    /// The bearer token it answers: random per run, so nothing else on this machine that
+    /// finds the port can use the worker.
+    pub token: String,
     /// Where its log goes.
     pub log: PathBuf,
 }
@@ -81,10 +84,18 @@ impl Worker {
             pool: served.to_owned(),
             source,
         };
+        let token: String = {
+            use rand::Rng;
+            let mut rng = rand::rng();
+            (0..32)
+                .map(|_| format!("{:02x}", rng.random::<u8>()))
+                .collect()
+        };
         let mut child = Command::new(binary)
             .arg("--model-path")
             .arg(model)
             .args(["--served-model-name", served, "--listen", "127.0.0.1:0"])
+            .env(crate::pool_contract::TOKEN_ENV, &token)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -127,6 +138,7 @@ impl Worker {
         let mut worker = Worker {
             child,
             url: String::new(),
+            token,
             log,
         };
         let started = Instant::now();

@@ -46,6 +46,7 @@ fn settings() -> Settings {
             ..Policy::default()
         },
         api_key_role: "kubeswarm-api-keys".to_owned(),
+        worker_key: "a key of at least thirty-two characters".to_owned(),
     }
 }
 

@@ -100,6 +100,7 @@ fn harness(steps: Vec<crate::harness::Step>) -> Harness {
         },
         worker_image: "ghcr.io/kubeswarm/inference-worker:0.1.0".to_owned(),
         api_key_role: "kubeswarm-api-keys".to_owned(),
+        worker_key: "a key of at least thirty-two characters".to_owned(),
         recorder: recorder(client),
         metrics: Arc::new(Metrics::default()),
         backoff: Default::default(),

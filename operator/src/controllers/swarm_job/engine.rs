@@ -69,7 +69,7 @@ impl Reconciler<'_> {
                     Server::OpenAi => &self.ctx.external_http,
                     Server::Worker => &self.ctx.http,
                 };
-                let key = keys.get(&e.name).cloned();
+                let key = keys.get(&e.name).or(e.token.as_ref()).cloned();
                 let pool =
                     Pool::with_api_key(&e.name, &e.model, e.server, &e.urls, http.clone(), key);
                 (e.name.clone(), Arc::new(pool))

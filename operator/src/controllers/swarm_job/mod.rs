@@ -94,6 +94,8 @@ pub struct Context {
     pub worker_image: String,
     /// The ClusterRole that grants reads of external pools' API keys, per namespace.
     pub api_key_role: String,
+    /// The key the workers' tokens are derived from (`pool_contract::worker_token`).
+    pub worker_key: String,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub backoff: Backoff,
@@ -299,7 +301,7 @@ impl<'a> Reconciler<'a> {
         // wait for them instead of failing.
         let mut waiting = None;
         for (used_name, pool) in &run.pools {
-            match pools::endpoints(self.job, used_name, &pools, &pods) {
+            match pools::endpoints(self.job, used_name, &pools, &pods, &self.ctx.worker_key) {
                 Ok(endpoints) => pool.set_replicas(&endpoints.urls),
                 Err(why) => {
                     pool.set_replicas(&[]);
@@ -339,7 +341,7 @@ impl<'a> Reconciler<'a> {
                 .await?;
             return Ok(Action::await_change());
         }
-        let endpoints = match pools::resolve(self.job, &pools, &pods) {
+        let endpoints = match pools::resolve(self.job, &pools, &pods, &self.ctx.worker_key) {
             Ok(endpoints) => endpoints,
             Err(why) => {
                 self.update_status(old, Admission::Waiting(&why), &state, None, None)

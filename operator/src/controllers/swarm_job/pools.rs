@@ -22,6 +22,8 @@ pub struct Endpoints {
     pub urls: Vec<String>,
     /// The Secret key holding an external pool's API key, read when the job starts.
     pub api_key: Option<SecretKeyReference>,
+    /// The bearer token of a pool's own workers.
+    pub token: Option<String>,
 }
 
 /// Why a job cannot call its pools yet.
@@ -67,10 +69,11 @@ pub fn resolve(
     job: &SwarmJob,
     pools: &[ModelPool],
     pods: &[Pod],
+    worker_key: &str,
 ) -> Result<Vec<Endpoints>, Waiting> {
     pools_used(&job.spec)
         .into_iter()
-        .map(|name| endpoints(job, &name, pools, pods))
+        .map(|name| endpoints(job, &name, pools, pods, worker_key))
         .collect()
 }
 
@@ -80,6 +83,7 @@ pub fn endpoints(
     name: &str,
     pools: &[ModelPool],
     pods: &[Pod],
+    worker_key: &str,
 ) -> Result<Endpoints, Waiting> {
     let namespace = job.namespace().unwrap_or_default();
     let object = pool_object_name(job, name);
@@ -114,6 +118,7 @@ pub fn endpoints(
                 server: Server::OpenAi,
                 urls: vec![external.url.clone()],
                 api_key: external.api_key_secret_ref.clone(),
+                token: None,
             }),
             Some(c) => Err(unavailable(c.message.clone())),
             None => Err(unavailable(
@@ -137,6 +142,7 @@ pub fn endpoints(
         server: Server::Worker,
         urls,
         api_key: None,
+        token: Some(pool_contract::worker_token(worker_key.as_bytes(), pool)),
     })
 }
 
@@ -216,6 +222,7 @@ mod tests {
     }
 
     const WORKERS: &str = "model: {source: pvc://w/g.gguf}";
+    const KEY: &str = "operator-key";
     const EXTERNAL: &str = "external: {url: 'http://vllm:8000/v1', model: llama}";
 
     #[test]
@@ -230,7 +237,7 @@ mod tests {
             pod("worker", 2, true),
             pod("gate-x", 0, true),
         ];
-        let resolved = resolve(&job(""), &pools, &pods).unwrap();
+        let resolved = resolve(&job(""), &pools, &pods, KEY).unwrap();
         assert_eq!(
             resolved,
             [
@@ -243,6 +250,7 @@ mod tests {
                         "http://10.0.0.2:8000/v1".to_owned()
                     ],
                     api_key: None,
+                    token: Some(pool_contract::worker_token(KEY.as_bytes(), &pools[0])),
                 },
                 Endpoints {
                     name: "gate".to_owned(),
@@ -250,6 +258,7 @@ mod tests {
                     server: Server::OpenAi,
                     urls: vec!["http://vllm:8000/v1".to_owned()],
                     api_key: None,
+                    token: None,
                 },
             ]
         );
@@ -261,6 +270,7 @@ mod tests {
             &job(""),
             &[pool("worker", WORKERS, None)],
             &[pod("worker", 0, true)],
+            KEY,
         )
         .unwrap_err();
         assert_eq!(waiting.reason, "PoolNotFound");
@@ -277,7 +287,7 @@ mod tests {
             pool("worker", WORKERS, Some(("False", "0 of 2 workers ready"))),
             pool("gate", EXTERNAL, Some(("True", ""))),
         ];
-        let waiting = resolve(&job(""), &pools, &[pod("worker", 0, false)]).unwrap_err();
+        let waiting = resolve(&job(""), &pools, &[pod("worker", 0, false)], KEY).unwrap_err();
         assert_eq!(waiting.reason, "PoolUnavailable");
         assert_eq!(
             waiting.message,
@@ -294,7 +304,7 @@ mod tests {
             pool("review-worker", WORKERS, Some(("True", ""))),
             pool("gate", EXTERNAL, Some(("True", ""))),
         ];
-        let resolved = resolve(&scoped, &pools, &[pod("review-worker", 3, true)]).unwrap();
+        let resolved = resolve(&scoped, &pools, &[pod("review-worker", 3, true)], KEY).unwrap();
         assert_eq!(resolved[0].model, "review-worker");
         assert_eq!(resolved[0].urls, ["http://10.0.0.3:8000/v1"]);
     }
@@ -308,10 +318,15 @@ mod tests {
             pool("worker", WORKERS, Some(("True", ""))),
             pool("gate", EXTERNAL, Some(("True", ""))),
         ];
-        let resolved =
-            resolve(&job(""), &pools, &[foreign.clone(), pod("worker", 1, true)]).unwrap();
+        let resolved = resolve(
+            &job(""),
+            &pools,
+            &[foreign.clone(), pod("worker", 1, true)],
+            KEY,
+        )
+        .unwrap();
         assert_eq!(resolved[0].urls, ["http://10.0.0.1:8000/v1"]);
-        let waiting = resolve(&job(""), &pools, &[foreign]).unwrap_err();
+        let waiting = resolve(&job(""), &pools, &[foreign], KEY).unwrap_err();
         assert_eq!(waiting.reason, "PoolUnavailable");
 
         // A ModelPool with the name of the job's own pool, made by someone else.
@@ -322,6 +337,7 @@ mod tests {
             &scoped,
             &[squatter, pool("gate", EXTERNAL, Some(("True", "")))],
             &[pod("review-worker", 3, true)],
+            KEY,
         )
         .unwrap_err();
         assert_eq!(waiting.reason, "NameConflict");

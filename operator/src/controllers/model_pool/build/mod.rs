@@ -24,7 +24,7 @@ use crate::controllers::children::{self, with_hash};
 use crate::kueue::{
     Placement, Workload, WorkloadPodSets, WorkloadPriorityClassSource, WorkloadSpec,
 };
-use crate::pool_contract::{POOL_LABEL, WORKER_CONTAINER, WORKER_PORT};
+use crate::pool_contract::{self, POOL_LABEL, TOKEN_ENV, WORKER_CONTAINER, WORKER_PORT};
 use crate::tenancy::Policy;
 
 /// Label on pods and Workloads: which replica they are.
@@ -45,6 +45,8 @@ pub struct Settings {
     /// The ClusterRole that, bound in a namespace, lets the operator read the API keys
     /// of its external pools; named in the message when it is not bound.
     pub api_key_role: String,
+    /// The operator's key, from which each pool's worker token is derived.
+    pub worker_key: String,
 }
 
 /// A spec the builders cannot turn into pods; the pool waits for an edit.
@@ -215,6 +217,15 @@ pub fn worker_template(
         ..EnvVar::default()
     }];
     env.extend(template.env);
+    // Last, so that no entry of the template's can replace it.
+    env.push(EnvVar {
+        name: TOKEN_ENV.to_owned(),
+        value: Some(pool_contract::worker_token(
+            settings.worker_key.as_bytes(),
+            pool,
+        )),
+        ..EnvVar::default()
+    });
     let container = Container {
         name: WORKER_CONTAINER.to_owned(),
         image: Some(

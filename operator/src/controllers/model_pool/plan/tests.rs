@@ -25,6 +25,7 @@ fn template(pool: &ModelPool) -> PodTemplateSpec {
         operator_labels: Default::default(),
         tenancy: Default::default(),
         api_key_role: "kubeswarm-api-keys".to_owned(),
+        worker_key: "a key of at least thirty-two characters".to_owned(),
     };
     worker_template(pool, &settings).unwrap()
 }

@@ -23,6 +23,9 @@ pub struct Desired {
     pub reason: &'static str,
     pub message: String,
     pub notice: Notice,
+    /// The message stays on the object and out of its Events: it may quote what a
+    /// tenant's job wrote, and Events are often shipped to cluster-wide logs.
+    pub withheld: bool,
 }
 
 impl Desired {
@@ -38,6 +41,15 @@ impl Desired {
             reason,
             message: message.into(),
             notice: Notice::Normal,
+            withheld: false,
+        }
+    }
+
+    /// The same condition, whose Event names the condition but not its message.
+    pub fn withheld(self) -> Self {
+        Self {
+            withheld: true,
+            ..self
         }
     }
 
@@ -108,23 +120,22 @@ pub fn transition_time(old: &[Condition], type_: &str, status: &str, now: Timest
 }
 
 /// The conditions of `new` whose status or reason differs from `old`, each with the
-/// notice its desired condition asks for: one Event each, unless silent.
+/// notice its desired condition asks for (one Event each, unless silent) and whether its
+/// message is withheld from the Event.
 pub fn transitions<'a>(
     old: &[Condition],
     new: &'a [Condition],
     desired: &[Desired],
-) -> Vec<(&'a Condition, Notice)> {
+) -> Vec<(&'a Condition, Notice, bool)> {
     new.iter()
         .filter(|n| {
             !old.iter()
                 .any(|o| o.type_ == n.type_ && o.status == n.status && o.reason == n.reason)
         })
         .map(|n| {
-            let notice = desired
-                .iter()
-                .find(|d| d.type_ == n.type_)
-                .map_or(Notice::Normal, |d| d.notice);
-            (n, notice)
+            let wanted = desired.iter().find(|d| d.type_ == n.type_);
+            let notice = wanted.map_or(Notice::Normal, |d| d.notice);
+            (n, notice, wanted.is_some_and(|d| d.withheld))
         })
         .collect()
 }
@@ -138,8 +149,8 @@ pub async fn announce(
     new: &[Condition],
     desired: &[Desired],
 ) {
-    for (changed, notice) in transitions(old, new, desired) {
-        publish(recorder, reference, changed, notice).await;
+    for (changed, notice, withheld) in transitions(old, new, desired) {
+        publish(recorder, reference, changed, notice, withheld).await;
     }
 }
 
@@ -150,6 +161,7 @@ async fn publish(
     reference: &k8s_openapi::api::core::v1::ObjectReference,
     condition: &Condition,
     notice: Notice,
+    withheld: bool,
 ) {
     use kube::runtime::events::{Event, EventType};
     let type_ = match notice {
@@ -160,10 +172,17 @@ async fn publish(
     let event = Event {
         type_,
         reason: condition.reason.clone(),
-        note: Some(format!(
-            "{}={}: {}",
-            condition.type_, condition.status, condition.message
-        )),
+        note: Some(if withheld {
+            format!(
+                "{}={}: the details are in the object's {} condition",
+                condition.type_, condition.status, condition.type_
+            )
+        } else {
+            format!(
+                "{}={}: {}",
+                condition.type_, condition.status, condition.message
+            )
+        }),
         action: format!("Set{}", condition.type_),
         secondary: None,
     };
@@ -228,14 +247,16 @@ mod tests {
         );
         let desired = [
             Desired::new("Available", false, "Starting", "other message"),
-            Desired::new("Degraded", true, "PodFailing", "w-0: CrashLoopBackOff").warning(),
+            Desired::new("Degraded", true, "PodFailing", "w-0: CrashLoopBackOff")
+                .warning()
+                .withheld(),
         ];
         let new = merge(&old, &desired, None, at(2));
-        let changed: Vec<(&str, Notice)> = transitions(&old, &new, &desired)
+        let changed: Vec<(&str, Notice, bool)> = transitions(&old, &new, &desired)
             .iter()
-            .map(|(c, notice)| (c.type_.as_str(), *notice))
+            .map(|(c, notice, withheld)| (c.type_.as_str(), *notice, *withheld))
             .collect();
-        assert_eq!(changed, [("Degraded", Notice::Warning)]);
+        assert_eq!(changed, [("Degraded", Notice::Warning, true)]);
     }
 
     #[test]

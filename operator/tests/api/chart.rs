@@ -91,7 +91,12 @@ fn operator_runs_restricted() {
 fn optional_parts_follow_the_values() {
     let defaults = render(None);
     assert!(find(&defaults, "ServiceMonitor").is_empty());
-    assert_eq!(find(&defaults, "NetworkPolicy").len(), 1);
+    let policy = one(&defaults, "NetworkPolicy");
+    assert_eq!(
+        policy["spec"]["ingress"][0]["from"],
+        serde_json::json!([{"podSelector": {}}]),
+        "metrics are open to the operator's own namespace only, unless the values say more"
+    );
     assert_eq!(find(&defaults, "Service").len(), 1);
     assert!(
         find(&defaults, "CustomResourceDefinition").is_empty(),

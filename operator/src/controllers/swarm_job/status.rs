@@ -2,8 +2,8 @@
 
 use crate::api::{AggregationStrategy, Decision, FinishReason, SwarmJobSpec, VerificationMode};
 use crate::conditions::{Desired, Notice};
-use crate::swarm::Failure;
 use crate::swarm::record::JobResult;
+use crate::swarm::{Failure, Reason};
 
 use super::pools::Waiting;
 use super::progress::State;
@@ -229,15 +229,19 @@ pub fn phases(
                     "the job failed before this phase finished: see the Failed condition"
                         .to_owned();
             }
-            out.push(
-                Desired::new(
-                    FAILED,
-                    true,
-                    failure.reason.as_str(),
-                    failure.message.clone(),
-                )
-                .warning(),
-            );
+            let failed = Desired::new(
+                FAILED,
+                true,
+                failure.reason.as_str(),
+                failure.message.clone(),
+            )
+            .warning();
+            // The gate's critiques quote what the job wrote: on the job, not in Events.
+            out.push(if failure.reason == Reason::VerificationFailed {
+                failed.withheld()
+            } else {
+                failed
+            });
         }
         None => {}
     }

@@ -282,3 +282,24 @@ fn admission_says_what_the_job_waits_for() {
     assert!(ready.status);
     assert!(ready.message.ends_with("worker, gate"));
 }
+
+#[test]
+fn the_gates_critiques_stay_out_of_events() {
+    let failed = |reason: Reason| {
+        let failure = Failure {
+            reason,
+            message: "none of the 2 outputs passed verification; subagent 0: the secret plan leaks"
+                .to_owned(),
+        };
+        let phases = phases(&spec(""), true, &State::default(), Some(&Err(failure)));
+        let failed = phases.iter().find(|d| d.type_ == FAILED).unwrap().clone();
+        (failed.withheld, failed.message)
+    };
+    let (withheld, message) = failed(Reason::VerificationFailed);
+    assert!(withheld, "the Event names the condition only");
+    assert!(
+        message.contains("the secret plan leaks"),
+        "the condition keeps it: {message}"
+    );
+    assert!(!failed(Reason::PlanFailed).0);
+}

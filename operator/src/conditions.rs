@@ -1,5 +1,7 @@
 //! Conditions as Kubernetes expects them: one per type, `lastTransitionTime` moved only
 //! when the status changes, `observedGeneration` on each.
+//!
+//! Layer: a helper above `api`; uses nothing else of the crate.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;

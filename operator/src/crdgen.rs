@@ -1,4 +1,6 @@
 //! The CRD YAML of the API types: the only source of `crds/` and the chart's copy.
+//!
+//! Layer: a protocol beside `kueue`; uses `api` only.
 
 use std::path::Path;
 

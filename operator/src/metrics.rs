@@ -1,5 +1,7 @@
 //! The operator's Prometheus metrics: reconciles, their errors and duration, pools by
 //! condition, and the swarm jobs' model calls, tokens, durations and outcomes.
+//!
+//! Layer: a helper above `api`; uses nothing else of the crate.
 
 use std::sync::Mutex;
 use std::time::Instant;

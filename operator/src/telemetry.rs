@@ -2,6 +2,8 @@
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, and
 //! nowhere otherwise. The exporter reads the other `OTEL_*` variables itself (headers,
 //! timeout, protocol), and `OTEL_SERVICE_NAME` names the service.
+//!
+//! Layer: a helper above `api`; uses nothing else of the crate.
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;

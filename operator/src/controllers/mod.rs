@@ -1,5 +1,7 @@
 //! The operator: the ModelPool and SwarmJob controllers behind a leader Lease, with
 //! /metrics and probes.
+//!
+//! Layer: the top, beside `local` (neither imports the other); uses every layer below.
 
 pub(crate) mod api_keys;
 pub(crate) mod children;
@@ -112,7 +114,8 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         metrics: metrics.clone(),
         backoff: Backoff::default(),
     });
-    let children = watcher::Config::default().labels("app.kubernetes.io/managed-by=kubeswarm");
+    let (key, value) = children::MANAGED_BY;
+    let children = watcher::Config::default().labels(&format!("{key}={value}"));
     let controller = Controller::new(
         Api::<ModelPool>::all(client.clone()),
         watcher::Config::default(),

@@ -1,6 +1,9 @@
 //! Kueue's Workload and ResourceFlavor (types generated from the pinned release's CRDs by
 //! `generate`), and the part of Kueue's protocol an integration owns: reading admission,
 //! reporting PodsReady, and giving an evicted Workload's admission back.
+//!
+//! Layer: a protocol beside `pool_contract` and `tenancy`; uses `api` and `conditions`,
+//! knows no controller.
 
 use std::collections::BTreeMap;
 

@@ -1,5 +1,8 @@
 //! Local mode, `kubeswarm run FILE.yaml`: a SwarmJob manifest run on one machine with no
 //! cluster, by the same engine the operator runs.
+//!
+//! Layer: the top, beside `controllers` (neither imports the other); uses the engine and
+//! the layers below it.
 
 mod model;
 mod output;

@@ -2,8 +2,8 @@
 //! local mode (`kubeswarm run`) run this same code; they differ only in where pools are,
 //! where records are kept, and how progress is shown.
 //!
-//! Layer: engine. Uses `api` only; knows nothing of Kubernetes clients, controllers or
-//! local mode. This module is the engine's public face: a `Job` (the inputs) runs with
+//! Layer: engine. Uses `api` and the helpers (`telemetry`); knows nothing of Kubernetes
+//! clients, controllers or local mode. This module is the engine's public face: a `Job` (the inputs) runs with
 //! `execute` to an `Outcome`, telling an `Observer` its `Event`s. The steps live one per
 //! file: `plan`, `subagent`, `verify`, `aggregate`, over the state of a run in `run`.
 
@@ -20,7 +20,7 @@ mod plan;
 pub mod pool;
 pub mod prompts;
 pub mod record;
-pub mod render;
+pub(crate) mod render;
 mod run;
 mod subagent;
 mod verify;

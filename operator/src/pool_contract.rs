@@ -47,6 +47,15 @@ pub fn worker_token(key: &[u8], pool: &ModelPool) -> String {
         .collect()
 }
 
+/// The `cache_salt` of `namespace`'s requests to shared external servers: an HMAC under
+/// the operator's key, so no tenant can compute another's and share its cache.
+pub fn cache_salt(key: &[u8], namespace: &str) -> String {
+    hmac_sha256(key, format!("cache-salt/{namespace}").as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// HMAC-SHA256 (RFC 2104), with the sha2 crate the operator has already.
 fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
     use sha2::{Digest, Sha256};

@@ -226,6 +226,27 @@ pub struct ExternalEndpoint {
     /// Secret key in this namespace holding the endpoint's API key, sent as a bearer token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret_ref: Option<SecretKeyReference>,
+
+    /// `Namespace` sends every request with a `cache_salt` unique to this namespace (and
+    /// unguessable: derived with the operator's key), so a server shared by several
+    /// tenants keeps their prefix caches apart and one tenant cannot learn another's
+    /// prompts from cache-hit timing (CVE-2025-46570). Only for servers that accept
+    /// `cache_salt` (vLLM 0.9 or newer); others may refuse the field. Defaults to `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_salt: Option<CacheSalt>,
+}
+
+/// What an external pool's requests carry to keep tenants' prefix caches apart:
+/// `Namespace` sends every request with a `cache_salt` unique to the pool's namespace and
+/// unguessable (derived with the operator's key), so a server shared by several tenants
+/// keeps their prefix caches apart (CVE-2025-46570). Only for servers that accept
+/// `cache_salt` (vLLM 0.9 or newer). Defaults to `None`.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheSalt {
+    /// No salt: the server's cache is shared with whoever else calls it.
+    None,
+    /// A salt per namespace.
+    Namespace,
 }
 
 /// A key of a Secret in the pool's namespace.

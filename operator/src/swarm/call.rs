@@ -381,7 +381,11 @@ fn request(pool: &Pool, prompt: &Prompt, max_tokens: u32) -> Request {
         Server::Worker => prompt.grammar.clone(),
         Server::OpenAi => None,
     };
-    Request { chat, grammar }
+    Request {
+        chat,
+        grammar,
+        cache_salt: pool.cache_salt().map(str::to_owned),
+    }
 }
 
 /// An error and its causes on one line: reqwest hides the useful part (connection refused)

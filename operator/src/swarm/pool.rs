@@ -36,6 +36,9 @@ pub struct Request {
     pub chat: CreateChatCompletionRequest,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grammar: Option<Grammar>,
+    /// vLLM's prefix-cache isolation key, for pools that ask for one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_salt: Option<String>,
 }
 
 /// The served replicas of one pool.
@@ -46,6 +49,8 @@ pub struct Pool {
     http: reqwest::Client,
     /// Sent as the bearer token of every call.
     api_key: String,
+    /// Sent as `cache_salt` in every request, when set.
+    cache_salt: Option<String>,
     replicas: Mutex<Vec<Arc<Replica>>>,
     /// Woken whenever the replicas are replaced.
     changed: tokio::sync::Notify,
@@ -101,6 +106,7 @@ impl Pool {
             server,
             http,
             api_key: api_key.unwrap_or_else(|| "kubeswarm".to_owned()),
+            cache_salt: None,
             replicas: Mutex::new(Vec::new()),
             changed: tokio::sync::Notify::new(),
             in_flight: AtomicUsize::new(0),
@@ -110,8 +116,20 @@ impl Pool {
         pool
     }
 
+    /// The same pool, its requests carrying `salt` as their `cache_salt`.
+    pub fn with_cache_salt(self, salt: Option<String>) -> Self {
+        Self {
+            cache_salt: salt,
+            ..self
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub fn cache_salt(&self) -> Option<&str> {
+        self.cache_salt.as_deref()
     }
 
     pub fn model(&self) -> &str {

@@ -347,3 +347,52 @@ async fn a_response_past_the_bound_is_not_read_and_fails_the_call() {
     );
     assert_eq!(outcome.result.unwrap().0.chosen, [0, 1, 2]);
 }
+
+#[tokio::test]
+async fn a_pool_with_a_cache_salt_and_an_api_key_sends_them_on_every_call() {
+    let salted = Mock::start("m", |body, _| text(part(body))).await;
+    let plain = Mock::start("m", |body, _| text(part(body))).await;
+    let http = reqwest::Client::new();
+    let job = spec(
+        "task: Name a colour.\nsubtasks: [red, blue]\nfanOut: {pool: salted, subagents: 2}\nverification: {mode: none}\naggregation: {strategy: collect}\n",
+    );
+    for (mock, pool) in [
+        (
+            &salted,
+            Pool::with_api_key(
+                "salted",
+                "m",
+                Server::OpenAi,
+                std::slice::from_ref(&salted.url),
+                http.clone(),
+                Some("sk-1".to_owned()),
+            )
+            .with_cache_salt(Some("salt-of-team-a".to_owned())),
+        ),
+        (
+            &plain,
+            Pool::new(
+                "salted",
+                "m",
+                Server::OpenAi,
+                std::slice::from_ref(&plain.url),
+                http.clone(),
+            ),
+        ),
+    ] {
+        let pools = BTreeMap::from([("salted".to_owned(), Arc::new(pool))]);
+        let outcome = run_job(&job, &pools, &Memory::default()).await;
+        assert_eq!(outcome.result.unwrap().0.chosen, [0, 1]);
+        assert_eq!(mock.count(), 2);
+    }
+    for body in salted.requests() {
+        assert_eq!(body["cache_salt"], "salt-of-team-a", "{body}");
+    }
+    assert_eq!(
+        salted.authorizations(),
+        vec![Some("Bearer sk-1".to_owned()); 2]
+    );
+    for body in plain.requests() {
+        assert!(body.get("cache_salt").is_none(), "{body}");
+    }
+}

@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
 use super::status::reason;
-use crate::api::{ModelPool, SecretKeyReference, SwarmJob};
+use crate::api::{CacheSalt, ModelPool, SecretKeyReference, SwarmJob};
 use crate::pool_contract;
 use crate::swarm::pool::Server;
 use crate::swarm::pools_used;
@@ -24,6 +24,8 @@ pub struct Endpoints {
     pub api_key: Option<SecretKeyReference>,
     /// The bearer token of a pool's own workers.
     pub token: Option<String>,
+    /// The `cache_salt` of an external pool that asks for one.
+    pub cache_salt: Option<String>,
 }
 
 /// Why a job cannot call its pools yet.
@@ -119,6 +121,8 @@ pub fn endpoints(
                 urls: vec![external.url.clone()],
                 api_key: external.api_key_secret_ref.clone(),
                 token: None,
+                cache_salt: (external.cache_salt == Some(CacheSalt::Namespace))
+                    .then(|| pool_contract::cache_salt(worker_key.as_bytes(), &namespace)),
             }),
             Some(c) => Err(unavailable(c.message.clone())),
             None => Err(unavailable(
@@ -143,6 +147,7 @@ pub fn endpoints(
         urls,
         api_key: None,
         token: Some(pool_contract::worker_token(worker_key.as_bytes(), pool)),
+        cache_salt: None,
     })
 }
 
@@ -251,6 +256,7 @@ mod tests {
                     ],
                     api_key: None,
                     token: Some(pool_contract::worker_token(KEY.as_bytes(), &pools[0])),
+                    cache_salt: None,
                 },
                 Endpoints {
                     name: "gate".to_owned(),
@@ -259,6 +265,7 @@ mod tests {
                     urls: vec!["http://vllm:8000/v1".to_owned()],
                     api_key: None,
                     token: None,
+                    cache_salt: None,
                 },
             ]
         );
@@ -344,6 +351,27 @@ mod tests {
         assert_eq!(
             waiting.message,
             "ModelPool review-worker exists and is not this job's: rename the pool in spec.pools, or delete review-worker"
+        );
+    }
+
+    #[test]
+    fn an_external_pool_that_asks_for_it_gets_its_namespaces_cache_salt() {
+        let salted = "external: {url: 'http://vllm:8000/v1', model: llama, cacheSalt: Namespace}";
+        let pools = [
+            pool("worker", WORKERS, Some(("True", ""))),
+            pool("gate", salted, Some(("True", ""))),
+        ];
+        let resolved = resolve(&job(""), &pools, &[pod("worker", 0, true)], KEY).unwrap();
+        let salt = resolved[1].cache_salt.clone().unwrap();
+        assert_eq!(salt, pool_contract::cache_salt(KEY.as_bytes(), "team-a"));
+        assert_ne!(salt, pool_contract::cache_salt(KEY.as_bytes(), "team-b"));
+        assert_ne!(
+            salt,
+            pool_contract::cache_salt(b"another operator", "team-a")
+        );
+        assert_eq!(
+            resolved[0].cache_salt, None,
+            "the pool's own workers serve one tenant"
         );
     }
 }

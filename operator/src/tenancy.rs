@@ -290,7 +290,12 @@ impl Policy {
                 "file://{path} mounts a node path, and this cluster allows none: put the weights in a PersistentVolumeClaim (pvc://claim/path), or ask the platform team to list a prefix in the Helm value tenancy.hostPaths"
             )));
         }
-        let segments: Vec<&str> = path.split('/').skip(1).collect();
+        // One trailing slash names the same folder.
+        let trimmed = match path.strip_suffix('/') {
+            Some(rest) if !rest.is_empty() => rest,
+            _ => path,
+        };
+        let segments: Vec<&str> = trimmed.split('/').skip(1).collect();
         if !path.starts_with('/') || segments.iter().any(|s| matches!(*s, "" | "." | "..")) {
             return Err(deny(format!(
                 "file://{path} is not a plain absolute path (no empty, . or .. segments)"
@@ -361,12 +366,11 @@ impl Resolve for Guarded {
                 .into_iter()
                 .partition(|a| policy.refuses(a.ip()).is_none());
             if kept.is_empty() {
-                let why = refused
-                    .first()
-                    .and_then(|a| policy.refuses(a.ip()))
-                    .unwrap_or_else(|| "it has no address".to_owned());
+                // The addresses stay out of the message, which lands in the pool's status:
+                // the operator is no name lookup service for a tenant's cluster survey.
+                tracing::debug!(%host, ?refused, "every address of an external host is refused");
                 return Err(format!(
-                    "{host} resolves only to addresses external pools may not reach ({why}): ask the platform team to add it to the Helm value tenancy.external.allow"
+                    "{host} resolves only to addresses external pools may not reach: ask the platform team to add it to the Helm value tenancy.external.allow"
                 )
                 .into());
             }

@@ -108,6 +108,14 @@ pub async fn attempts_to_leave_the_boundary_are_refused(bed: &Bed) -> anyhow::Re
             "spec.external.url",
         ),
         (
+            "cloud metadata in fullwidth digits",
+            external(
+                "a11",
+                "http://\u{ff11}\u{ff16}\u{ff19}.\u{ff12}\u{ff15}\u{ff14}.\u{ff11}\u{ff16}\u{ff19}.\u{ff12}\u{ff15}\u{ff14}/v1",
+            ),
+            "spec.external.url",
+        ),
+        (
             "credentials in the URL",
             external("a10", "https://user:sk-1@api.example.com/v1"),
             "spec.external.url",

@@ -68,6 +68,7 @@ fn host_paths_are_allowed_only_under_a_listed_prefix_and_never_climb_out() {
     };
     for allowed in [
         "/var/lib/models",
+        "/var/lib/models/",
         "/var/lib/models/llama",
         "/var/lib/models/smol.gguf",
         "/var/lib/models/llama/q4.gguf",
@@ -140,6 +141,7 @@ fn external_urls_may_not_point_into_the_cluster_or_this_host() {
         "http://127.1:8000/v1",
         "http://2130706433/v1",
         "http://0x7f.0.0.1/v1",
+        "http://\u{ff11}\u{ff16}\u{ff19}.\u{ff12}\u{ff15}\u{ff14}.\u{ff11}\u{ff16}\u{ff19}.\u{ff12}\u{ff15}\u{ff14}/v1",
         "http://[::1]:8000/v1",
         "http://[::ffff:127.0.0.1]/v1",
         "http://[fd00::1]/v1",

@@ -113,7 +113,15 @@ pub fn endpoints(
         message: format!("ModelPool {object} is not available: {detail}"),
     };
     if let Some(external) = &pool.spec.external {
+        // Only a probe of this very spec counts: an edited URL is not called before the
+        // ModelPool controller has checked it against the tenancy policy and probed it.
+        let current = |c: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition| {
+            c.observed_generation == pool.metadata.generation
+        };
         return match available {
+            Some(c) if !current(c) => Err(unavailable(
+                "its endpoint has not been probed since its last change".to_owned(),
+            )),
             Some(c) if c.status == "True" => Ok(Endpoints {
                 name: name.to_owned(),
                 model: external.model.clone(),
@@ -372,6 +380,26 @@ mod tests {
         assert_eq!(
             resolved[0].cache_salt, None,
             "the pool's own workers serve one tenant"
+        );
+    }
+
+    #[test]
+    fn an_external_pool_is_called_only_once_its_current_spec_was_checked() {
+        // Available from a probe of generation 1; the URL was edited since (generation 2).
+        let mut edited = pool("gate", EXTERNAL, Some(("True", "")));
+        edited.metadata.generation = Some(2);
+        if let Some(status) = edited.status.as_mut() {
+            status.conditions[0].observed_generation = Some(1);
+        }
+        let pools = [pool("worker", WORKERS, Some(("True", ""))), edited];
+        let waiting = resolve(&job(""), &pools, &[pod("worker", 0, true)], KEY).unwrap_err();
+        assert_eq!(waiting.reason, "PoolUnavailable");
+        assert!(
+            waiting
+                .message
+                .ends_with("has not been probed since its last change"),
+            "{}",
+            waiting.message
         );
     }
 }

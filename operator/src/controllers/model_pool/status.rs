@@ -191,16 +191,11 @@ fn not_admissible(reason: &'static str, why: String, waiting: impl Into<String>)
 
 /// The conditions of a pool whose spec cannot run: it waits for an edit.
 pub fn invalid(message: String) -> Vec<Desired> {
-    vec![
-        Desired::new(AVAILABLE, false, reason::INVALID_SPEC, message.clone()).warning(),
-        Desired::new(
-            PROGRESSING,
-            false,
-            reason::INVALID_SPEC,
-            "waiting for the spec to be fixed",
-        ),
-        Desired::new(DEGRADED, true, reason::INVALID_SPEC, message).warning(),
-    ]
+    stopped(
+        reason::INVALID_SPEC,
+        message,
+        "waiting for the spec to be fixed",
+    )
 }
 
 /// The conditions of a pool one of whose children's names another object holds: the pool
@@ -209,16 +204,11 @@ pub fn name_conflict(object: &str) -> Vec<Desired> {
     let message = format!(
         "{object} exists and is not this pool's, so the pool does not take it over: delete it or rename the pool"
     );
-    vec![
-        Desired::new(AVAILABLE, false, reason::NAME_CONFLICT, message.clone()).warning(),
-        Desired::new(
-            PROGRESSING,
-            false,
-            reason::NAME_CONFLICT,
-            "waiting for the name to be free",
-        ),
-        Desired::new(DEGRADED, true, reason::NAME_CONFLICT, message).warning(),
-    ]
+    stopped(
+        reason::NAME_CONFLICT,
+        message,
+        "waiting for the name to be free",
+    )
 }
 
 /// The conditions of a pool that asks for more than the tenancy policy allows: nothing
@@ -232,15 +222,20 @@ pub fn denied(denied: &[Denied]) -> Vec<Desired> {
             .collect::<Vec<_>>()
             .join("; ")
     );
+    stopped(
+        reason::POLICY_DENIED,
+        message,
+        "waiting for the spec to be fixed",
+    )
+}
+
+/// A pool that runs nothing for `reason`: unavailable and degraded with `message`, not
+/// progressing while it waits for `waiting`.
+fn stopped(reason: &'static str, message: String, waiting: &str) -> Vec<Desired> {
     vec![
-        Desired::new(AVAILABLE, false, reason::POLICY_DENIED, message.clone()).warning(),
-        Desired::new(
-            PROGRESSING,
-            false,
-            reason::POLICY_DENIED,
-            "waiting for the spec to be fixed",
-        ),
-        Desired::new(DEGRADED, true, reason::POLICY_DENIED, message).warning(),
+        Desired::new(AVAILABLE, false, reason, message.clone()).warning(),
+        Desired::new(PROGRESSING, false, reason, waiting),
+        Desired::new(DEGRADED, true, reason, message).warning(),
     ]
 }
 

@@ -158,13 +158,20 @@ spec:
         .unwrap();
         assert_eq!(record["stage"], "finished");
         assert!(record["completionTokens"].as_u64().unwrap() > 0);
-        // The gate's answer was constrained to the verdict schema and read back; with
-        // minScore 0 every output it scored passes.
+        // The gate's answer was constrained to the verdict schema and read back. With
+        // minScore 0 the pass is the gate's own, which a sampled 135M gate may refuse:
+        // then it names why.
         assert!(
             record["verdict"]["score"].as_u64().unwrap() <= 100,
             "{record}"
         );
-        assert_eq!(record["verdict"]["pass"], true, "{record}");
+        let pass = record["verdict"]["pass"]
+            .as_bool()
+            .expect("a verdict's pass");
+        assert!(
+            pass || !record["verdict"]["issues"].as_array().unwrap().is_empty(),
+            "{record}"
+        );
     }
     let usage: Value =
         serde_json::from_str(&std::fs::read_to_string(job.join("usage.json")).unwrap()).unwrap();

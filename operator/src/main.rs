@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use kubeswarm::controllers::swarm_job::store::Results;
 
 /// kubeswarm: agent swarms of open-weight LLMs on your own GPUs, as Kubernetes objects.
 #[derive(Parser)]
@@ -45,6 +46,15 @@ enum Command {
         /// the chart keeps one in a Secret). Workers answer only requests with their token.
         #[arg(long, env = "KUBESWARM_WORKER_KEY", hide_env_values = true, value_parser = parse_worker_key)]
         worker_key: String,
+        /// A namespace whose SwarmJob results go in Secrets rather than ConfigMaps, out of
+        /// sight of the `view` role (repeatable). The answer then appears in no status,
+        /// condition or Event.
+        #[arg(long = "secret-results", value_name = "NAMESPACE", value_parser = parse_namespace)]
+        secret_results: Vec<String>,
+        /// The ClusterRole that, bound in a namespace with a RoleBinding, lets the
+        /// operator keep that namespace's results in Secrets.
+        #[arg(long, default_value = "kubeswarm-results", value_name = "NAME")]
+        results_role: String,
     },
     /// Print the CustomResourceDefinitions, or write them into directories.
     ///
@@ -145,6 +155,25 @@ impl From<Tenancy> for kubeswarm::tenancy::Policy {
     }
 }
 
+/// A namespace name (DNS-1123 label), so that a typo is refused at start rather than
+/// leave a namespace's results in ConfigMaps.
+fn parse_namespace(value: &str) -> Result<String, String> {
+    let label = value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-')
+        && !value.is_empty();
+    if label {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "{value:?} is not a namespace name: lowercase letters, digits and '-', at most 63"
+        ))
+    }
+}
+
 fn parse_worker_key(value: &str) -> Result<String, String> {
     if value.trim().len() >= 32 {
         Ok(value.trim().to_owned())
@@ -230,6 +259,8 @@ fn main() -> ExitCode {
             tenancy,
             api_key_role,
             worker_key,
+            secret_results,
+            results_role,
         } => operator(kubeswarm::controllers::Args {
             metrics_addr,
             worker_image,
@@ -239,6 +270,10 @@ fn main() -> ExitCode {
             tenancy: tenancy.into(),
             api_key_role,
             worker_key,
+            results: Results {
+                secret_namespaces: secret_results.into_iter().collect(),
+                role: results_role,
+            },
         }),
         Command::Crdgen { out } => crdgen(&out),
         Command::FetchModel { model } => fetch_model(model),

@@ -97,7 +97,9 @@ impl std::str::FromStr for Allowed {
 
 /// Networks no external endpoint may be in unless allowed: this host, private networks
 /// (where cluster pod and service ranges live), carrier-grade NAT, link-local (cloud
-/// metadata at 169.254.169.254), multicast and reserved ranges.
+/// metadata at 169.254.169.254), multicast and reserved ranges, and the NAT64 prefixes,
+/// whose addresses embed an IPv4 one (a DNS64 resolver's answer for a private host). An
+/// IPv6-only cluster that reaches public endpoints through NAT64 allows its prefix.
 pub const DENIED: &[&str] = &[
     "0.0.0.0/8",
     "10.0.0.0/8",
@@ -112,6 +114,7 @@ pub const DENIED: &[&str] = &[
     "::/128",
     "::1/128",
     "64:ff9b::/96",
+    "64:ff9b:1::/48",
     "fc00::/7",
     "fe80::/10",
     "ff00::/8",
@@ -177,11 +180,18 @@ impl External {
         {
             Ok(ip) => self.check_ip(ip, allow_hint),
             Err(_) => {
-                let name = host;
-                if self.allows_host(name) {
+                // A fully qualified name ends in a dot, but allow entries and the
+                // admission policy compare names without one: refused, rather than match
+                // one check and not the other.
+                if host.ends_with('.') {
+                    return Err(deny(format!(
+                        "{host} ends with a dot: write the host name without it"
+                    )));
+                }
+                if self.allows_host(host) {
                     return Ok(());
                 }
-                let name = name.trim_end_matches('.').to_ascii_lowercase();
+                let name = host.to_ascii_lowercase();
                 let in_cluster = !name.contains('.')
                     || CLUSTER_SUFFIXES
                         .iter()

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, bail, ensure};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -16,6 +16,7 @@ use kube::discovery::{ApiResource, Discovery, Scope};
 use kube::runtime::wait::conditions::is_deleted;
 use kube::runtime::wait::{Condition, await_condition};
 use kube::{Api, Client, Config, Resource, ResourceExt};
+use kubeswarm::api::SwarmJob;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
@@ -105,13 +106,25 @@ impl Bed {
         Ok(String::from_utf8(out.stdout)?)
     }
 
-    /// A fresh namespace for one test, with the labels given.
+    /// A fresh namespace for one test. One the bed made before installing the chart (for
+    /// a RoleBinding the chart puts there) is taken as it is, if still empty of jobs.
     pub async fn namespace(&self, name: &str) -> anyhow::Result<String> {
         let api: Api<Namespace> = Api::all(self.client.clone());
         let ns: Namespace = serde_json::from_value(json!({
             "metadata": {"name": name, "labels": {"kubeswarm.dev/e2e": "true"}}
         }))?;
-        api.create(&PostParams::default(), &ns).await?;
+        match api.create(&PostParams::default(), &ns).await {
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                let jobs: Api<SwarmJob> = Api::namespaced(self.client.clone(), name);
+                ensure!(
+                    jobs.list(&Default::default()).await?.items.is_empty(),
+                    "namespace {name} is already in use"
+                );
+            }
+            created => {
+                created?;
+            }
+        }
         Ok(name.to_owned())
     }
 

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use kube::api::{DynamicObject, ListParams};
 use kube::{Api, ResourceExt};
 use kubeswarm::api::{ModelPool, SwarmJob};
@@ -382,17 +382,18 @@ async fn served(bed: &Bed, ns: &str, pool: &str) -> anyhow::Result<(u64, u64)> {
     Ok((requests as u64, in_flight as u64))
 }
 
-/// Recorded subagents of a job's result ConfigMap, by key, with their model calls.
+/// Recorded subagents of a job's result Secret (its namespace keeps results in Secrets),
+/// by key, with their model calls.
 async fn recorded(bed: &Bed, ns: &str, job: &str) -> anyhow::Result<BTreeMap<String, u64>> {
-    let maps: Api<ConfigMap> = Api::namespaced(bed.client.clone(), ns);
-    let data = maps
+    let secrets: Api<Secret> = Api::namespaced(bed.client.clone(), ns);
+    let data = secrets
         .get_opt(&format!("{job}-result"))
         .await?
         .and_then(|m| m.data)
         .unwrap_or_default();
     let mut records = BTreeMap::new();
     for (key, value) in data.into_iter().filter(|(k, _)| k.starts_with("subagent-")) {
-        let record: Value = serde_json::from_str(&value)?;
+        let record: Value = serde_json::from_slice(&value.0)?;
         records.insert(
             key,
             record["attempts"]
@@ -408,7 +409,10 @@ pub async fn operator_killed_mid_run(bed: &Bed) -> anyhow::Result<()> {
     tenant(bed, &ns, "e2e-restart", 8, 4, "").await?;
     // One subagent at a time, so some have finished and some not when the operator dies.
     bed.apply(Some(&ns), &job(bed, "survivor", 4, 1)).await?;
-    let maps: Api<ConfigMap> = Api::namespaced(bed.client.clone(), &ns);
+    // The bed keeps this namespace's results in Secrets (Helm value
+    // results.secretNamespaces): the records survive the kill there, through the
+    // chart's RoleBinding.
+    let maps: Api<Secret> = Api::namespaced(bed.client.clone(), &ns);
     until(
         &maps,
         "survivor-result",
@@ -458,7 +462,21 @@ pub async fn operator_killed_mid_run(bed: &Bed) -> anyhow::Result<()> {
     )
     .await?;
     let (served_after, _) = served(bed, &ns, "survivor-worker").await?;
-    wait_finished(&jobs, "survivor").await?;
+    let finished = wait_finished(&jobs, "survivor").await?;
+    let result = &finished["status"]["result"];
+    ensure!(
+        result["secretName"] == "survivor-result"
+            && result.get("configMapName").is_none()
+            && result.get("preview").is_none(),
+        "a result kept in a Secret is referenced, and previewed nowhere: {result}"
+    );
+    ensure!(
+        Api::<ConfigMap>::namespaced(bed.client.clone(), &ns)
+            .get_opt("survivor-result")
+            .await?
+            .is_none(),
+        "the results of a Secret namespace went into a ConfigMap too"
+    );
 
     let after = recorded(bed, &ns, "survivor").await?;
     for (key, attempts) in &before {

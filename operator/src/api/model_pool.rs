@@ -224,6 +224,9 @@ pub struct ExternalEndpoint {
     pub model: String,
 
     /// Secret key in this namespace holding the endpoint's API key, sent as a bearer token.
+    /// The Secret must be labelled `kubeswarm.dev/api-key=true` by whoever owns it, and
+    /// the platform team must let the operator read this namespace's Secrets (Helm value
+    /// `tenancy.apiKeyNamespaces`); until both hold the pool reports `ApiKeyUnavailable`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret_ref: Option<SecretKeyReference>,
 

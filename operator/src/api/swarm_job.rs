@@ -555,18 +555,29 @@ pub struct PoolUsage {
     pub completion_tokens: i64,
 }
 
-/// Where the result of a job is.
+/// Where the result of a job is: a ConfigMap, or a Secret in namespaces whose results the
+/// platform team keeps in Secrets (Helm value `results.secretNamespaces`). One of the two
+/// names is set.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ResultReference {
     /// ConfigMap in the job's namespace, `<job>-result`, holding the final answer and each
     /// subagent's output and verdict.
-    pub config_map_name: String,
-    /// The start of the final answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub config_map_name: Option<String>,
+    /// Secret in the job's namespace, `<job>-result`, holding what the ConfigMap would.
+    /// The answer then appears nowhere else: no preview, no tally, no answer in a
+    /// condition or an Event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub secret_name: Option<String>,
+    /// The start of the final answer (results in a ConfigMap only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 256))]
     pub preview: Option<String>,
-    /// How a vote chose the answer, for `vote` and `weightedVote`.
+    /// How a vote chose the answer, for `vote` and `weightedVote` (results in a ConfigMap
+    /// only; `result.json` holds it either way).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tally: Option<Tally>,
 }

@@ -47,6 +47,8 @@ pub struct Args {
     pub api_key_role: String,
     /// The key each pool's worker token is derived from.
     pub worker_key: String,
+    /// Where each namespace's SwarmJob results are kept.
+    pub results: swarm_job::store::Results,
 }
 
 #[derive(Debug, Error)]
@@ -177,6 +179,7 @@ async fn swarm_jobs(
         tenancy: args.tenancy.clone(),
         api_key_role: args.api_key_role.clone(),
         worker_key: args.worker_key.clone(),
+        results: args.results.clone(),
         worker_image,
         recorder,
         metrics,

@@ -157,6 +157,9 @@ pub enum StoreError {
         "{place} belongs to another job ({owner}); it goes when that job's dependents are collected"
     )]
     Foreign { place: String, owner: String },
+    /// The place the records go is closed to the operator until someone grants it.
+    #[error("the operator may not write {place}: {fix}")]
+    Refused { place: String, fix: String },
     /// An entry the engine wrote cannot be read back.
     #[error("entry {key} is unreadable")]
     Unreadable {

@@ -145,6 +145,10 @@ fn external_urls_may_not_point_into_the_cluster_or_this_host() {
         "http://[::1]:8000/v1",
         "http://[::ffff:127.0.0.1]/v1",
         "http://[fd00::1]/v1",
+        // What a DNS64 resolver answers for 10.0.0.1, at the well-known and a local prefix.
+        "http://[64:ff9b::a00:1]/v1",
+        "http://[64:ff9b:1::a00:1]/v1",
+        "http://kubernetes.default.svc./v1",
         "http://10.96.0.1/v1",
         "http://192.168.1.20/v1",
         "http://0.0.0.0:8000/v1",
@@ -196,6 +200,15 @@ fn external_urls_may_not_point_into_the_cluster_or_this_host() {
     ] {
         assert!(allowing.check_url(url).is_ok(), "{url}");
     }
+    // The admission policy compares names without a trailing dot, so neither check takes
+    // one, even on an allowed name.
+    let dotted = allowing
+        .check_url("http://vllm.inference.svc.cluster.local.:8000/v1")
+        .unwrap_err();
+    assert_eq!(
+        dotted.message,
+        "vllm.inference.svc.cluster.local. ends with a dot: write the host name without it"
+    );
     for url in [
         "http://a.gpu.corp.svc/v1",
         "http://10.21.0.1/v1",

@@ -215,6 +215,73 @@ fn the_tenancy_values_reach_the_operator_and_its_admission_policy_alike() {
 }
 
 #[test]
+fn secret_results_and_an_existing_worker_key_follow_the_values() {
+    let container = |docs: &[Value]| {
+        one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0].clone()
+    };
+    let flags = |docs: &[Value]| -> Vec<String> {
+        container(docs)["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .filter(|a| a.starts_with("--secret-results") || a.starts_with("--results-role"))
+            .collect()
+    };
+    let key_secret = |docs: &[Value]| {
+        container(docs)["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "KUBESWARM_WORKER_KEY")
+            .map(|e| e["valueFrom"]["secretKeyRef"]["name"].clone())
+            .unwrap()
+    };
+    let bound = |docs: &[Value]| -> Vec<String> {
+        find(docs, "RoleBinding")
+            .iter()
+            .filter(|b| b["roleRef"]["name"] == "ks-kubeswarm-results")
+            .map(|b| b["metadata"]["namespace"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    let defaults = render(None);
+    assert_eq!(flags(&defaults), ["--results-role=ks-kubeswarm-results"]);
+    assert!(
+        bound(&defaults).is_empty(),
+        "no namespace's Secrets by default"
+    );
+    assert_eq!(key_secret(&defaults), "ks-kubeswarm-worker-key");
+    assert_eq!(
+        find(&defaults, "Secret")[0]["metadata"]["name"],
+        "ks-kubeswarm-worker-key"
+    );
+
+    let all = render(Some("ci/all-features-values.yaml"));
+    assert_eq!(
+        flags(&all),
+        [
+            "--results-role=ks-kubeswarm-results",
+            "--secret-results=team-a",
+            "--secret-results=team-b"
+        ]
+    );
+    assert_eq!(bound(&all), ["team-a", "team-b"]);
+    // The ClusterRole grants what the store does with a Secret, and no list or watch.
+    let role = find(&all, "ClusterRole")
+        .into_iter()
+        .find(|r| r["metadata"]["name"] == "ks-kubeswarm-results")
+        .unwrap();
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "patch"]}])
+    );
+    // A GitOps render never makes a key of its own when one is named.
+    assert_eq!(key_secret(&all), "kubeswarm-worker-key-from-vault");
+    assert!(find(&all, "Secret").is_empty());
+}
+
+#[test]
 fn values_schema_refuses_typos_and_bad_values() {
     let chart = repo_root().join("charts/kubeswarm");
     for (set, complaint) in [
@@ -223,6 +290,8 @@ fn values_schema_refuses_typos_and_bad_values() {
         ("logFormat=xml", "logFormat"),
         ("tenancy.hostPaths={/models/../etc}", "hostPaths"),
         ("tenancy.requireQueu=false", "requireQueu"),
+        ("results.secretNamespaces={Team_A}", "secretNamespaces"),
+        ("workerKey.existingSecret=Bad_Name", "existingSecret"),
     ] {
         let out = Command::new(helm())
             .args(["template", "ks", "--kube-version", "1.33.0", "--set", set])

@@ -996,11 +996,11 @@ async fn an_external_pools_api_key_is_read_from_its_secret_and_never_shown() {
     ))
     .unwrap();
     // "sk-live-1\n", as `kubectl create secret --from-file` stores a file with its newline.
-    let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "vllm-key"}, "data": {"token": "c2stbGl2ZS0xCg=="}});
+    let mut secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "vllm-key", "labels": {"kubeswarm.dev/api-key": "true"}}, "data": {"token": "c2stbGl2ZS0xCg=="}});
     scenario(
         keyed.clone(),
         vec![
-            step(Method::GET, KEY, 200, secret),
+            step(Method::GET, KEY, 200, secret.clone()),
             step(Method::PATCH, STATUS, 200, stored()).check(|body| {
                 assert_eq!(
                     condition(body, "Available").1,
@@ -1011,6 +1011,33 @@ async fn an_external_pools_api_key_is_read_from_its_secret_and_never_shown() {
             event("NoQueue"),
             event("EndpointServesModel"),
             event("AsExpected"),
+        ],
+    )
+    .await;
+
+    // A Secret its owner did not mark as an endpoint's key (a database password a tenant
+    // who cannot read Secrets names, to have it sent to a server of its own) is never
+    // sent: the pool waits for the label, and the endpoint sees no request.
+    secret["metadata"]["labels"] = json!({});
+    scenario(
+        keyed.clone(),
+        vec![
+            step(Method::GET, KEY, 200, secret),
+            step(Method::PATCH, STATUS, 200, stored()).check(|body| {
+                says(
+                    body,
+                    "Available",
+                    (
+                        "False",
+                        "ApiKeyUnavailable",
+                        "Secret vllm-key is not labelled kubeswarm.dev/api-key=true, so the operator sends none of its keys anywhere: if it holds this endpoint's key, label it (kubectl label secret vllm-key -n team-a kubeswarm.dev/api-key=true)",
+                    ),
+                );
+                assert!(!body.to_string().contains("sk-live"));
+            }),
+            event("NoQueue"),
+            event("ApiKeyUnavailable"),
+            event("ApiKeyUnavailable"),
         ],
     )
     .await;

@@ -1,17 +1,27 @@
-//! The SwarmJob's result ConfigMap as the engine's checkpoint store, request by request.
+//! The SwarmJob's result object (a ConfigMap, or a Secret where the platform team asks for
+//! one) as the engine's checkpoint store, request by request.
 
 use std::collections::BTreeMap;
 
 use http::Method;
 use kube::client::Body;
 use kubeswarm::api::{SwarmJob, SwarmJobSpec};
-use kubeswarm::controllers::swarm_job::store::ResultConfigMap;
+use kubeswarm::controllers::swarm_job::store::{ResultStore, Results};
 use kubeswarm::swarm::record::Store;
 use serde_json::{Value, json};
 
 use crate::harness::{NS, not_found, serve, step};
 
 const CM: &str = "/api/v1/namespaces/team-a/configmaps";
+const SECRETS: &str = "/api/v1/namespaces/team-a/secrets";
+
+/// Results of namespace team-a kept in Secrets.
+fn in_secrets() -> Results {
+    Results {
+        secret_namespaces: [NS.to_owned()].into(),
+        role: "kubeswarm-results".to_owned(),
+    }
+}
 
 fn job() -> SwarmJob {
     let spec: SwarmJobSpec = serde_yaml_ng::from_str(
@@ -36,7 +46,7 @@ fn stored_for(uid: &str, data: Value) -> Value {
 #[tokio::test]
 async fn checkpoints_create_the_owned_configmap_then_merge_into_it() {
     let (service, handle) = tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
-    let store = ResultConfigMap::new(kube::Client::new(service, NS), &job());
+    let store = ResultStore::new(kube::Client::new(service, NS), &job(), &Results::default());
     let steps = vec![
         // A new job: nothing recorded yet.
         step(
@@ -134,7 +144,7 @@ async fn checkpoints_create_the_owned_configmap_then_merge_into_it() {
 #[tokio::test]
 async fn a_refused_write_is_an_error_that_names_the_configmap() {
     let (service, handle) = tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
-    let store = ResultConfigMap::new(kube::Client::new(service, NS), &job());
+    let store = ResultStore::new(kube::Client::new(service, NS), &job(), &Results::default());
     let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "configmaps \"gallery-result\" is forbidden"});
     let server = tokio::spawn(serve(
         handle,
@@ -160,7 +170,7 @@ async fn a_refused_write_is_an_error_that_names_the_configmap() {
 #[tokio::test]
 async fn the_records_of_a_job_of_the_same_name_are_not_read_as_this_ones() {
     let (service, handle) = tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
-    let store = ResultConfigMap::new(kube::Client::new(service, NS), &job());
+    let store = ResultStore::new(kube::Client::new(service, NS), &job(), &Results::default());
     let server = tokio::spawn(serve(
         handle,
         vec![step(
@@ -180,6 +190,81 @@ async fn the_records_of_a_job_of_the_same_name_are_not_read_as_this_ones() {
             "ConfigMap gallery-result belongs to another job (SwarmJob gallery uid deleted-job-uid)"
         ),
         "{said}"
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn in_a_secret_namespace_the_records_go_in_an_owned_secret_base64_encoded() {
+    let (service, handle) = tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
+    let store = ResultStore::new(kube::Client::new(service, NS), &job(), &in_secrets());
+    // "{\"index\":0}" and "42" in base64, as a Secret's data holds them.
+    let (record, answer) = ("eyJpbmRleCI6MH0=", "NDI=");
+    let steps = vec![
+        step(
+            Method::PATCH,
+            &format!("{SECRETS}/gallery-result"),
+            404,
+            not_found(),
+        )
+        .check(move |body| assert_eq!(body, &json!({"data": {"subagent-000.json": record}}))),
+        step(Method::POST, SECRETS, 201, json!({})).check(move |body| {
+            assert_eq!(
+                (body["kind"].as_str(), body["type"].as_str()),
+                (Some("Secret"), Some("Opaque"))
+            );
+            let owner = &body["metadata"]["ownerReferences"][0];
+            assert_eq!(
+                (owner["uid"].as_str(), owner["controller"].as_bool()),
+                (Some("job-uid"), Some(true))
+            );
+            assert_eq!(body["data"], json!({"subagent-000.json": record}));
+        }),
+        step(
+            Method::GET,
+            &format!("{SECRETS}/gallery-result"),
+            200,
+            json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                   "metadata": {"name": "gallery-result", "namespace": NS, "ownerReferences": [{"apiVersion": "kubeswarm.dev/v1alpha1", "kind": "SwarmJob", "name": "gallery", "uid": "job-uid", "controller": true}]},
+                   "data": {"subagent-000.json": record, "answer": answer}}),
+        ),
+    ];
+    let server = tokio::spawn(serve(handle, steps));
+    store
+        .save(vec![(
+            "subagent-000.json".to_owned(),
+            "{\"index\":0}".to_owned(),
+        )])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load().await.unwrap(),
+        BTreeMap::from([
+            ("answer".to_owned(), "42".to_owned()),
+            ("subagent-000.json".to_owned(), "{\"index\":0}".to_owned()),
+        ])
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_secret_the_operator_may_not_write_names_the_rolebinding_to_add() {
+    let (service, handle) = tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
+    let store = ResultStore::new(kube::Client::new(service, NS), &job(), &in_secrets());
+    let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "secrets \"gallery-result\" is forbidden"});
+    let server = tokio::spawn(serve(
+        handle,
+        vec![step(
+            Method::GET,
+            &format!("{SECRETS}/gallery-result"),
+            403,
+            forbidden,
+        )],
+    ));
+    let said = kubeswarm::telemetry::chain(&store.load().await.unwrap_err());
+    assert_eq!(
+        said,
+        "the operator may not write Secret gallery-result: grant it with a RoleBinding in team-a to the ClusterRole kubeswarm-results (Helm value results.secretNamespaces)"
     );
     server.await.unwrap();
 }

@@ -11,6 +11,7 @@ use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kubeswarm::api::{ModelPool, ModelPoolSpec, SwarmJob, SwarmJobSpec};
+use kubeswarm::controllers::swarm_job::store::Results;
 use kubeswarm::controllers::swarm_job::{Context, FINALIZER, reconcile};
 use kubeswarm::metrics::Metrics;
 use kubeswarm::swarm::Options;
@@ -86,6 +87,11 @@ fn loopback() -> External {
 }
 
 fn harness(steps: Vec<crate::harness::Step>) -> Harness {
+    harness_keeping(steps, Results::default())
+}
+
+/// A harness whose operator keeps `results` as given.
+fn harness_keeping(steps: Vec<crate::harness::Step>, results: Results) -> Harness {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, NS);
     let (wake, woken) = futures::channel::mpsc::unbounded();
@@ -101,6 +107,7 @@ fn harness(steps: Vec<crate::harness::Step>) -> Harness {
         worker_image: "ghcr.io/kubeswarm/inference-worker:0.1.0".to_owned(),
         api_key_role: "kubeswarm-api-keys".to_owned(),
         worker_key: "a key of at least thirty-two characters".to_owned(),
+        results,
         recorder: recorder(client),
         metrics: Arc::new(Metrics::default()),
         backoff: Default::default(),
@@ -321,7 +328,7 @@ async fn a_restarted_operator_resumes_from_the_records_and_never_repeats_a_subag
             Method::GET,
             "/api/v1/namespaces/team-a/secrets/ext-key",
             200,
-            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ext-key"}, "data": {"token": "c2stZXh0LTc="}}),
+            json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "ext-key", "labels": {"kubeswarm.dev/api-key": "true"}}, "data": {"token": "c2stZXh0LTc="}}),
         ),
         step(Method::PATCH, JOB_STATUS, 200, stored_job()).check(|body| {
             assert_eq!(body["status"]["startTime"], "2026-11-22T09:00:00Z");
@@ -424,6 +431,56 @@ async fn a_missing_pool_makes_the_job_wait_with_a_reason_not_fail() {
     assert!(
         harness.ctx.runs.is_empty(),
         "no engine runs for a waiting job"
+    );
+    harness.done().await;
+}
+
+#[tokio::test]
+async fn a_job_whose_results_go_in_secrets_waits_for_the_rolebinding_and_calls_nothing() {
+    let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "secrets \"review-result\" is forbidden"});
+    let steps = vec![
+        step(
+            Method::GET,
+            POOLS,
+            200,
+            list(
+                "ModelPool",
+                vec![external_pool("ext", "http://127.0.0.1:9/v1")],
+            ),
+        ),
+        step(Method::GET, PODS, 200, list("Pod", vec![])),
+        step(
+            Method::GET,
+            "/api/v1/namespaces/team-a/secrets/review-result",
+            403,
+            forbidden,
+        ),
+        step(Method::PATCH, JOB_STATUS, 200, stored_job()).check(|body| {
+            says(
+                body,
+                "Admitted",
+                (
+                    "False",
+                    "ResultsUnwritable",
+                    "grant it with a RoleBinding in team-a to the ClusterRole kubeswarm-results",
+                ),
+            );
+            assert!(body["status"].get("startTime").is_none());
+        }),
+        event("ResultsUnwritable"),
+    ];
+    let harness = harness_keeping(
+        steps,
+        Results {
+            secret_namespaces: [NS.to_owned()].into(),
+            role: "kubeswarm-results".to_owned(),
+        },
+    );
+    let action = harness.reconcile(job(TWO, false, Value::Null)).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    assert!(
+        harness.ctx.runs.is_empty(),
+        "no engine runs without its store"
     );
     harness.done().await;
 }

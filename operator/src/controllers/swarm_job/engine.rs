@@ -19,6 +19,7 @@ use super::{Ending, Error, PREVIEW_BYTES, Reconciler, store};
 use crate::api::SwarmJobStatus;
 use crate::controllers::api_keys;
 use crate::swarm::pool::{Pool, Server};
+use crate::swarm::record::{Store, StoreError};
 use crate::swarm::{Job, Outcome, pools_used};
 
 impl Reconciler<'_> {
@@ -52,6 +53,23 @@ impl Reconciler<'_> {
             keys.insert(e.name.clone(), key);
         }
         Ok(keys)
+    }
+
+    /// In a namespace whose results go in Secrets, whether the operator may keep them
+    /// there: the job waits for the RoleBinding rather than fail at its first checkpoint.
+    pub(super) async fn results_writable(&self) -> Result<(), Waiting> {
+        let store = store::ResultStore::new(self.ctx.client.clone(), self.job, &self.ctx.results);
+        if store.kind() != store::Kind::Secret {
+            return Ok(());
+        }
+        match store.load().await {
+            Err(refused @ StoreError::Refused { .. }) => Err(Waiting {
+                reason: status::reason::RESULTS_UNWRITABLE,
+                message: crate::telemetry::chain(&refused),
+            }),
+            // Anything else is the engine's to retry from its records.
+            _ => Ok(()),
+        }
     }
 
     /// The engine as a task, resuming from the job's records.
@@ -99,7 +117,8 @@ impl Reconciler<'_> {
         let work = {
             let name = self.job.name_any();
             let spec = self.job.spec.clone();
-            let store = store::ResultConfigMap::new(self.ctx.client.clone(), self.job);
+            let store =
+                store::ResultStore::new(self.ctx.client.clone(), self.job, &self.ctx.results);
             let pools = pools.clone();
             let observer = progress.clone();
             let options = self.ctx.options;

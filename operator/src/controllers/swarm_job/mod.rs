@@ -56,7 +56,7 @@ const WAITING_RECHECK: Duration = Duration::from_secs(30);
 /// How soon a suspended job looks again whether its calls in flight have finished, so
 /// that its pools can be released.
 const DRAIN_CHECK: Duration = Duration::from_secs(2);
-/// The status keeps the start of the answer; the rest is in the ConfigMap.
+/// The status keeps the start of the answer; the rest is in the result object.
 const PREVIEW_BYTES: usize = 256;
 
 #[derive(Debug, Error)]
@@ -75,7 +75,7 @@ impl Error {
     pub fn kind(&self) -> &str {
         match self {
             Error::Api(err) => &err.kind,
-            Error::Interrupted(_) => "ResultConfigMap",
+            Error::Interrupted(_) => "ResultStore",
             Error::Engine(_) => "Engine",
         }
     }
@@ -96,6 +96,8 @@ pub struct Context {
     pub api_key_role: String,
     /// The key the workers' tokens are derived from (`pool_contract::worker_token`).
     pub worker_key: String,
+    /// Where each namespace's results are kept.
+    pub results: store::Results,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub backoff: Backoff,
@@ -357,6 +359,11 @@ impl<'a> Reconciler<'a> {
                 return Ok(Action::requeue(WAITING_RECHECK));
             }
         };
+        if let Err(why) = self.results_writable().await {
+            self.update_status(old, Admission::Waiting(&why), &state, None, None)
+                .await?;
+            return Ok(Action::requeue(WAITING_RECHECK));
+        }
         // The finalizer first: from the first call on, a delete must cancel.
         self.set_finalizer(true).await?;
         let start = old.start_time.as_ref().map_or_else(Timestamp::now, |t| t.0);
@@ -492,6 +499,7 @@ impl<'a> Reconciler<'a> {
         end: Option<&Ending<'_>>,
     ) -> Result<SwarmJobStatus, Error> {
         let generation = self.job.metadata.generation;
+        let kept_in = self.ctx.results.kind(&self.namespace);
         let started = start.is_some() || old.start_time.is_some();
         let mut desired: Vec<Desired> = vec![status::admitted(admission)];
         desired.extend(status::phases(
@@ -499,6 +507,7 @@ impl<'a> Reconciler<'a> {
             started,
             state,
             end.map(|e| e.outcome),
+            kept_in,
         ));
         let conditions = conditions::merge(&old.conditions, &desired, generation, Timestamp::now());
         let new = SwarmJobStatus {
@@ -514,10 +523,19 @@ impl<'a> Reconciler<'a> {
                     outcome: Ok(result),
                     preview,
                     ..
-                }) => Some(ResultReference {
-                    config_map_name: store::result_name(self.job),
-                    preview: preview.clone(),
-                    tally: result.tally.clone(),
+                }) => Some(match kept_in {
+                    store::Kind::ConfigMap => ResultReference {
+                        config_map_name: Some(store::result_name(self.job)),
+                        secret_name: None,
+                        preview: preview.clone(),
+                        tally: result.tally.clone(),
+                    },
+                    store::Kind::Secret => ResultReference {
+                        config_map_name: None,
+                        secret_name: Some(store::result_name(self.job)),
+                        preview: None,
+                        tally: None,
+                    },
                 }),
                 _ => None,
             },

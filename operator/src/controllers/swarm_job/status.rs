@@ -7,6 +7,7 @@ use crate::swarm::{Failure, Reason};
 
 use super::pools::Waiting;
 use super::progress::State;
+use super::store::Kind;
 
 pub const ADMITTED: &str = "Admitted";
 pub const PLANNED: &str = "Planned";
@@ -34,6 +35,7 @@ pub mod reason {
     pub const POOL_NOT_FOUND: &str = "PoolNotFound";
     pub const POOL_UNAVAILABLE: &str = "PoolUnavailable";
     pub const POOLS_READY: &str = "PoolsReady";
+    pub const RESULTS_UNWRITABLE: &str = "ResultsUnwritable";
     pub const STOPPED: &str = "Stopped";
     pub const SUBTASKS_GIVEN: &str = "SubtasksGiven";
     pub const SUCCEEDED: &str = "Succeeded";
@@ -80,6 +82,7 @@ pub fn phases(
     started: bool,
     state: &State,
     outcome: Option<&Result<JobResult, Failure>>,
+    kept_in: Kind,
 ) -> Vec<Desired> {
     let n = spec.fan_out.subagents.max(0) as usize;
     let mut out = Vec::with_capacity(6);
@@ -177,7 +180,7 @@ pub fn phases(
             reason::ANSWER_TRUNCATED,
             format!(
                 "{}{}; the answer was cut off at its token limit: raise {}",
-                aggregated(result),
+                aggregated(result, kept_in),
                 used_cut(state, result),
                 result.limit_field()
             ),
@@ -187,7 +190,7 @@ pub fn phases(
             AGGREGATED,
             true,
             reason::AGGREGATED,
-            format!("{}{}", aggregated(result), used_cut(state, result)),
+            format!("{}{}", aggregated(result, kept_in), used_cut(state, result)),
         ),
         _ if state.aggregating => Desired::new(
             AGGREGATED,
@@ -208,7 +211,8 @@ pub fn phases(
                 true,
                 reason::ANSWER_TRUNCATED,
                 format!(
-                    "the result is in the ConfigMap named by status.result, and its answer is cut off: raise {}",
+                    "the result is in the {} named by status.result, and its answer is cut off: raise {}",
+                    kept_in.as_str(),
                     result.limit_field()
                 ),
             )
@@ -218,7 +222,10 @@ pub fn phases(
             COMPLETE,
             true,
             reason::SUCCEEDED,
-            "the result is in the ConfigMap named by status.result",
+            format!(
+                "the result is in the {} named by status.result",
+                kept_in.as_str()
+            ),
         )),
         Some(Err(failure)) => {
             // Phases the job never finished say so rather than look as if they go on.
@@ -276,12 +283,18 @@ fn used_cut(state: &State, result: &JobResult) -> String {
     }
 }
 
-fn aggregated(result: &JobResult) -> String {
+/// The winning answer is named only where results may be read by anyone who can read
+/// the job: conditions go into Events too.
+fn aggregated(result: &JobResult, kept_in: Kind) -> String {
     let strategy = strategy_name(result.strategy);
     match &result.tally {
         Some(tally) => format!(
-            "{strategy}: {:?} won with {} of {} votes ({}{})",
-            tally.answer,
+            "{strategy}: {} won with {} of {} votes ({}{})",
+            if kept_in.discloses_answer() {
+                format!("{:?}", tally.answer)
+            } else {
+                "the answer".to_owned()
+            },
             tally.votes,
             tally.of,
             match tally.decided_by {

@@ -42,7 +42,7 @@ fn summary(desired: &[Desired]) -> Vec<(&str, bool, &str)> {
 
 #[test]
 fn a_job_that_has_not_started_is_pending_in_every_phase() {
-    let phases = phases(&spec(""), false, &State::default(), None);
+    let phases = phases(&spec(""), false, &State::default(), None, Kind::ConfigMap);
     assert_eq!(
         summary(&phases),
         [
@@ -58,7 +58,10 @@ fn a_job_that_has_not_started_is_pending_in_every_phase() {
 fn phases_turn_true_as_outputs_and_verdicts_are_recorded() {
     let spec = spec("planner: {pool: worker}\n");
     let mut state = State::default();
-    assert_eq!(phases(&spec, true, &state, None)[0].reason, "Planning");
+    assert_eq!(
+        phases(&spec, true, &state, None, Kind::ConfigMap)[0].reason,
+        "Planning"
+    );
 
     let progress = super::super::progress::Progress::new(
         "ns".to_owned(),
@@ -70,7 +73,7 @@ fn phases_turn_true_as_outputs_and_verdicts_are_recorded() {
     progress.event(Event::Planned { subagents: 2 });
     progress.event(Event::Generated { index: 0 });
     state = progress.state();
-    let mid = phases(&spec, true, &state, None);
+    let mid = phases(&spec, true, &state, None, Kind::ConfigMap);
     assert_eq!(
         summary(&mid),
         [
@@ -92,7 +95,13 @@ fn phases_turn_true_as_outputs_and_verdicts_are_recorded() {
         tally: None,
         finish_reason: None,
     };
-    let done = phases(&spec, true, &progress.state(), Some(&Ok(result)));
+    let done = phases(
+        &spec,
+        true,
+        &progress.state(),
+        Some(&Ok(result)),
+        Kind::ConfigMap,
+    );
     assert_eq!(
         summary(&done),
         [
@@ -122,6 +131,7 @@ fn a_failure_names_its_reason_and_stops_the_unfinished_phases() {
         true,
         &state,
         Some(&Err(failure)),
+        Kind::ConfigMap,
     );
     assert_eq!(
         summary(&failed),
@@ -142,13 +152,19 @@ fn a_failure_names_its_reason_and_stops_the_unfinished_phases() {
 #[test]
 fn only_news_is_announced_and_only_trouble_as_a_warning() {
     let notices = |d: &[Desired]| d.iter().map(|d| d.notice).collect::<Vec<_>>();
-    let pending = phases(&spec(""), false, &State::default(), None);
+    let pending = phases(&spec(""), false, &State::default(), None, Kind::ConfigMap);
     assert_eq!(notices(&pending), [Notice::Silent; 4]);
     let failure = Failure {
         reason: Reason::PlanFailed,
         message: "no usable plan".to_owned(),
     };
-    let failed = phases(&spec(""), true, &State::default(), Some(&Err(failure)));
+    let failed = phases(
+        &spec(""),
+        true,
+        &State::default(),
+        Some(&Err(failure)),
+        Kind::ConfigMap,
+    );
     assert_eq!(
         notices(&failed),
         [
@@ -201,7 +217,7 @@ fn outputs_and_an_answer_cut_off_at_their_limits_are_reported() {
         tally: None,
         finish_reason: Some(FinishReason::Length),
     };
-    let done = phases(&spec, true, &state, Some(&Ok(result)));
+    let done = phases(&spec, true, &state, Some(&Ok(result)), Kind::ConfigMap);
     assert_eq!(
         done[2].message,
         "2 of 2 outputs passed verification; 1 cut off at spec.fanOut.maxTokens"
@@ -227,7 +243,7 @@ fn outputs_and_an_answer_cut_off_at_their_limits_are_reported() {
         tally: None,
         finish_reason: Some(FinishReason::Length),
     };
-    let done = phases(&spec, true, &state, Some(&Ok(voted)));
+    let done = phases(&spec, true, &state, Some(&Ok(voted)), Kind::ConfigMap);
     assert_eq!(
         done[3].message,
         "bestOf: subagent 1's output scored highest; 1 of the 1 outputs it used were cut off at spec.fanOut.maxTokens; the answer was cut off at its token limit: raise spec.fanOut.maxTokens"
@@ -250,8 +266,28 @@ fn the_aggregated_condition_says_what_won_a_vote_and_what_a_best_of_chose() {
         finish_reason: None,
     };
     assert_eq!(
-        aggregated(&voted),
+        aggregated(&voted, Kind::ConfigMap),
         "weightedVote: \"13\" won with 2 of 5 votes (gate score; 1 outputs gave no answer)"
+    );
+    // Results kept in a Secret keep their answer out of conditions and so out of Events.
+    assert_eq!(
+        aggregated(&voted, Kind::Secret),
+        "weightedVote: the answer won with 2 of 5 votes (gate score; 1 outputs gave no answer)"
+    );
+    let done = phases(
+        &spec(""),
+        true,
+        &State::default(),
+        Some(&Ok(voted)),
+        Kind::Secret,
+    );
+    assert!(done.iter().all(|d| !d.message.contains("13")), "{done:?}");
+    assert_eq!(
+        done.last().map(|d| (d.type_, d.message.as_str())),
+        Some((
+            COMPLETE,
+            "the result is in the Secret named by status.result"
+        ))
     );
     let best = JobResult {
         strategy: AggregationStrategy::BestOf,
@@ -260,7 +296,7 @@ fn the_aggregated_condition_says_what_won_a_vote_and_what_a_best_of_chose() {
         finish_reason: None,
     };
     assert_eq!(
-        aggregated(&best),
+        aggregated(&best, Kind::ConfigMap),
         "bestOf: subagent 2's output scored highest"
     );
 }
@@ -291,7 +327,13 @@ fn the_gates_critiques_stay_out_of_events() {
             message: "none of the 2 outputs passed verification; subagent 0: the secret plan leaks"
                 .to_owned(),
         };
-        let phases = phases(&spec(""), true, &State::default(), Some(&Err(failure)));
+        let phases = phases(
+            &spec(""),
+            true,
+            &State::default(),
+            Some(&Err(failure)),
+            Kind::ConfigMap,
+        );
         let failed = phases.iter().find(|d| d.type_ == FAILED).unwrap().clone();
         (failed.withheld, failed.message)
     };

@@ -55,6 +55,14 @@ enum Command {
         /// operator keep that namespace's results in Secrets.
         #[arg(long, default_value = "kubeswarm-results", value_name = "NAME")]
         results_role: String,
+        /// The most bytes of an external endpoint's model list the probe reads; past it
+        /// the pool is not Available and says why.
+        #[arg(long, default_value_t = kubeswarm::swarm::MAX_MODELS_BYTES, value_name = "BYTES")]
+        max_models_bytes: usize,
+        /// The most bytes of one completion response read from any endpoint; past it the
+        /// call fails and says why, so that no endpoint can exhaust the operator's memory.
+        #[arg(long, default_value_t = kubeswarm::swarm::MAX_RESPONSE_BYTES, value_name = "BYTES")]
+        max_response_bytes: usize,
     },
     /// Print the CustomResourceDefinitions, or write them into directories.
     ///
@@ -261,6 +269,8 @@ fn main() -> ExitCode {
             worker_key,
             secret_results,
             results_role,
+            max_models_bytes,
+            max_response_bytes,
         } => operator(kubeswarm::controllers::Args {
             metrics_addr,
             worker_image,
@@ -274,6 +284,8 @@ fn main() -> ExitCode {
                 secret_namespaces: secret_results.into_iter().collect(),
                 role: results_role,
             },
+            models_limit: max_models_bytes,
+            response_limit: max_response_bytes,
         }),
         Command::Crdgen { out } => crdgen(&out),
         Command::FetchModel { model } => fetch_model(model),

@@ -260,6 +260,7 @@ async fn worker_pods_pass_the_restricted_standard(bed: &Bed) -> anyhow::Result<(
         tenancy: Default::default(),
         api_key_role: "kubeswarm-api-keys".to_owned(),
         worker_key: "a key of at least thirty-two characters".to_owned(),
+        models_limit: kubeswarm::swarm::MAX_MODELS_BYTES,
     };
     let mut pools = Vec::new();
     for entry in std::fs::read_dir(crate::bed::repo_root().join("examples"))? {

@@ -49,6 +49,10 @@ pub struct Args {
     pub worker_key: String,
     /// Where each namespace's SwarmJob results are kept.
     pub results: swarm_job::store::Results,
+    /// The most of an external endpoint's model list that is read.
+    pub models_limit: usize,
+    /// The most of one completion response that is read.
+    pub response_limit: usize,
 }
 
 #[derive(Debug, Error)]
@@ -110,6 +114,7 @@ pub async fn run(args: Args) -> Result<(), RunError> {
             tenancy: args.tenancy.clone(),
             api_key_role: args.api_key_role.clone(),
             worker_key: args.worker_key.clone(),
+            models_limit: args.models_limit,
         },
         http: external_http.clone(),
         recorder: recorder.clone(),
@@ -180,6 +185,7 @@ async fn swarm_jobs(
         api_key_role: args.api_key_role.clone(),
         worker_key: args.worker_key.clone(),
         results: args.results.clone(),
+        response_limit: args.response_limit,
         worker_image,
         recorder,
         metrics,

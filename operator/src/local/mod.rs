@@ -298,9 +298,15 @@ async fn served_model(
         url: url.to_owned(),
         source,
     };
-    let ids = endpoint::served_models(http, url, token, Duration::from_secs(10))
-        .await
-        .map_err(|err| fail(err.into()))?;
+    let ids = endpoint::served_models(
+        http,
+        url,
+        token,
+        Duration::from_secs(10),
+        endpoint::MAX_MODELS_BYTES,
+    )
+    .await
+    .map_err(|err| fail(err.into()))?;
     if ids.iter().any(|id| id == pool) {
         return Ok(pool.to_owned());
     }

@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-/// The most of a model list that is read: an endpoint is not trusted to send a small
-/// one, and the operator that probes it serves every tenant.
-const MAX_MODELS_BYTES: usize = 1 << 20;
+/// The most of a model list that is read by default: an endpoint is not trusted to send
+/// a small one, and the operator that probes it serves every tenant.
+pub const MAX_MODELS_BYTES: usize = 1 << 20;
 
 /// The HTTP client for model endpoints: pooled connections kept while a job runs.
 pub fn http_client() -> reqwest::Client {
@@ -31,8 +31,8 @@ pub enum ModelsError {
         url: String,
         status: reqwest::StatusCode,
     },
-    #[error("GET {url} sent more than {MAX_MODELS_BYTES} bytes")]
-    TooLarge { url: String },
+    #[error("GET {url} sent more than the {limit} bytes a model list may take")]
+    TooLarge { url: String, limit: usize },
     #[error("GET {url} did not answer JSON")]
     NotJson {
         url: String,
@@ -42,12 +42,14 @@ pub enum ModelsError {
 }
 
 /// The ids of the models the endpoint at `base` (its `/v1` URL) serves, read within
-/// `timeout`. Read as OpenAI's list (`data[].id`); a list without them serves nothing.
+/// `timeout` and `limit` bytes. Read as OpenAI's list (`data[].id`); a list without them
+/// serves nothing.
 pub async fn served_models(
     http: &reqwest::Client,
     base: &str,
     api_key: Option<&str>,
     timeout: Duration,
+    limit: usize,
 ) -> Result<Vec<String>, ModelsError> {
     let url = format!("{}/models", base.trim_end_matches('/'));
     // reqwest's errors name the URL themselves; ours does, once.
@@ -68,8 +70,8 @@ pub async fn served_models(
     }
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(request_failed)? {
-        if body.len() + chunk.len() > MAX_MODELS_BYTES {
-            return Err(ModelsError::TooLarge { url });
+        if body.len() + chunk.len() > limit {
+            return Err(ModelsError::TooLarge { url, limit });
         }
         body.extend_from_slice(&chunk);
     }
@@ -104,7 +106,14 @@ mod tests {
 
     async fn models(body: &[u8]) -> Result<Vec<String>, ModelsError> {
         let url = serving(body.to_vec()).await;
-        served_models(&http_client(), &url, None, Duration::from_secs(5)).await
+        served_models(
+            &http_client(),
+            &url,
+            None,
+            Duration::from_secs(5),
+            MAX_MODELS_BYTES,
+        )
+        .await
     }
 
     #[tokio::test]

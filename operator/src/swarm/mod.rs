@@ -11,6 +11,8 @@ pub(crate) mod aggregate;
 mod answer;
 pub(crate) mod balance;
 mod bounded;
+pub use bounded::MAX_RESPONSE_BYTES;
+pub use endpoint::MAX_MODELS_BYTES;
 pub mod call;
 pub(crate) mod checks;
 pub(crate) mod endpoint;

@@ -51,6 +51,8 @@ pub struct Pool {
     api_key: String,
     /// Sent as `cache_salt` in every request, when set.
     cache_salt: Option<String>,
+    /// The most of one response that is read.
+    response_limit: usize,
     replicas: Mutex<Vec<Arc<Replica>>>,
     /// Woken whenever the replicas are replaced.
     changed: tokio::sync::Notify,
@@ -107,6 +109,7 @@ impl Pool {
             http,
             api_key: api_key.unwrap_or_else(|| "kubeswarm".to_owned()),
             cache_salt: None,
+            response_limit: bounded::MAX_RESPONSE_BYTES,
             replicas: Mutex::new(Vec::new()),
             changed: tokio::sync::Notify::new(),
             in_flight: AtomicUsize::new(0),
@@ -122,6 +125,18 @@ impl Pool {
             cache_salt: salt,
             ..self
         }
+    }
+
+    /// The same pool, reading at most `limit` bytes of each response.
+    pub fn with_response_limit(mut self, limit: usize) -> Self {
+        self.response_limit = limit;
+        // The replicas made so far read to the old limit: made again.
+        let urls: Vec<String> = std::mem::take(&mut *self.replicas.lock().expect("replica lock"))
+            .iter()
+            .map(|r| r.url.clone())
+            .collect();
+        self.set_replicas(&urls);
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -156,7 +171,7 @@ impl Pool {
                 // responses are read to a bound.
                 let client = Client::with_config(config).with_http_service(Bounded {
                     http: self.http.clone(),
-                    limit: bounded::MAX_RESPONSE_BYTES,
+                    limit: self.response_limit,
                 });
                 Arc::new(Replica {
                     url: url.to_owned(),

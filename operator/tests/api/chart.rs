@@ -215,7 +215,7 @@ fn the_tenancy_values_reach_the_operator_and_its_admission_policy_alike() {
 }
 
 #[test]
-fn secret_results_and_an_existing_worker_key_follow_the_values() {
+fn secret_results_endpoint_limits_and_an_existing_worker_key_follow_the_values() {
     let container = |docs: &[Value]| {
         one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0].clone()
     };
@@ -225,7 +225,11 @@ fn secret_results_and_an_existing_worker_key_follow_the_values() {
             .unwrap()
             .iter()
             .map(|a| a.as_str().unwrap().to_owned())
-            .filter(|a| a.starts_with("--secret-results") || a.starts_with("--results-role"))
+            .filter(|a| {
+                a.starts_with("--secret-results")
+                    || a.starts_with("--results-role")
+                    || a.starts_with("--max-")
+            })
             .collect()
     };
     let key_secret = |docs: &[Value]| {
@@ -246,7 +250,14 @@ fn secret_results_and_an_existing_worker_key_follow_the_values() {
     };
 
     let defaults = render(None);
-    assert_eq!(flags(&defaults), ["--results-role=ks-kubeswarm-results"]);
+    assert_eq!(
+        flags(&defaults),
+        [
+            "--results-role=ks-kubeswarm-results",
+            "--max-models-bytes=1048576",
+            "--max-response-bytes=8388608"
+        ]
+    );
     assert!(
         bound(&defaults).is_empty(),
         "no namespace's Secrets by default"
@@ -262,6 +273,8 @@ fn secret_results_and_an_existing_worker_key_follow_the_values() {
         flags(&all),
         [
             "--results-role=ks-kubeswarm-results",
+            "--max-models-bytes=1048576",
+            "--max-response-bytes=16777216",
             "--secret-results=team-a",
             "--secret-results=team-b"
         ]
@@ -292,6 +305,7 @@ fn values_schema_refuses_typos_and_bad_values() {
         ("tenancy.requireQueu=false", "requireQueu"),
         ("results.secretNamespaces={Team_A}", "secretNamespaces"),
         ("workerKey.existingSecret=Bad_Name", "existingSecret"),
+        ("endpointLimits.responseBytes=10", "responseBytes"),
     ] {
         let out = Command::new(helm())
             .args(["template", "ks", "--kube-version", "1.33.0", "--set", set])

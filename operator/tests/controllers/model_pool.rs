@@ -47,6 +47,7 @@ fn settings() -> Settings {
         },
         api_key_role: "kubeswarm-api-keys".to_owned(),
         worker_key: "a key of at least thirty-two characters".to_owned(),
+        models_limit: kubeswarm::swarm::MAX_MODELS_BYTES,
     }
 }
 

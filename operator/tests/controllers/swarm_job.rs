@@ -108,6 +108,7 @@ fn harness_keeping(steps: Vec<crate::harness::Step>, results: Results) -> Harnes
         api_key_role: "kubeswarm-api-keys".to_owned(),
         worker_key: "a key of at least thirty-two characters".to_owned(),
         results,
+        response_limit: kubeswarm::swarm::MAX_RESPONSE_BYTES,
         recorder: recorder(client),
         metrics: Arc::new(Metrics::default()),
         backoff: Default::default(),

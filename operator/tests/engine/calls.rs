@@ -349,6 +349,37 @@ async fn a_response_past_the_bound_is_not_read_and_fails_the_call() {
 }
 
 #[tokio::test]
+async fn the_bound_on_a_response_is_the_one_the_operator_was_given() {
+    // --max-response-bytes=4096: an answer of 8 KiB, far under the default bound, fails.
+    let workers = Mock::start("m", |body, _| match part(body).as_str() {
+        "black" => text("k".repeat(8 << 10)),
+        other => text(other),
+    })
+    .await;
+    let job = spec(
+        &FOUR
+            .replace("{mode: adversarial, pool: gate}", "{mode: none}")
+            .replace("synthesize", "collect"),
+    );
+    let pool = Pool::new(
+        "workers",
+        "m",
+        Server::Worker,
+        std::slice::from_ref(&workers.url),
+        reqwest::Client::new(),
+    )
+    .with_response_limit(4096);
+    let pools = BTreeMap::from([("workers".to_owned(), Arc::new(pool))]);
+    let outcome = run_job(&job, &pools, &Memory::default()).await;
+    let error = outcome.checkpoint.subagents[&3].error.as_deref().unwrap();
+    assert!(
+        error.contains("the endpoint sent more than 4096 bytes in one response"),
+        "{error}"
+    );
+    assert_eq!(outcome.result.unwrap().0.chosen, [0, 1, 2]);
+}
+
+#[tokio::test]
 async fn a_pool_with_a_cache_salt_and_an_api_key_sends_them_on_every_call() {
     let salted = Mock::start("m", |body, _| text(part(body))).await;
     let plain = Mock::start("m", |body, _| text(part(body))).await;

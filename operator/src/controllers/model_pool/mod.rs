@@ -148,6 +148,7 @@ impl<'a> Reconciler<'a> {
                     &external.url,
                     key.as_deref(),
                     &external.model,
+                    settings.models_limit,
                 )
                 .await
             }
@@ -420,8 +421,9 @@ async fn probe(
     url: &str,
     api_key: Option<&str>,
     model: &str,
+    limit: usize,
 ) -> Result<(), ProbeError> {
-    let served = endpoint::served_models(http, url, api_key, PROBE_TIMEOUT).await?;
+    let served = endpoint::served_models(http, url, api_key, PROBE_TIMEOUT, limit).await?;
     if served.iter().any(|m| m == model) {
         return Ok(());
     }

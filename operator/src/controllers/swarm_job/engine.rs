@@ -90,7 +90,8 @@ impl Reconciler<'_> {
                 let key = keys.get(&e.name).or(e.token.as_ref()).cloned();
                 let pool =
                     Pool::with_api_key(&e.name, &e.model, e.server, &e.urls, http.clone(), key)
-                        .with_cache_salt(e.cache_salt.clone());
+                        .with_cache_salt(e.cache_salt.clone())
+                        .with_response_limit(self.ctx.response_limit);
                 (e.name.clone(), Arc::new(pool))
             })
             .collect();

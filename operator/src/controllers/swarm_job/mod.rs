@@ -98,6 +98,8 @@ pub struct Context {
     pub worker_key: String,
     /// Where each namespace's results are kept.
     pub results: store::Results,
+    /// The most of one completion response that is read.
+    pub response_limit: usize,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub backoff: Backoff,

@@ -47,6 +47,8 @@ pub struct Settings {
     pub api_key_role: String,
     /// The operator's key, from which each pool's worker token is derived.
     pub worker_key: String,
+    /// The most of an external endpoint's model list the probe reads.
+    pub models_limit: usize,
 }
 
 /// A spec the builders cannot turn into pods; the pool waits for an edit.

@@ -16,6 +16,7 @@ fn settings() -> Settings {
         tenancy: Default::default(),
         api_key_role: "kubeswarm-api-keys".to_owned(),
         worker_key: "a key of at least thirty-two characters".to_owned(),
+        models_limit: crate::swarm::endpoint::MAX_MODELS_BYTES,
     }
 }
 

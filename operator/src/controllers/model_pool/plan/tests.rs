@@ -26,6 +26,7 @@ fn template(pool: &ModelPool) -> PodTemplateSpec {
         tenancy: Default::default(),
         api_key_role: "kubeswarm-api-keys".to_owned(),
         worker_key: "a key of at least thirty-two characters".to_owned(),
+        models_limit: crate::swarm::endpoint::MAX_MODELS_BYTES,
     };
     worker_template(pool, &settings).unwrap()
 }

@@ -77,7 +77,7 @@ kueue-types: ## Regenerate the Kueue Workload and ResourceFlavor Rust types (kop
 	operator/src/kueue/generate
 
 .PHONY: bench
-bench: bench-worker bench-engine ## Run every benchmark
+bench: bench-worker bench-engine bench-rss ## Run every benchmark
 
 .PHONY: bench-worker
 bench-worker: build $(MODEL) ## The inference worker against llama.cpp's server: same file, same threads
@@ -88,6 +88,10 @@ bench-worker: build $(MODEL) ## The inference worker against llama.cpp's server:
 .PHONY: bench-engine
 bench-engine: third-party ## The swarm engine's calls/s and added latency against Python asyncio + openai, same mock server
 	OPENAI_PYTHON="$$(hack/install-tool openai-python)" $(CARGO) bench --locked $(SELECT) --bench engine
+
+.PHONY: bench-rss
+bench-rss: build ## Peak RSS of the caller when an endpoint answers with 1 GiB, against a polite endpoint
+	python3 operator/benches/endpoint_rss.py --kubeswarm $(KUBESWARM)
 
 # Does the swarm help? A benchmark, not a test: every swarm arm runs through `kubeswarm run`
 # beside a direct call of the same model, on generated multi-step word problems. About 20

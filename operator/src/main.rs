@@ -18,52 +18,7 @@ enum Command {
     ///
     /// Uses the in-cluster service account, or the current kubeconfig context outside a
     /// cluster. Only the replica that holds the Lease acts; it exits if it loses it.
-    Operator {
-        /// Address of /metrics, /healthz and /readyz.
-        #[arg(long, default_value = "0.0.0.0:8080")]
-        metrics_addr: std::net::SocketAddr,
-        /// Image of the inference workers, unless a pool's spec.template.image names another.
-        #[arg(long, env = "KUBESWARM_WORKER_IMAGE")]
-        worker_image: String,
-        /// Namespace of the leader Lease; the operator's own namespace.
-        #[arg(long, env = "POD_NAMESPACE", default_value = "kubeswarm-system")]
-        leader_election_namespace: String,
-        /// This replica's identity in the Lease.
-        #[arg(long, env = "POD_NAME")]
-        identity: Option<String>,
-        /// A label of the operator's pods (KEY=VALUE, repeatable); worker NetworkPolicies
-        /// admit only pods with these labels from the Lease's namespace.
-        #[arg(long = "operator-pod-label", value_name = "KEY=VALUE", value_parser = parse_label,
-              default_values = ["app.kubernetes.io/name=kubeswarm", "app.kubernetes.io/component=operator"])]
-        operator_labels: Vec<(String, String)>,
-        #[command(flatten)]
-        tenancy: Tenancy,
-        /// The ClusterRole that, bound in a namespace with a RoleBinding, lets the
-        /// operator read the API keys of that namespace's external pools.
-        #[arg(long, default_value = "kubeswarm-api-keys", value_name = "NAME")]
-        api_key_role: String,
-        /// The secret each pool's worker token is derived from (at least 32 characters;
-        /// the chart keeps one in a Secret). Workers answer only requests with their token.
-        #[arg(long, env = "KUBESWARM_WORKER_KEY", hide_env_values = true, value_parser = parse_worker_key)]
-        worker_key: String,
-        /// A namespace whose SwarmJob results go in Secrets rather than ConfigMaps, out of
-        /// sight of the `view` role (repeatable). The answer then appears in no status,
-        /// condition or Event.
-        #[arg(long = "secret-results", value_name = "NAMESPACE", value_parser = parse_namespace)]
-        secret_results: Vec<String>,
-        /// The ClusterRole that, bound in a namespace with a RoleBinding, lets the
-        /// operator keep that namespace's results in Secrets.
-        #[arg(long, default_value = "kubeswarm-results", value_name = "NAME")]
-        results_role: String,
-        /// The most bytes of an external endpoint's model list the probe reads; past it
-        /// the pool is not Available and says why.
-        #[arg(long, default_value_t = kubeswarm::swarm::MAX_MODELS_BYTES, value_name = "BYTES")]
-        max_models_bytes: usize,
-        /// The most bytes of one completion response read from any endpoint; past it the
-        /// call fails and says why, so that no endpoint can exhaust the operator's memory.
-        #[arg(long, default_value_t = kubeswarm::swarm::MAX_RESPONSE_BYTES, value_name = "BYTES")]
-        max_response_bytes: usize,
-    },
+    Operator(Box<OperatorFlags>),
     /// Print the CustomResourceDefinitions, or write them into directories.
     ///
     /// Without --out the CRDs go to standard output as one multi-document YAML stream,
@@ -117,6 +72,55 @@ enum Command {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=32768))]
         max_tokens: Option<i32>,
     },
+}
+
+/// How the operator runs: `kubeswarm operator`'s flags.
+#[derive(clap::Args)]
+struct OperatorFlags {
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+    /// Image of the inference workers, unless a pool's spec.template.image names another.
+    #[arg(long, env = "KUBESWARM_WORKER_IMAGE")]
+    worker_image: String,
+    /// Namespace of the leader Lease; the operator's own namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kubeswarm-system")]
+    leader_election_namespace: String,
+    /// This replica's identity in the Lease.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// A label of the operator's pods (KEY=VALUE, repeatable); worker NetworkPolicies
+    /// admit only pods with these labels from the Lease's namespace.
+    #[arg(long = "operator-pod-label", value_name = "KEY=VALUE", value_parser = parse_label,
+          default_values = ["app.kubernetes.io/name=kubeswarm", "app.kubernetes.io/component=operator"])]
+    operator_labels: Vec<(String, String)>,
+    #[command(flatten)]
+    tenancy: Tenancy,
+    /// The ClusterRole that, bound in a namespace with a RoleBinding, lets the
+    /// operator read the API keys of that namespace's external pools.
+    #[arg(long, default_value = "kubeswarm-api-keys", value_name = "NAME")]
+    api_key_role: String,
+    /// The secret each pool's worker token is derived from (at least 32 characters;
+    /// the chart keeps one in a Secret). Workers answer only requests with their token.
+    #[arg(long, env = "KUBESWARM_WORKER_KEY", hide_env_values = true, value_parser = parse_worker_key)]
+    worker_key: String,
+    /// A namespace whose SwarmJob results go in Secrets rather than ConfigMaps, out of
+    /// sight of the `view` role (repeatable). The answer then appears in no status,
+    /// condition or Event.
+    #[arg(long = "secret-results", value_name = "NAMESPACE", value_parser = parse_namespace)]
+    secret_results: Vec<String>,
+    /// The ClusterRole that, bound in a namespace with a RoleBinding, lets the
+    /// operator keep that namespace's results in Secrets.
+    #[arg(long, default_value = "kubeswarm-results", value_name = "NAME")]
+    results_role: String,
+    /// The most bytes of an external endpoint's model list the probe reads; past it
+    /// the pool is not Available and says why.
+    #[arg(long, default_value_t = kubeswarm::swarm::MAX_MODELS_BYTES, value_name = "BYTES")]
+    max_models_bytes: usize,
+    /// The most bytes of one completion response read from any endpoint; past it the
+    /// call fails and says why, so that no endpoint can exhaust the operator's memory.
+    #[arg(long, default_value_t = kubeswarm::swarm::MAX_RESPONSE_BYTES, value_name = "BYTES")]
+    max_response_bytes: usize,
 }
 
 /// What tenants' pools may ask for (the chart's `tenancy` values). With none of these
@@ -258,35 +262,38 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Operator {
-            metrics_addr,
-            worker_image,
-            leader_election_namespace,
-            identity,
-            operator_labels,
-            tenancy,
-            api_key_role,
-            worker_key,
-            secret_results,
-            results_role,
-            max_models_bytes,
-            max_response_bytes,
-        } => operator(kubeswarm::controllers::Args {
-            metrics_addr,
-            worker_image,
-            leader_election_namespace,
-            identity: identity.unwrap_or_else(|| format!("kubeswarm-{}", std::process::id())),
-            operator_labels: operator_labels.into_iter().collect(),
-            tenancy: tenancy.into(),
-            api_key_role,
-            worker_key,
-            results: Results {
-                secret_namespaces: secret_results.into_iter().collect(),
-                role: results_role,
-            },
-            models_limit: max_models_bytes,
-            response_limit: max_response_bytes,
-        }),
+        Command::Operator(flags) => {
+            let OperatorFlags {
+                metrics_addr,
+                worker_image,
+                leader_election_namespace,
+                identity,
+                operator_labels,
+                tenancy,
+                api_key_role,
+                worker_key,
+                secret_results,
+                results_role,
+                max_models_bytes,
+                max_response_bytes,
+            } = *flags;
+            operator(kubeswarm::controllers::Args {
+                metrics_addr,
+                worker_image,
+                leader_election_namespace,
+                identity: identity.unwrap_or_else(|| format!("kubeswarm-{}", std::process::id())),
+                operator_labels: operator_labels.into_iter().collect(),
+                tenancy: tenancy.into(),
+                api_key_role,
+                worker_key,
+                results: Results {
+                    secret_namespaces: secret_results.into_iter().collect(),
+                    role: results_role,
+                },
+                models_limit: max_models_bytes,
+                response_limit: max_response_bytes,
+            })
+        }
         Command::Crdgen { out } => crdgen(&out),
         Command::FetchModel { model } => fetch_model(model),
         Command::Run {

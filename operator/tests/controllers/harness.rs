@@ -42,6 +42,11 @@ impl Step {
 pub(crate) const NS: &str = "team-a";
 pub(crate) const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/team-a/events";
 
+/// The API server's answer to a request RBAC does not allow, for `what` ("secrets \"x\"").
+pub(crate) fn forbidden(what: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": format!("{what} is forbidden")})
+}
+
 pub(crate) fn not_found() -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
 }

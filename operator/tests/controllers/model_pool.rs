@@ -18,7 +18,7 @@ use kubeswarm::tenancy::{self, External, Policy};
 use serde_json::{Value, json};
 
 use crate::harness::{
-    Check, NS, Step, condition, event, list, not_found, recorder, says, serve, step,
+    Check, NS, Step, condition, event, forbidden, list, not_found, recorder, says, serve, step,
 };
 
 const SVC: &str = "/api/v1/namespaces/team-a/services/gemma-workers";
@@ -1018,53 +1018,32 @@ async fn an_external_pools_api_key_is_read_from_its_secret_and_never_shown() {
 
     // A Secret its owner did not mark as an endpoint's key (a database password a tenant
     // who cannot read Secrets names, to have it sent to a server of its own) is never
-    // sent: the pool waits for the label, and the endpoint sees no request.
+    // sent: the pool waits for the label, and the endpoint sees no request. Without the
+    // RoleBinding the read is forbidden: the pool says which one it needs.
     secret["metadata"]["labels"] = json!({});
-    scenario(
-        keyed.clone(),
-        vec![
+    for (read, says_why) in [
+        (
             step(Method::GET, KEY, 200, secret),
-            step(Method::PATCH, STATUS, 200, stored()).check(|body| {
-                says(
-                    body,
-                    "Available",
-                    (
-                        "False",
-                        "ApiKeyUnavailable",
-                        "Secret vllm-key is not labelled kubeswarm.dev/api-key=true, so the operator sends none of its keys anywhere: if it holds this endpoint's key, label it (kubectl label secret vllm-key -n team-a kubeswarm.dev/api-key=true)",
-                    ),
-                );
-                assert!(!body.to_string().contains("sk-live"));
-            }),
-            event("NoQueue"),
-            event("ApiKeyUnavailable"),
-            event("ApiKeyUnavailable"),
-        ],
-    )
-    .await;
-
-    // Without the RoleBinding the read is forbidden: the pool says which one it needs.
-    let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "secrets \"vllm-key\" is forbidden"});
-    scenario(
-        keyed,
-        vec![
-            step(Method::GET, KEY, 403, forbidden),
-            step(Method::PATCH, STATUS, 200, stored()).check(|body| {
-                says(
-                    body,
-                    "Available",
-                    (
-                        "False",
-                        "ApiKeyUnavailable",
-                        "the operator may not read Secret vllm-key in namespace team-a: grant it with a RoleBinding in team-a to the ClusterRole kubeswarm-api-keys",
-                    ),
-                );
-                assert!(!body.to_string().contains("sk-live"));
-            }),
-            event("NoQueue"),
-            event("ApiKeyUnavailable"),
-            event("ApiKeyUnavailable"),
-        ],
-    )
-    .await;
+            "Secret vllm-key is not labelled kubeswarm.dev/api-key=true, so the operator sends none of its keys anywhere: if it holds this endpoint's key, label it (kubectl label secret vllm-key -n team-a kubeswarm.dev/api-key=true)",
+        ),
+        (
+            step(Method::GET, KEY, 403, forbidden("secrets \"vllm-key\"")),
+            "the operator may not read Secret vllm-key in namespace team-a: grant it with a RoleBinding in team-a to the ClusterRole kubeswarm-api-keys",
+        ),
+    ] {
+        scenario(
+            keyed.clone(),
+            vec![
+                read,
+                step(Method::PATCH, STATUS, 200, stored()).check(move |body| {
+                    says(body, "Available", ("False", "ApiKeyUnavailable", says_why));
+                    assert!(!body.to_string().contains("sk-live"));
+                }),
+                event("NoQueue"),
+                event("ApiKeyUnavailable"),
+                event("ApiKeyUnavailable"),
+            ],
+        )
+        .await;
+    }
 }

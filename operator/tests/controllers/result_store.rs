@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use http::Method;
 use kube::client::Body;
 use kubeswarm::api::{SwarmJob, SwarmJobSpec};
-use kubeswarm::controllers::swarm_job::store::{ResultStore, Results};
+use kubeswarm::controllers::swarm_job::store::{Kind, ResultStore, Results};
 use kubeswarm::swarm::record::Store;
 use serde_json::{Value, json};
 
-use crate::harness::{NS, not_found, serve, step};
+use crate::harness::{NS, forbidden, not_found, serve, step};
 
 const CM: &str = "/api/v1/namespaces/team-a/configmaps";
 const SECRETS: &str = "/api/v1/namespaces/team-a/secrets";
@@ -141,20 +141,26 @@ async fn checkpoints_create_the_owned_configmap_then_merge_into_it() {
     server.await.unwrap();
 }
 
+/// A store whose first request, `method` on its object, the API server forbids.
+fn refusing(results: &Results, method: Method) -> (ResultStore, tokio::task::JoinHandle<()>) {
+    let (service, handle) = tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
+    let store = ResultStore::new(kube::Client::new(service, NS), &job(), results);
+    let (path, what) = match store.kind() {
+        Kind::ConfigMap => (CM, "configmaps"),
+        Kind::Secret => (SECRETS, "secrets"),
+    };
+    let refusal = step(
+        method,
+        &format!("{path}/gallery-result"),
+        403,
+        forbidden(&format!("{what} \"gallery-result\"")),
+    );
+    (store, tokio::spawn(serve(handle, vec![refusal])))
+}
+
 #[tokio::test]
 async fn a_refused_write_is_an_error_that_names_the_configmap() {
-    let (service, handle) = tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
-    let store = ResultStore::new(kube::Client::new(service, NS), &job(), &Results::default());
-    let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "configmaps \"gallery-result\" is forbidden"});
-    let server = tokio::spawn(serve(
-        handle,
-        vec![step(
-            Method::PATCH,
-            &format!("{CM}/gallery-result"),
-            403,
-            forbidden,
-        )],
-    ));
+    let (store, server) = refusing(&Results::default(), Method::PATCH);
     let err = store
         .save(vec![("answer".to_owned(), "x".to_owned())])
         .await
@@ -249,18 +255,7 @@ async fn in_a_secret_namespace_the_records_go_in_an_owned_secret_base64_encoded(
 
 #[tokio::test]
 async fn a_secret_the_operator_may_not_write_names_the_rolebinding_to_add() {
-    let (service, handle) = tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
-    let store = ResultStore::new(kube::Client::new(service, NS), &job(), &in_secrets());
-    let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "secrets \"gallery-result\" is forbidden"});
-    let server = tokio::spawn(serve(
-        handle,
-        vec![step(
-            Method::GET,
-            &format!("{SECRETS}/gallery-result"),
-            403,
-            forbidden,
-        )],
-    ));
+    let (store, server) = refusing(&in_secrets(), Method::GET);
     let said = kubeswarm::telemetry::chain(&store.load().await.unwrap_err());
     assert_eq!(
         said,

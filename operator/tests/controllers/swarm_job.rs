@@ -18,7 +18,9 @@ use kubeswarm::swarm::Options;
 use kubeswarm::tenancy::{self, External, Policy};
 use serde_json::{Value, json};
 
-use crate::harness::{NS, condition, event, list, not_found, recorder, says, serve, step};
+use crate::harness::{
+    NS, condition, event, forbidden, list, not_found, recorder, says, serve, step,
+};
 use kubeswarm_test_support::mock::{Mock, Reply, part, text};
 
 const POOLS: &str = "/apis/kubeswarm.dev/v1alpha1/namespaces/team-a/modelpools";
@@ -438,7 +440,7 @@ async fn a_missing_pool_makes_the_job_wait_with_a_reason_not_fail() {
 
 #[tokio::test]
 async fn a_job_whose_results_go_in_secrets_waits_for_the_rolebinding_and_calls_nothing() {
-    let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "secrets \"review-result\" is forbidden"});
+    let forbidden = forbidden("secrets \"review-result\"");
     let steps = vec![
         step(
             Method::GET,

@@ -244,6 +244,51 @@ async fn bad_requests_get_openai_errors_and_the_worker_keeps_serving() {
 }
 
 #[tokio::test]
+async fn a_client_that_hangs_up_stops_its_decoding_and_the_worker_keeps_serving() {
+    // One sequence at a time, so the next request waits for the engine to be done with
+    // the abandoned one: soon if it was cancelled, after all its tokens if not.
+    let worker = Worker::ready(&["--max-seqs=1"]).await;
+    let long = || chat_request("Count from 1 to 100000, separated by spaces.", 400);
+    let started = Instant::now();
+    let (status, whole) = answer(worker.post_json(long())).await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    assert_eq!(
+        whole["choices"][0]["finish_reason"], "length",
+        "it runs to its limit"
+    );
+    let whole_time = started.elapsed();
+
+    for _ in 0..2 {
+        // A whole (non-streamed) response, abandoned once it is decoding.
+        let call = tokio::spawn(answer(
+            client()
+                .post(format!("{}/v1/chat/completions", worker.base))
+                .json(&long()),
+        ));
+        let deadline = Instant::now() + support::PATIENCE;
+        while worker.metric("kubeswarm_worker_running_sequences").await < 1.0 {
+            assert!(Instant::now() < deadline, "the request never started");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(whole_time / 10).await;
+        call.abort();
+        let _ = call.await;
+
+        let asked = Instant::now();
+        let (status, body) = answer(worker.post_json(chat_request("Say hi.", 8))).await;
+        let waited = asked.elapsed();
+        // Before the fix the abandoned answer's send failed the engine's step and the
+        // engine thread panicked: this was a 500, and so was every request after it.
+        assert_eq!(status, StatusCode::OK, "{body}");
+        // Not cancelled, it would wait out about nine tenths of a whole run.
+        assert!(
+            waited < whole_time / 3,
+            "the next request waited {waited:?}: the abandoned one decoded on (a whole one takes {whole_time:?})"
+        );
+    }
+}
+
+#[tokio::test]
 async fn sigterm_lets_requests_in_flight_finish_and_refuses_new_ones() {
     let mut worker = Worker::ready(&["--drain-timeout=120s"]).await;
     let mut calls = tokio::task::JoinSet::new();

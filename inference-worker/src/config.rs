@@ -75,6 +75,21 @@ pub struct Config {
     #[arg(long, env = "WORKER_MAX_PROMPT_TOKENS", default_value_t = 8192)]
     pub max_prompt_tokens: usize,
 
+    /// Requests that may wait for a free sequence beyond --max-seqs; more are answered
+    /// 503 with `Retry-After`, so a flood is refused at once rather than queued for ever
+    /// (the operator then tries another replica).
+    #[arg(long, env = "WORKER_MAX_WAITING", default_value_t = 256)]
+    pub max_waiting: usize,
+
+    /// Connections open at once; more wait in the listen backlog until one closes.
+    #[arg(long, env = "WORKER_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
+
+    /// How long a client may take to send a request's headers (on a new connection, or
+    /// between the requests of a kept-alive one) before the connection is closed.
+    #[arg(long, env = "WORKER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
     /// Largest `n` (choices per request) a request may ask for.
     #[arg(long, env = "WORKER_MAX_N", default_value_t = 4)]
     pub max_n: usize,

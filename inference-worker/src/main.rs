@@ -6,7 +6,6 @@ use std::sync::Arc;
 use clap::Parser;
 use mistralrs_core::{AutoDeviceMapParams, ModelDType, ModelSelected, TokenSource};
 use mistralrs_server_core::mistralrs_for_server_builder::MistralRsForServerBuilder;
-use std::future::IntoFuture;
 use tokio::signal::unix::{SignalKind, signal};
 
 use tracing::{info, warn};
@@ -15,6 +14,7 @@ mod config;
 mod metrics;
 mod preflight;
 mod requant;
+mod serve;
 mod server;
 
 use config::{Config, CpuRequantize, ModelFormat};
@@ -180,6 +180,7 @@ async fn run(config: Config, model: Model) -> anyhow::Result<()> {
         max_tokens_cap: config.max_tokens_cap,
         max_prompt_tokens: config.max_prompt_tokens,
         max_n: config.max_n,
+        max_in_flight: config.max_seqs as usize + config.max_waiting,
     };
     let app = Arc::new(server::AppState::new(
         config.served_model_name.clone(),
@@ -263,9 +264,16 @@ async fn run(config: Config, model: Model) -> anyhow::Result<()> {
         drain_app.start_draining();
         drain_notify.notify_one();
     };
-    let server =
-        axum::serve(listener, server::router(app.clone())).with_graceful_shutdown(shutdown);
-    let mut serving = tokio::spawn(server.into_future());
+    let guards = serve::Guards {
+        max_connections: config.max_connections as usize,
+        header_timeout: config.header_timeout,
+    };
+    let mut serving = tokio::spawn(serve::serve(
+        listener,
+        server::router(app.clone()),
+        guards,
+        shutdown,
+    ));
 
     // A model that fails to load ends the worker; one that loads waits for the signal.
     let load_failure = async {
@@ -278,11 +286,11 @@ async fn run(config: Config, model: Model) -> anyhow::Result<()> {
     tokio::select! {
         failure = load_failure => return Err(failure),
         () = drain_started.notified() => {}
-        served = &mut serving => return Ok(served??),
+        served = &mut serving => return Ok(served?),
     }
     // Axum stops accepting and waits for open requests; give them the drain timeout.
     match tokio::time::timeout(drain_timeout, serving).await {
-        Ok(served) => served??,
+        Ok(served) => served?,
         Err(_) => warn!(
             in_flight = app.in_flight(),
             "drain timeout passed with requests in flight"

@@ -35,7 +35,15 @@ pub struct Limits {
     pub max_tokens_cap: usize,
     pub max_prompt_tokens: usize,
     pub max_n: usize,
+    /// Requests running and waiting together; more are refused with 503.
+    pub max_in_flight: usize,
 }
+
+/// Bytes of request that any one prompt token can account for (JSON escapes included,
+/// with room to spare): a body longer than this many per allowed token holds a prompt
+/// over the limit, and is refused without being tokenized. Tokenizing runs under the
+/// engine's lock, so one huge prompt would stall every sequence decoding.
+const BYTES_PER_TOKEN_BOUND: usize = 128;
 
 pub struct AppState {
     served_model_name: String,
@@ -156,6 +164,7 @@ impl Refusal {
     }
 
     fn unavailable(message: &str) -> Self {
+        // Retry-After goes with every 503 (IntoResponse).
         Self {
             status: StatusCode::SERVICE_UNAVAILABLE,
             param: None,
@@ -175,7 +184,13 @@ impl IntoResponse for Refusal {
         let body = json!({"error": {
             "message": self.message, "type": kind, "param": self.param, "code": self.code,
         }});
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
@@ -304,6 +319,24 @@ async fn serve_chat(app: &Arc<AppState>, body: Bytes) -> Response {
         return Refusal::unavailable("the model is still loading; retry when /ready answers 200")
             .into_response();
     };
+    if app.in_flight() >= app.limits.max_in_flight as i64 {
+        return Refusal::unavailable(
+            "this worker's queue is full; retry on another replica or after Retry-After",
+        )
+        .into_response();
+    }
+    if body.len() > app.limits.max_prompt_tokens * BYTES_PER_TOKEN_BOUND {
+        return Refusal::invalid(
+            "messages",
+            "context_length_exceeded",
+            format!(
+                "the request is {} bytes, more than any prompt within this worker's limit of {} tokens",
+                body.len(),
+                app.limits.max_prompt_tokens
+            ),
+        )
+        .into_response();
+    }
     let mut request = match admit(&body, &app.served_model_name, &app.limits) {
         Ok(request) => request,
         Err(refusal) => return refusal.into_response(),
@@ -455,6 +488,7 @@ mod tests {
         max_tokens_cap: 512,
         max_prompt_tokens: 100,
         max_n: 2,
+        max_in_flight: 8,
     };
 
     fn admit_json(body: Value) -> Result<ChatCompletionRequest, Refusal> {

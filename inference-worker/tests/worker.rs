@@ -207,6 +207,14 @@ async fn bad_requests_get_openai_errors_and_the_worker_keeps_serving() {
             "context_length_exceeded",
         ),
         (
+            // 8 KiB and one byte, more than 64 tokens' worth: refused before the tokenizer
+            // (which holds the engine's lock) sees it.
+            "a body longer than any prompt within the limit",
+            worker.post_json(chat_request(&"x".repeat(64 * 128), 8)),
+            StatusCode::BAD_REQUEST,
+            "context_length_exceeded",
+        ),
+        (
             "max_tokens over the cap",
             worker.post_json(chat_request("Hi", 129)),
             StatusCode::BAD_REQUEST,
@@ -286,6 +294,70 @@ async fn a_client_that_hangs_up_stops_its_decoding_and_the_worker_keeps_serving(
             "the next request waited {waited:?}: the abandoned one decoded on (a whole one takes {whole_time:?})"
         );
     }
+}
+
+#[tokio::test]
+async fn idle_and_slow_connections_are_closed_and_never_crowd_out_a_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let worker = Worker::ready(&["--header-timeout=2s"]).await;
+    let addr = worker.base.trim_start_matches("http://").to_owned();
+    // 250 connections that say nothing, and 250 that send half a request's headers.
+    let mut held = Vec::new();
+    for i in 0..500 {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        if i % 2 == 1 {
+            stream
+                .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: w\r\n")
+                .await
+                .unwrap();
+        }
+        held.push(stream);
+    }
+    let response = worker.chat(&chat_request("Say hi.", 8)).await;
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "served beside 500 held connections"
+    );
+    // The header deadline closes every one of them: each read ends.
+    for (i, stream) in held.iter_mut().enumerate() {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(support::PATIENCE, stream.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "connection {i} is still open");
+    }
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_with_retry_after() {
+    let worker = Worker::ready(&["--max-seqs=1", "--max-waiting=1"]).await;
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let request = worker.post_json(chat_request(
+            "Count from 1 to 500, separated by spaces.",
+            200,
+        ));
+        calls.spawn(answer(request));
+    }
+    let deadline = Instant::now() + support::PATIENCE;
+    while worker.metric("kubeswarm_worker_waiting_sequences").await < 1.0 {
+        assert!(Instant::now() < deadline, "the two requests never started");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let response = worker.chat(&chat_request("Say hi.", 8)).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "server_error", "{body}");
+    while let Some(call) = calls.join_next().await {
+        let (status, body) = call.unwrap();
+        assert_eq!(status, StatusCode::OK, "the queued ones are served: {body}");
+    }
+    let response = worker.chat(&chat_request("Say hi.", 8)).await;
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "room again once they are done"
+    );
 }
 
 #[tokio::test]

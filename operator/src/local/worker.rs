@@ -95,6 +95,8 @@ impl Worker {
             .arg("--model-path")
             .arg(model)
             .args(["--served-model-name", served, "--listen", "127.0.0.1:0"])
+            // As a pool's workers do: any maxTokens the job may ask for is served.
+            .arg(format!("--max-tokens-cap={}", crate::api::MAX_CALL_TOKENS))
             .env(crate::pool_contract::TOKEN_ENV, &token)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

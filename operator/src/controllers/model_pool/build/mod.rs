@@ -19,7 +19,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use thiserror::Error;
 
-use crate::api::{ModelFormat, ModelPool, ModelSource};
+use crate::api::{MAX_CALL_TOKENS, ModelFormat, ModelPool, ModelSource};
 use crate::controllers::children::{self, with_hash};
 use crate::kueue::{
     Placement, Workload, WorkloadPodSets, WorkloadPriorityClassSource, WorkloadSpec,
@@ -127,6 +127,10 @@ fn worker_args(pool: &ModelPool, source: &ModelSource, model_path: &str) -> Vec<
         format!("--listen=0.0.0.0:{WORKER_PORT}"),
         format!("--max-seqs={}", engine.max_concurrent_sequences),
         format!("--prefix-cache-sequences={}", engine.prefix_cache_sequences),
+        // The worker refuses a call whose max_tokens is over its cap (4096 unless told),
+        // and a job may ask for up to the CRDs' bound: the two agree, or every call of a
+        // job with a larger maxTokens fails.
+        format!("--max-tokens-cap={MAX_CALL_TOKENS}"),
     ];
     if let Some(format) = source.format {
         args.push(format!(

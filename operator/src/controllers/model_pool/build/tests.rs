@@ -68,6 +68,7 @@ fn a_worker_pod_asks_for_its_gpus_and_loads_from_the_claim_read_only() {
             "--listen=0.0.0.0:8000",
             "--max-seqs=16",
             "--prefix-cache-sequences=16",
+            "--max-tokens-cap=32768",
             "--kv-cache-memory-percent=80",
             "--max-prompt-tokens=32768",
         ]

@@ -341,6 +341,9 @@ async fn serve_chat(app: &Arc<AppState>, body: Bytes) -> Response {
         Ok(request) => request,
         Err(refusal) => return refusal.into_response(),
     };
+    // Counted from here, so requests waiting for the tokenizer (which goes through the
+    // engine) count against --max-waiting too.
+    let in_flight = app.metrics.enter();
     let counted = match prompt_tokens(&engine, &request).await {
         Ok(tokens) => check_prompt_length(tokens, &app.limits),
         Err(e) => Err(Refusal::invalid(
@@ -355,7 +358,6 @@ async fn serve_chat(app: &Arc<AppState>, body: Bytes) -> Response {
     // The engine serves one model; its server core routes `default` to it.
     request.model = "default".to_owned();
 
-    let in_flight = app.metrics.enter();
     let arrived = Instant::now();
     let (tx, mut rx) = create_response_channel(None);
     let (engine_request, streaming) = match parse_request(request, engine.clone(), tx).await {

@@ -7,6 +7,8 @@
 
 mod model_pool;
 mod swarm_job;
+mod swarm_job_status;
 
 pub use model_pool::*;
 pub use swarm_job::*;
+pub use swarm_job_status::*;

@@ -13,9 +13,10 @@ use tracing::info;
 
 use super::pools::{self, Endpoints, Waiting};
 use super::progress::{self, Progress, State};
+use super::report::Ending;
 use super::runs::{self, Ended, Running};
 use super::status::{self, Admission};
-use super::{Ending, Error, PREVIEW_BYTES, Reconciler, store};
+use super::{Error, PREVIEW_BYTES, Reconciler, store};
 use crate::api::SwarmJobStatus;
 use crate::controllers::api_keys;
 use crate::swarm::pool::{Pool, Server};

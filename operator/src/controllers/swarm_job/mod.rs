@@ -2,9 +2,9 @@
 //! runs the swarm engine as one task per job (on the leader only, as the whole operator
 //! is), and reports each phase as a condition.
 //!
-//! The engine checkpoints into the job's result ConfigMap (`store`) before it reports a
-//! subagent, and a reconcile writes only what the engine has reported (`progress`), so
-//! the status never counts work that a restarted operator would do again. A job whose
+//! The engine checkpoints into the job's result object (`store`: a ConfigMap, or a
+//! Secret) before it reports a subagent, and a reconcile writes only what the engine has
+//! reported (`progress`, written back by `report`), so the status never counts work that a restarted operator would do again. A job whose
 //! engine is running carries a finalizer: deleting the job cancels its calls in flight
 //! before the job goes. Finished jobs drop it, and their pools.
 
@@ -12,6 +12,7 @@ pub mod build;
 mod engine;
 pub(crate) mod pools;
 pub(crate) mod progress;
+mod report;
 pub(crate) mod runs;
 pub(crate) mod status;
 pub mod store;
@@ -21,25 +22,20 @@ use std::time::Duration;
 
 use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use thiserror::Error;
 use tracing::{Instrument, info, warn};
 
 use self::progress::State;
 use self::runs::Running;
 use self::status::Admission;
-use crate::api::{ModelPool, ResultReference, SwarmJob, SwarmJobStatus};
-use crate::conditions::{self, Desired};
-use crate::controllers::children::{
-    ApiError, api_error, apply_if_changed, apply_status, create, delete,
-};
+use crate::api::{ModelPool, SwarmJob, SwarmJobStatus};
+use crate::controllers::children::{ApiError, api_error, apply_if_changed, create, delete};
 use crate::controllers::{Backoff, key};
 use crate::metrics::Metrics;
 use crate::pool_contract::{self, POOL_LABEL};
@@ -154,13 +150,6 @@ pub fn finished(status: Option<&SwarmJobStatus>) -> bool {
             (c.type_ == status::COMPLETE || c.type_ == status::FAILED) && c.status == "True"
         })
     })
-}
-
-/// How a job ended: its outcome, when, and the start of its answer for the status.
-struct Ending<'o> {
-    outcome: &'o Result<swarm::record::JobResult, swarm::Failure>,
-    at: Timestamp,
-    preview: Option<String>,
 }
 
 /// Where a job stands, as one reconcile sees it; each has one method of the reconciler.
@@ -453,112 +442,6 @@ impl<'a> Reconciler<'a> {
             info!(pool = %name, "released a job-scoped pool");
         }
         Ok(())
-    }
-
-    /// Adds or removes the finalizer; a merge patch conditional on the resourceVersion
-    /// this reconcile last saw (its own status write moves it), so a concurrent change to
-    /// the list is not overwritten.
-    async fn set_finalizer(&self, present: bool) -> Result<(), Error> {
-        let current = self.job.finalizers();
-        if current.iter().any(|f| f == FINALIZER) == present {
-            return Ok(());
-        }
-        let mut next: Vec<&str> = current
-            .iter()
-            .map(String::as_str)
-            .filter(|f| *f != FINALIZER)
-            .collect();
-        if present {
-            next.push(FINALIZER);
-        }
-        let name = self.job.name_any();
-        let patch = json!({
-            "metadata": {"finalizers": next, "resourceVersion": self.resource_version()},
-        });
-        match self
-            .api::<SwarmJob>()
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(job) => {
-                self.wrote(&job);
-                Ok(())
-            }
-            // Gone already: nothing is left to hold.
-            Err(kube::Error::Api(status)) if status.code == 404 && !present => Ok(()),
-            Err(err) => Err(api_error("patch finalizers of", "SwarmJob", name)(err).into()),
-        }
-    }
-
-    /// Writes the status when it differs from the stored one, with an Event per condition
-    /// transition. `end` is how the job ended, once it has.
-    async fn update_status(
-        &self,
-        old: &SwarmJobStatus,
-        admission: Admission<'_>,
-        state: &State,
-        start: Option<Timestamp>,
-        end: Option<&Ending<'_>>,
-    ) -> Result<SwarmJobStatus, Error> {
-        let generation = self.job.metadata.generation;
-        let kept_in = self.ctx.results.kind(&self.namespace);
-        let started = start.is_some() || old.start_time.is_some();
-        let mut desired: Vec<Desired> = vec![status::admitted(admission)];
-        desired.extend(status::phases(
-            &self.job.spec,
-            started,
-            state,
-            end.map(|e| e.outcome),
-            kept_in,
-        ));
-        let conditions = conditions::merge(&old.conditions, &desired, generation, Timestamp::now());
-        let new = SwarmJobStatus {
-            conditions,
-            observed_generation: generation,
-            start_time: start.map(Time).or_else(|| old.start_time.clone()),
-            completion_time: end.map(|e| Time(e.at)),
-            finished_subagents: state.finished() as i32,
-            subagents: state.subagents.values().cloned().collect(),
-            usage: state.usage_status(),
-            result: match end {
-                Some(Ending {
-                    outcome: Ok(result),
-                    preview,
-                    ..
-                }) => Some(match kept_in {
-                    store::Kind::ConfigMap => ResultReference {
-                        config_map_name: Some(store::result_name(self.job)),
-                        secret_name: None,
-                        preview: preview.clone(),
-                        tally: result.tally.clone(),
-                    },
-                    store::Kind::Secret => ResultReference {
-                        config_map_name: None,
-                        secret_name: Some(store::result_name(self.job)),
-                        preview: None,
-                        tally: None,
-                    },
-                }),
-                _ => None,
-            },
-        };
-        // merge keeps transition times when nothing changed, so an unchanged status
-        // compares equal and is not written.
-        if *old == new {
-            return Ok(new);
-        }
-        let stored = apply_status(&self.api::<SwarmJob>(), &self.job.name_any(), &new).await?;
-        self.wrote(&stored);
-        let reference = self.job.object_ref(&());
-        conditions::announce(
-            &self.ctx.recorder,
-            &reference,
-            &old.conditions,
-            &new.conditions,
-            &desired,
-        )
-        .await;
-        Ok(new)
     }
 }
 

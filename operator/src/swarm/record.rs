@@ -157,6 +157,10 @@ pub enum StoreError {
         "{place} belongs to another job ({owner}); it goes when that job's dependents are collected"
     )]
     Foreign { place: String, owner: String },
+    /// The place the records go refused them as too large (the API server's 422 or 413):
+    /// writing them again cannot succeed.
+    #[error("{place} refused the records as too large: {message}")]
+    TooLarge { place: String, message: String },
     /// The place the records go is closed to the operator until someone grants it.
     #[error("the operator may not write {place}: {fix}")]
     Refused { place: String, fix: String },

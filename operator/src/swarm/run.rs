@@ -12,7 +12,7 @@ use super::call::{self, Budget, Caller, Ledger, Policy};
 use super::checks::{self, Check};
 use super::failure::{Fail, Failure, Interrupted, Reason};
 use super::pool::Pool;
-use super::record::{self, JobResult, Stage, Store, SubagentRecord};
+use super::record::{self, JobResult, Stage, Store, StoreError, SubagentRecord};
 use super::{Event, Job, Observer};
 use crate::api::{OutputCheckType, SwarmJobSpec};
 use crate::telemetry;
@@ -205,7 +205,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                 return Err(Failure::new(
                     Reason::ResultTooLarge,
                     format!(
-                        "{key} ({} bytes) would take the job's result to {total} bytes, over the {limit} a ConfigMap holds: lower spec.fanOut.maxTokens or spec.fanOut.subagents",
+                        "{key} ({} bytes) would take the job's result to {total} bytes, over the {limit} a ConfigMap or Secret holds: lower spec.fanOut.maxTokens or spec.fanOut.subagents",
                         value.len()
                     ),
                 )
@@ -217,6 +217,15 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
         loop {
             match self.job.store.save(entries.clone()).await {
                 Ok(()) => break,
+                Err(StoreError::TooLarge { place, message }) => {
+                    return Err(Failure::new(
+                        Reason::ResultTooLarge,
+                        format!(
+                            "{place} refused the job's records as too large ({message}): lower spec.fanOut.maxTokens or spec.fanOut.subagents"
+                        ),
+                    )
+                    .into());
+                }
                 Err(err) if attempt < STORE_ATTEMPTS => {
                     tracing::warn!(error = %telemetry::chain(&err), attempt, "the job's records could not be written; trying again");
                     let options = &self.job.options;

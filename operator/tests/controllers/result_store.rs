@@ -7,7 +7,7 @@ use http::Method;
 use kube::client::Body;
 use kubeswarm::api::{SwarmJob, SwarmJobSpec};
 use kubeswarm::controllers::swarm_job::store::{Kind, ResultStore, Results};
-use kubeswarm::swarm::record::Store;
+use kubeswarm::swarm::record::{Store, StoreError};
 use serde_json::{Value, json};
 
 use crate::harness::{NS, forbidden, not_found, serve, step};
@@ -141,26 +141,33 @@ async fn checkpoints_create_the_owned_configmap_then_merge_into_it() {
     server.await.unwrap();
 }
 
-/// A store whose first request, `method` on its object, the API server forbids.
-fn refusing(results: &Results, method: Method) -> (ResultStore, tokio::task::JoinHandle<()>) {
+/// A store whose first request, `method` on its object, the API server refuses with
+/// `code`: 403 (RBAC) or 422 (over the object's size limit).
+fn refusing(
+    results: &Results,
+    method: Method,
+    code: u16,
+) -> (ResultStore, tokio::task::JoinHandle<()>) {
     let (service, handle) = tower_test::mock::pair::<http::Request<Body>, http::Response<Body>>();
     let store = ResultStore::new(kube::Client::new(service, NS), &job(), results);
     let (path, what) = match store.kind() {
         Kind::ConfigMap => (CM, "configmaps"),
         Kind::Secret => (SECRETS, "secrets"),
     };
-    let refusal = step(
-        method,
-        &format!("{path}/gallery-result"),
-        403,
-        forbidden(&format!("{what} \"gallery-result\"")),
-    );
+    let reply = match code {
+        403 => forbidden(&format!("{what} \"gallery-result\"")),
+        _ => {
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": code,
+                    "message": "ConfigMap \"gallery-result\" is invalid: []: Too long: must have at most 1048576 bytes"})
+        }
+    };
+    let refusal = step(method, &format!("{path}/gallery-result"), code, reply);
     (store, tokio::spawn(serve(handle, vec![refusal])))
 }
 
 #[tokio::test]
 async fn a_refused_write_is_an_error_that_names_the_configmap() {
-    let (store, server) = refusing(&Results::default(), Method::PATCH);
+    let (store, server) = refusing(&Results::default(), Method::PATCH, 403);
     let err = store
         .save(vec![("answer".to_owned(), "x".to_owned())])
         .await
@@ -169,6 +176,21 @@ async fn a_refused_write_is_an_error_that_names_the_configmap() {
     assert!(
         said.starts_with("writing ConfigMap gallery-result: "),
         "{said}"
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn records_over_the_size_limit_are_refused_as_too_large_not_as_a_failure_to_retry() {
+    let (store, server) = refusing(&Results::default(), Method::PATCH, 422);
+    let err = store
+        .save(vec![("answer".to_owned(), "x".to_owned())])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::TooLarge { place, message }
+            if place == "ConfigMap gallery-result" && message.contains("Too long")),
+        "{err:?}"
     );
     server.await.unwrap();
 }
@@ -255,7 +277,7 @@ async fn in_a_secret_namespace_the_records_go_in_an_owned_secret_base64_encoded(
 
 #[tokio::test]
 async fn a_secret_the_operator_may_not_write_names_the_rolebinding_to_add() {
-    let (store, server) = refusing(&in_secrets(), Method::GET);
+    let (store, server) = refusing(&in_secrets(), Method::GET, 403);
     let said = kubeswarm::telemetry::chain(&store.load().await.unwrap_err());
     assert_eq!(
         said,

@@ -128,7 +128,9 @@ async fn a_result_too_large_for_a_configmap_is_refused_not_truncated() {
     let failure = outcome.result.unwrap_err();
     assert_eq!(failure.reason, Reason::ResultTooLarge);
     assert!(
-        failure.message.contains("over the 10000 a ConfigMap holds"),
+        failure
+            .message
+            .contains("over the 10000 a ConfigMap or Secret holds"),
         "{}",
         failure.message
     );
@@ -279,4 +281,52 @@ async fn a_store_that_stays_down_interrupts_the_run_after_five_attempts() {
         said.contains("writing ConfigMap job-result: connection reset by peer"),
         "{said}"
     );
+}
+
+/// A store the API server refuses as too large, as it answers a ConfigMap past 1 MiB with
+/// a 422.
+#[derive(Default)]
+struct Full {
+    saves: std::sync::atomic::AtomicUsize,
+}
+
+impl Store for Full {
+    async fn load(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        Ok(BTreeMap::new())
+    }
+
+    async fn save(&self, _: Vec<(String, String)>) -> Result<(), StoreError> {
+        self.saves.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err(StoreError::TooLarge {
+            place: "ConfigMap job-result".to_owned(),
+            message: "Too long: must have at most 1048576 bytes".to_owned(),
+        })
+    }
+}
+
+#[tokio::test]
+async fn records_refused_as_too_large_fail_the_job_without_a_retry() {
+    let workers = Mock::start("m", |body, _| text(part(body))).await;
+    let store = Full::default();
+    let job = spec(&collected().replace("subagents: 4", "subagents: 4, maxConcurrency: 1"));
+    let outcome = run_job(
+        &job,
+        &pools(&[("workers", vec![workers.url.clone()])]),
+        &store,
+    )
+    .await;
+    let failure = outcome.result.expect_err("the job fails");
+    assert_eq!(failure.reason, Reason::ResultTooLarge, "{failure:?}");
+    assert!(
+        failure
+            .message
+            .contains("Too long: must have at most 1048576 bytes")
+            && failure.message.contains("lower spec.fanOut.maxTokens"),
+        "{}",
+        failure.message
+    );
+    // Each subagent's record is tried once, not five times, and none is called again:
+    // a refusal for size is never retried into a loop.
+    assert_eq!(store.saves.load(std::sync::atomic::Ordering::SeqCst), 4);
+    assert_eq!(workers.count(), 4);
 }

@@ -149,6 +149,14 @@ impl ResultStore {
     /// refusal that names the RoleBinding to add, since only a person can fix it.
     fn failed(&self, action: &'static str, err: kube::Error) -> StoreError {
         match err {
+            // Over the object's size limit (422), or the request's (413): the engine's own
+            // accounting missed it, and a retry would only be refused again.
+            kube::Error::Api(status) if status.code == 422 || status.code == 413 => {
+                StoreError::TooLarge {
+                    place: self.place(),
+                    message: status.message,
+                }
+            }
             kube::Error::Api(status) if status.code == 403 && self.kind == Kind::Secret => {
                 StoreError::Refused {
                     place: self.place(),

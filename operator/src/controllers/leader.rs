@@ -1,13 +1,21 @@
 //! Leader election on a `coordination.k8s.io` Lease, so that of several operator replicas
 //! exactly one reconciles. Every write carries the Lease's resourceVersion: two replicas
 //! that race for an expired Lease cannot both win.
+//!
+//! A holder's claim is judged on this replica's own clock, as client-go does: it runs out
+//! once the Lease's record has not changed for its duration since this replica saw it
+//! change. Comparing the holder's `renewTime` with this node's clock would let a node
+//! whose clock runs ahead take the Lease from a live leader.
 
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use std::sync::Mutex;
+
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, PostParams};
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 /// How long a leader's claim lasts without renewal; it renews at a third of that.
@@ -19,23 +27,40 @@ pub struct Elector {
     identity: String,
     /// How long a claim lasts without renewal.
     duration: Duration,
+    /// The Lease's record as last read, and when this replica saw it change.
+    seen: Mutex<Option<(Record, Instant)>>,
 }
 
-/// What a Lease, read at `now`, allows `identity` to do.
-fn may_hold(lease: &Lease, identity: &str, now: Timestamp) -> bool {
+/// What changes each time a holder renews or another takes over.
+#[derive(Clone, Debug, PartialEq)]
+struct Record {
+    holder: String,
+    renewed: Option<MicroTime>,
+    transitions: Option<i32>,
+}
+
+impl Record {
+    fn of(spec: &LeaseSpec) -> Self {
+        Self {
+            holder: spec.holder_identity.clone().unwrap_or_default(),
+            renewed: spec.renew_time.clone(),
+            transitions: spec.lease_transitions,
+        }
+    }
+}
+
+/// What a Lease allows `identity` to do, its record unchanged for `unchanged` on this
+/// replica's clock.
+fn may_hold(lease: &Lease, identity: &str, unchanged: Duration) -> bool {
     let Some(spec) = &lease.spec else { return true };
     let holder = spec.holder_identity.as_deref().unwrap_or("");
     if holder.is_empty() || holder == identity {
         return true;
     }
-    let duration = i64::from(
-        spec.lease_duration_seconds
-            .unwrap_or(LEASE_DURATION.as_secs() as i32),
-    );
-    match &spec.renew_time {
-        Some(MicroTime(renewed)) => *renewed + SignedDuration::from_secs(duration) < now,
-        None => true,
-    }
+    let duration = spec
+        .lease_duration_seconds
+        .map_or(LEASE_DURATION, |s| Duration::from_secs(s.max(1) as u64));
+    unchanged > duration
 }
 
 impl Elector {
@@ -45,6 +70,21 @@ impl Elector {
             name: name.to_owned(),
             identity,
             duration: LEASE_DURATION,
+            seen: Mutex::new(None),
+        }
+    }
+
+    /// How long the record read in `lease` has been unchanged, as this replica saw it.
+    fn unchanged(&self, lease: &Lease) -> Duration {
+        let record = Record::of(&lease.spec.clone().unwrap_or_default());
+        let now = Instant::now();
+        let mut seen = self.seen.lock().expect("lease record lock");
+        match &*seen {
+            Some((last, since)) if *last == record => now.duration_since(*since),
+            _ => {
+                *seen = Some((record, now));
+                Duration::ZERO
+            }
         }
     }
 
@@ -73,7 +113,7 @@ impl Elector {
                 Err(err) => Err(err),
             };
         };
-        if !may_hold(&lease, &self.identity, now) {
+        if !may_hold(&lease, &self.identity, self.unchanged(&lease)) {
             return Ok(false);
         }
         let previous = lease.spec.clone().unwrap_or_default();
@@ -181,27 +221,27 @@ pub enum Lost {
 mod tests {
     use super::*;
 
-    fn lease(holder: &str, renewed: i64) -> Lease {
+    fn lease(holder: &str) -> Lease {
         Lease {
             metadata: ObjectMeta::default(),
             spec: Some(LeaseSpec {
                 holder_identity: Some(holder.to_owned()),
                 lease_duration_seconds: Some(15),
-                renew_time: Some(MicroTime(Timestamp::from_second(renewed).unwrap())),
+                renew_time: Some(MicroTime(Timestamp::from_second(1_000).unwrap())),
                 ..LeaseSpec::default()
             }),
         }
     }
 
     #[test]
-    fn a_lease_is_taken_only_from_a_holder_that_stopped_renewing() {
-        let now = Timestamp::from_second(1_000).unwrap();
-        assert!(may_hold(&lease("me", 999), "me", now), "our own lease");
+    fn a_lease_is_taken_only_from_a_holder_whose_record_stopped_changing() {
+        let secs = Duration::from_secs;
+        assert!(may_hold(&lease("me"), "me", secs(0)), "our own lease");
         assert!(
-            !may_hold(&lease("other", 990), "me", now),
-            "renewed 10 s ago, lasts 15 s"
+            !may_hold(&lease("other"), "me", secs(10)),
+            "unchanged for 10 s, lasts 15 s"
         );
-        assert!(may_hold(&lease("other", 980), "me", now), "expired 5 s ago");
-        assert!(may_hold(&lease("", 999), "me", now), "released");
+        assert!(may_hold(&lease("other"), "me", secs(16)), "ran out 1 s ago");
+        assert!(may_hold(&lease(""), "me", secs(0)), "released");
     }
 }

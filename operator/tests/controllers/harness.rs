@@ -139,7 +139,7 @@ fn chart_allows(method: &Method, path: &str) -> bool {
 /// Answers the steps in order, then fails on any further request.
 pub(crate) async fn serve(mut handle: Handle, steps: Vec<Step>) {
     for (n, step) in steps.into_iter().enumerate() {
-        let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        let (request, send) = tokio::time::timeout(Duration::from_secs(30), handle.next_request())
             .await
             .unwrap_or_else(|_| {
                 panic!(

@@ -21,24 +21,18 @@ fn elector(service: tower_test::mock::Mock<Request<Body>, Response<Body>>) -> El
     )
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_lease_is_claimed_renewed_and_never_taken_from_a_live_leader() {
-    let held_by = |holder: &str, renewed: String| {
+    let held_by = |holder: &str, renewed: &str| {
         json!({
             "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
             "metadata": {"name": "kubeswarm-operator", "namespace": "kubeswarm-system", "resourceVersion": "5"},
             "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "renewTime": renewed, "leaseTransitions": 0}
         })
     };
-    let now = k8s_openapi::jiff::Timestamp::now();
-    let fresh = held_by("replica-b", format!("{:.6}", now));
-    let stale = held_by(
-        "replica-b",
-        format!(
-            "{:.6}",
-            now - k8s_openapi::jiff::SignedDuration::from_secs(60)
-        ),
-    );
+    // replica-b's clock is an hour behind this one: every renewTime it writes is an hour
+    // old by this clock, and must not read as a claim that ran out.
+    let behind = ["2026-11-30T09:00:00.000000Z", "2026-11-30T09:00:05.000000Z"];
     let steps = vec![
         // No Lease yet: replica-a creates it and leads.
         step(Method::GET, LEASE, 404, not_found()),
@@ -46,10 +40,12 @@ async fn the_lease_is_claimed_renewed_and_never_taken_from_a_live_leader() {
             assert_eq!(body["spec"]["holderIdentity"], "replica-a");
             assert_eq!(body["spec"]["leaseDurationSeconds"], 15);
         }),
-        // replica-b renewed just now: nothing is written.
-        step(Method::GET, LEASE, 200, fresh),
-        // replica-b stopped renewing a minute ago: taken over, conditionally.
-        step(Method::GET, LEASE, 200, stale),
+        // replica-b holds it and renews every 5 s: nothing is written.
+        step(Method::GET, LEASE, 200, held_by("replica-b", behind[0])),
+        step(Method::GET, LEASE, 200, held_by("replica-b", behind[1])),
+        // Then it stops: the same record, 10 s and then 16 s after this replica saw it.
+        step(Method::GET, LEASE, 200, held_by("replica-b", behind[1])),
+        step(Method::GET, LEASE, 200, held_by("replica-b", behind[1])),
         step(Method::PUT, LEASE, 200, json!({})).check(|body| {
             assert_eq!(
                 body["metadata"]["resourceVersion"], "5",
@@ -59,18 +55,7 @@ async fn the_lease_is_claimed_renewed_and_never_taken_from_a_live_leader() {
             assert_eq!(body["spec"]["leaseTransitions"], 1);
         }),
         // Another replica won the race for the stale Lease: a conflict is not leadership.
-        step(
-            Method::GET,
-            LEASE,
-            200,
-            held_by(
-                "replica-b",
-                format!(
-                    "{:.6}",
-                    now - k8s_openapi::jiff::SignedDuration::from_secs(60)
-                ),
-            ),
-        ),
+        step(Method::GET, LEASE, 200, held_by("replica-b", behind[1])),
         step(
             Method::PUT,
             LEASE,
@@ -81,11 +66,23 @@ async fn the_lease_is_claimed_renewed_and_never_taken_from_a_live_leader() {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let elector = elector(service);
     let server = tokio::spawn(serve(handle, steps));
+    let wait = |s| tokio::time::advance(std::time::Duration::from_secs(s));
     assert!(elector.try_hold().await.unwrap(), "created");
     assert!(!elector.try_hold().await.unwrap(), "held by a live leader");
+    wait(5).await;
+    assert!(
+        !elector.try_hold().await.unwrap(),
+        "renewed, whatever its clock says"
+    );
+    wait(10).await;
+    assert!(
+        !elector.try_hold().await.unwrap(),
+        "unchanged for 10 s of 15"
+    );
+    wait(6).await;
     assert!(
         elector.try_hold().await.unwrap(),
-        "taken from a stale leader"
+        "unchanged for 16 s: taken over"
     );
     assert!(!elector.try_hold().await.unwrap(), "lost the race");
     server.await.unwrap();

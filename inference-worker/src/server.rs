@@ -580,4 +580,123 @@ mod tests {
             .into_response();
         assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     }
+
+    /// A small deterministic generator (xorshift64), so a failure names its seed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        /// A JSON value of the kinds a hostile client sends: wrong types, extremes, deep
+        /// nesting, odd text.
+        fn value(&mut self, depth: usize) -> Value {
+            match self.below(if depth > 3 { 8 } else { 10 }) {
+                0 => Value::Null,
+                1 => json!(self.below(2) == 1),
+                2 => json!(-1),
+                3 => json!(u64::MAX),
+                4 => json!(1e308),
+                5 => json!(self.below(10)),
+                6 => json!("smol"),
+                7 => json!("\u{0}\u{feff}\u{10ffff}<|im_end|>"),
+                8 => Value::Array((0..self.below(4)).map(|_| self.value(depth + 1)).collect()),
+                _ => {
+                    let keys = [
+                        "role",
+                        "content",
+                        "type",
+                        "text",
+                        "n",
+                        "max_tokens",
+                        "model",
+                    ];
+                    let mut object = serde_json::Map::new();
+                    for _ in 0..self.below(4) {
+                        object.insert(
+                            keys[self.below(keys.len())].to_owned(),
+                            self.value(depth + 1),
+                        );
+                    }
+                    Value::Object(object)
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_bodies_are_admitted_within_the_limits_or_refused_never_a_panic() {
+        let fields = [
+            "model",
+            "messages",
+            "max_tokens",
+            "max_completion_tokens",
+            "n",
+            "temperature",
+            "stream",
+            "grammar",
+            "response_format",
+            "tools",
+            "stop",
+            "logit_bias",
+        ];
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let (mut admitted, mut refused) = (0, 0);
+        for round in 0..20_000 {
+            let mut body = chat(json!({"max_tokens": 8}));
+            for _ in 0..=rng.below(3) {
+                let field = fields[rng.below(fields.len())];
+                body[field] = rng.value(0);
+            }
+            let mut bytes = body.to_string().into_bytes();
+            // Some bodies are also cut short or have a byte changed, as a broken client's.
+            match rng.below(4) {
+                0 => bytes.truncate(rng.below(bytes.len() + 1)),
+                1 => {
+                    let at = rng.below(bytes.len());
+                    bytes[at] = rng.next() as u8;
+                }
+                _ => {}
+            }
+            match admit(&bytes, "smol", &LIMITS) {
+                Ok(request) => {
+                    admitted += 1;
+                    assert_eq!(request.model, "smol", "round {round}");
+                    assert!(
+                        request
+                            .max_tokens
+                            .is_some_and(|t| t <= LIMITS.max_tokens_cap),
+                        "round {round}: max_tokens {:?}",
+                        request.max_tokens
+                    );
+                    assert!(
+                        (1..=LIMITS.max_n).contains(&request.n_choices),
+                        "round {round}: n {}",
+                        request.n_choices
+                    );
+                }
+                Err(refusal) => {
+                    refused += 1;
+                    assert!(
+                        refusal.status.is_client_error(),
+                        "round {round}: {refusal:?}"
+                    );
+                    assert!(!refusal.message.is_empty(), "round {round}");
+                }
+            }
+        }
+        // Both sides are exercised, or the generator tests nothing.
+        assert!(
+            admitted > 500 && refused > 5_000,
+            "{admitted} admitted, {refused} refused"
+        );
+    }
 }

@@ -300,3 +300,110 @@ fn a_hub_source_waits_for_an_edit_with_the_fix_in_the_message() {
     let err = worker_template(&pool, &settings()).unwrap_err();
     assert!(err.to_string().contains("pvc://claim/path"), "{err}");
 }
+
+/// Specs a tenant could write, mutated field by field: every one that deserializes goes
+/// through the tenancy check and every builder without a panic, and a spec the policy
+/// accepts builds pods that keep the worker's guarantees.
+#[test]
+fn arbitrary_specs_build_or_are_refused_never_a_panic() {
+    use serde_json::{Value, json};
+    let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    let palette = |k: usize| -> Value {
+        [
+            Value::Null,
+            json!(-1),
+            json!(0),
+            json!(i64::MAX),
+            json!(""),
+            json!("file:///../../etc"),
+            json!("pvc://a/../../b.gguf"),
+            json!("hf://x/y"),
+            json!("gguf"),
+            json!(["../x.gguf", "", "a\u{0}b"]),
+            json!({"nvidia.com/gpu": "1"}),
+            json!([{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]),
+            json!("system-node-critical"),
+        ][k]
+            .clone()
+    };
+    let fields = [
+        "/model/source",
+        "/model/format",
+        "/model/files",
+        "/model/isq",
+        "/replicas",
+        "/resources/gpus",
+        "/resources/memory",
+        "/engine/maxConcurrentSequences",
+        "/engine/maxContextTokens",
+        "/priorityClassName",
+        "/queueName",
+        "/template/image",
+        "/template/nodeSelector",
+        "/template/tolerations",
+        "/template/env",
+    ];
+    let base: Value = serde_json::to_value(pool(GGUF_ON_PVC).spec).unwrap();
+    let (mut built, mut parsed) = (0, 0);
+    for round in 0..5_000 {
+        let mut spec = base.clone();
+        for _ in 0..=next(3) {
+            let field = fields[next(fields.len())];
+            if let Some(slot) = spec.pointer_mut(field) {
+                *slot = palette(next(13));
+            }
+        }
+        let Ok(spec) = serde_json::from_value::<ModelPoolSpec>(spec) else {
+            continue;
+        };
+        parsed += 1;
+        let mut pool = ModelPool::new("gemma", spec);
+        pool.metadata.namespace = Some("team-a".to_owned());
+        pool.metadata.uid = Some("0f4c-uid".to_owned());
+        let settings = Settings {
+            tenancy: crate::tenancy::Policy {
+                host_paths: vec!["/models".to_owned()],
+                priority_classes: vec!["high".to_owned()],
+                ..Default::default()
+            },
+            ..settings()
+        };
+        let denied = settings.tenancy.check(&pool.spec, &settings.worker_image);
+        let _ = service(&pool);
+        let _ = network_policy(&pool, &settings);
+        let Ok(template) = worker_template(&pool, &settings) else {
+            continue;
+        };
+        let pod = pod(&pool, &template, 0, &Placement::default());
+        let _ = workload(&pool, &template, 0, Some(1_000));
+        if denied.is_empty() {
+            built += 1;
+            let c = worker(&pod);
+            let security = c.security_context.as_ref().unwrap();
+            assert_eq!(
+                security.allow_privilege_escalation,
+                Some(false),
+                "round {round}"
+            );
+            for volume in pod.spec.as_ref().unwrap().volumes.iter().flatten() {
+                if let Some(host) = &volume.host_path {
+                    assert!(
+                        host.path.starts_with("/models") && !host.path.contains(".."),
+                        "round {round}: {}",
+                        host.path
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        parsed > 1_000 && built > 100,
+        "{parsed} parsed, {built} built"
+    );
+}

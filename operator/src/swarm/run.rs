@@ -150,21 +150,19 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
             .map_or(n, |c| c.max(1) as usize)
             .max(1);
         let subtasks = subtasks.as_deref();
-        let mut stops = Vec::new();
         let mut outcomes = futures::stream::iter(0..n)
             .map(|index| self.subagent(index, subtasks.map(|s| s[index].as_str()), &rules))
             .buffer_unordered(concurrency);
         while let Some(outcome) = outcomes.next().await {
             match outcome {
                 Ok(()) => {}
-                Err(Fail::Job(failure)) => stops.push(failure),
+                // The job has failed: no subagent is started after it, and dropping the
+                // stream cancels the calls in flight, which the workers stop decoding.
+                Err(Fail::Job(failure)) => return Ok(Err(failure)),
                 Err(Fail::Store(err)) => return Err(err),
             }
         }
         drop(outcomes);
-        if let Some(failure) = stops.into_iter().next() {
-            return Ok(Err(failure));
-        }
         self.job.observer.event(Event::Aggregating);
         match self.aggregate(&rules.extract).await {
             Ok(result) => Ok(Ok(result)),

@@ -325,8 +325,8 @@ async fn records_refused_as_too_large_fail_the_job_without_a_retry() {
         "{}",
         failure.message
     );
-    // Each subagent's record is tried once, not five times, and none is called again:
-    // a refusal for size is never retried into a loop.
-    assert_eq!(store.saves.load(std::sync::atomic::Ordering::SeqCst), 4);
-    assert_eq!(workers.count(), 4);
+    // Written once, not five times, and no subagent is called after it: a refusal for
+    // size is never retried into a loop, and a failed job stops its fan-out.
+    assert_eq!(store.saves.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(workers.count(), 1);
 }

@@ -167,17 +167,21 @@ impl From<Tenancy> for kubeswarm::tenancy::Policy {
     }
 }
 
-/// A namespace name (DNS-1123 label), so that a typo is refused at start rather than
-/// leave a namespace's results in ConfigMaps.
+/// A DNS-1123 label: what namespaces and pool names are.
+fn dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// A namespace name, so that a typo is refused at start rather than leave a namespace's
+/// results in ConfigMaps.
 fn parse_namespace(value: &str) -> Result<String, String> {
-    let label = value.len() <= 63
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !value.starts_with('-')
-        && !value.ends_with('-')
-        && !value.is_empty();
-    if label {
+    if dns_label(value) {
         Ok(value.to_owned())
     } else {
         Err(format!(
@@ -224,17 +228,8 @@ fn parse_pool(value: &str) -> Result<(String, String), String> {
 
 /// `POOL=FILE` when the part before `=` is a pool name, else a FILE for every pool.
 fn parse_model(value: &str) -> Result<(Option<String>, PathBuf), String> {
-    let pool_name = |name: &str| {
-        !name.is_empty()
-            && name.len() <= 63
-            && name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-            && !name.starts_with('-')
-            && !name.ends_with('-')
-    };
     let (pool, file) = match value.split_once('=') {
-        Some((pool, file)) if pool_name(pool) => (Some(pool.to_owned()), file),
+        Some((pool, file)) if dns_label(pool) => (Some(pool.to_owned()), file),
         _ => (None, value),
     };
     if file.is_empty() {

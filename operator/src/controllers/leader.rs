@@ -40,11 +40,13 @@ struct Record {
 }
 
 impl Record {
-    fn of(spec: &LeaseSpec) -> Self {
+    fn of(spec: Option<&LeaseSpec>) -> Self {
         Self {
-            holder: spec.holder_identity.clone().unwrap_or_default(),
-            renewed: spec.renew_time.clone(),
-            transitions: spec.lease_transitions,
+            holder: spec
+                .and_then(|s| s.holder_identity.clone())
+                .unwrap_or_default(),
+            renewed: spec.and_then(|s| s.renew_time.clone()),
+            transitions: spec.and_then(|s| s.lease_transitions),
         }
     }
 }
@@ -76,7 +78,7 @@ impl Elector {
 
     /// How long the record read in `lease` has been unchanged, as this replica saw it.
     fn unchanged(&self, lease: &Lease) -> Duration {
-        let record = Record::of(&lease.spec.clone().unwrap_or_default());
+        let record = Record::of(lease.spec.as_ref());
         let now = Instant::now();
         let mut seen = self.seen.lock().expect("lease record lock");
         match &*seen {

@@ -4,9 +4,10 @@
 //!
 //! The engine checkpoints into the job's result object (`store`: a ConfigMap, or a
 //! Secret) before it reports a subagent, and a reconcile writes only what the engine has
-//! reported (`progress`, written back by `report`), so the status never counts work that a restarted operator would do again. A job whose
-//! engine is running carries a finalizer: deleting the job cancels its calls in flight
-//! before the job goes. Finished jobs drop it, and their pools.
+//! reported (`progress`, written back by `report`), so the status never counts work that
+//! a restarted operator would do again. A job whose engine is running carries a
+//! finalizer: deleting the job cancels its calls in flight before the job goes. Finished
+//! jobs drop it, and their pools.
 
 pub mod build;
 mod engine;

@@ -51,6 +51,7 @@ async fn run_jobs(
             observer: &Quiet,
             started: Instant::now(),
             suspended,
+            sandbox: &kubeswarm::local::sandbox::Subprocess::default(),
             options: Options::default(),
         }
         .execute()

@@ -71,6 +71,15 @@ enum Command {
         /// Lower every call's token limit to at most N, for a quick run on a CPU.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=32768))]
         max_tokens: Option<i32>,
+        /// The Python 3 that `tests` checks run the outputs' code with (a virtualenv's,
+        /// for tests that need packages), in a sandbox with no network.
+        #[arg(
+            long,
+            env = "KUBESWARM_PYTHON",
+            default_value = "python3",
+            value_name = "FILE"
+        )]
+        python: PathBuf,
     },
 }
 
@@ -121,6 +130,16 @@ struct OperatorFlags {
     /// call fails and says why, so that no endpoint can exhaust the operator's memory.
     #[arg(long, default_value_t = kubeswarm::swarm::MAX_RESPONSE_BYTES, value_name = "BYTES")]
     max_response_bytes: usize,
+    /// The Python 3 image of the pods that run SwarmJobs' `tests` checks, an image the
+    /// platform allows. Unset, jobs with a `tests` check fail with TestsUnavailable.
+    #[arg(long, value_name = "IMAGE")]
+    tests_image: Option<String>,
+    /// CPU each test pod requests and is limited to.
+    #[arg(long, default_value = "1", value_name = "QUANTITY")]
+    tests_cpu: String,
+    /// Memory each test pod requests and is limited to.
+    #[arg(long, default_value = "512Mi", value_name = "QUANTITY")]
+    tests_memory: String,
 }
 
 /// What tenants' pools may ask for (the chart's `tenancy` values). With none of these
@@ -271,6 +290,9 @@ fn main() -> ExitCode {
                 results_role,
                 max_models_bytes,
                 max_response_bytes,
+                tests_image,
+                tests_cpu,
+                tests_memory,
             } = *flags;
             operator(kubeswarm::controllers::Args {
                 metrics_addr,
@@ -287,6 +309,11 @@ fn main() -> ExitCode {
                 },
                 models_limit: max_models_bytes,
                 response_limit: max_response_bytes,
+                tests: kubeswarm::controllers::swarm_job::sandbox::Settings {
+                    image: tests_image.filter(|image| !image.is_empty()),
+                    cpu: tests_cpu,
+                    memory: tests_memory,
+                },
             })
         }
         Command::Crdgen { out } => crdgen(&out),
@@ -299,6 +326,7 @@ fn main() -> ExitCode {
             out,
             resume,
             max_tokens,
+            python,
         } => run(kubeswarm::local::Args {
             manifest,
             external: pools,
@@ -307,6 +335,7 @@ fn main() -> ExitCode {
             out,
             resume,
             max_tokens,
+            python,
         }),
     };
     match result {

@@ -77,6 +77,7 @@ pub fn creation_cases() -> Vec<Case> {
     const AGGREGATION_TOKENS: &str = "spec.aggregation.maxTokens must be between 1 and 32768";
     const DEADLINE: &str = "spec.budget.deadlineSeconds must be between 1 and 604800";
     const PATTERN: &str = "spec.verification.checks[].pattern is required for type regex";
+    const TESTS: &str = "spec.verification.checks[].tests is required for type tests";
     let external = json!({"url": "http://vllm.example.com:8000/v1", "model": "qwen"});
     vec![
         // ModelPool
@@ -426,6 +427,30 @@ pub fn creation_cases() -> Vec<Case> {
             job,
             json!({"spec": {"verification": {"checks": [{"type": "svg", "pattern": "x"}]}}}),
             Some(PATTERN),
+        ),
+        case(
+            "tests as given",
+            job,
+            json!({"spec": {"verification": {"checks": [{"type": "tests", "tests": {"source": "assert f(1) == 2", "timeoutSeconds": 30}}]}}}),
+            None,
+        ),
+        case(
+            "tests without tests",
+            job,
+            json!({"spec": {"verification": {"checks": [{"type": "tests"}]}}}),
+            Some(TESTS),
+        ),
+        case(
+            "json with tests",
+            job,
+            json!({"spec": {"verification": {"checks": [{"type": "json", "tests": {"source": "pass"}}]}}}),
+            Some(TESTS),
+        ),
+        case(
+            "tests that may run for an hour",
+            job,
+            json!({"spec": {"verification": {"checks": [{"type": "tests", "tests": {"source": "pass", "timeoutSeconds": 3600}}]}}}),
+            Some("spec.verification.checks[].tests.timeoutSeconds must be between 1 and 300"),
         ),
         case(
             "score above 100",

@@ -260,12 +260,15 @@ pub enum VerificationMode {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(
     validation = Rule::new("(self.type == 'regex') == has(self.pattern)")
-        .message("spec.verification.checks[].pattern is required for type regex and allowed only there")
+        .message("spec.verification.checks[].pattern is required for type regex and allowed only there"),
+    validation = Rule::new("(self.type == 'tests') == has(self.tests)")
+        .message("spec.verification.checks[].tests is required for type tests and allowed only there")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct OutputCheck {
     /// `json`, `xml` and `svg`: the output (or its first fenced code block) must parse as
-    /// that format; `regex`: the output must match `pattern`.
+    /// that format; `regex`: the output must match `pattern`; `tests`: the output's code
+    /// must pass the job's `tests`, run in a sandbox.
     #[serde(rename = "type")]
     pub type_: OutputCheckType,
 
@@ -273,6 +276,40 @@ pub struct OutputCheck {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 1024))]
     pub pattern: Option<String>,
+
+    /// The tests the output's code must pass, for type `tests`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tests: Option<TestsCheck>,
+}
+
+/// Python 3 tests run against the code an output holds (its first fenced code block, or
+/// the whole output when it has none). The program run is `prelude`, the output's code,
+/// then `source`, as one file; the output passes when it exits with status 0 within
+/// `timeoutSeconds`. It runs in a sandbox with no network, never in the operator: locally
+/// a subprocess in namespaces of its own; in a cluster a Kubernetes Job in the job's
+/// namespace, from the image the platform allows.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TestsCheck {
+    /// Python run after the output's code, for example `assert add(2, 3) == 5`. A failed
+    /// assertion, an exception or a non-zero exit fails the output, and the end of what
+    /// the program printed becomes the output's issue (and its repair instruction).
+    #[schemars(length(min = 1, max = 32768))]
+    pub source: String,
+
+    /// Python run before the output's code, for example the imports its signature needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 8192))]
+    pub prelude: Option<String>,
+
+    /// Seconds one output's program may run, between 1 and 300. Defaults to `10`.
+    #[serde(default = "default_tests_timeout_seconds")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 300").message("spec.verification.checks[].tests.timeoutSeconds must be between 1 and 300"))]
+    pub timeout_seconds: i32,
+}
+
+fn default_tests_timeout_seconds() -> i32 {
+    10
 }
 
 /// Kinds of deterministic check.
@@ -287,6 +324,8 @@ pub enum OutputCheckType {
     Svg,
     /// Matches `pattern`.
     Regex,
+    /// Its code passes `tests`.
+    Tests,
 }
 
 /// How the outputs that passed verification become the result.

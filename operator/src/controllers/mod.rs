@@ -53,6 +53,8 @@ pub struct Args {
     pub models_limit: usize,
     /// The most of one completion response that is read.
     pub response_limit: usize,
+    /// What the pods of `tests` checks run, and their limits.
+    pub tests: swarm_job::sandbox::Settings,
 }
 
 #[derive(Debug, Error)]
@@ -186,6 +188,7 @@ async fn swarm_jobs(
         worker_key: args.worker_key.clone(),
         results: args.results.clone(),
         response_limit: args.response_limit,
+        tests: args.tests.clone(),
         worker_image,
         recorder,
         metrics,

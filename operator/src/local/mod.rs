@@ -7,6 +7,7 @@
 mod model;
 mod output;
 mod progress;
+pub mod sandbox;
 mod store;
 mod worker;
 
@@ -40,6 +41,8 @@ pub struct Args {
     /// Caps every subagent's `maxTokens` and the synthesis's `aggregation.maxTokens`, for a
     /// quick run on a small machine.
     pub max_tokens: Option<i32>,
+    /// The Python of `tests` checks.
+    pub python: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,6 +251,7 @@ pub async fn run(args: Args) -> Result<PathBuf, LocalError> {
         observer: &view,
         started,
         suspended,
+        sandbox: &sandbox::Subprocess::new(args.python.clone()),
         options: Options::default(),
     }
     .execute()

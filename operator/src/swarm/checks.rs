@@ -1,7 +1,10 @@
 //! Deterministic checks of an output, run before the gate model sees it.
 
+use std::time::Duration;
+
 use regex::Regex;
 
+use super::sandbox::Program;
 use crate::api::{OutputCheck, OutputCheckType};
 
 /// A check ready to run: regular expressions compiled once per job.
@@ -11,6 +14,12 @@ pub enum Check {
     Xml,
     Svg,
     Regex(Regex),
+    /// Runs in a sandbox, after every other check has passed: see `programs`.
+    Tests {
+        prelude: String,
+        source: String,
+        timeout: Duration,
+    },
 }
 
 /// Compiles the job's checks; a bad pattern names the check.
@@ -28,8 +37,54 @@ pub fn compile(checks: &[OutputCheck]) -> Result<Vec<Check>, String> {
                     format!("spec.verification.checks[{i}].pattern is not a valid regular expression: {err}")
                 })
             }
+            OutputCheckType::Tests => {
+                let tests = check.tests.as_ref().ok_or_else(|| {
+                    format!("spec.verification.checks[{i}].tests is required for type tests")
+                })?;
+                Ok(Check::Tests {
+                    prelude: tests.prelude.clone().unwrap_or_default(),
+                    source: tests.source.clone(),
+                    timeout: Duration::from_secs(tests.timeout_seconds.clamp(1, 300) as u64),
+                })
+            }
         })
         .collect()
+}
+
+/// The programs an output's `tests` checks run: the prelude, the output's code (its
+/// first fenced block, or all of it), the tests, then a marker line printed straight to
+/// the standard output, as one file.
+pub fn programs(checks: &[Check], output: &str) -> Vec<Program> {
+    checks
+        .iter()
+        .filter_map(|check| match check {
+            Check::Tests {
+                prelude,
+                source,
+                timeout,
+            } => {
+                let marker = format!("kubeswarm-tests-finished-{:016x}", rand::random::<u64>());
+                Some(Program {
+                    // Not `__main__`: a model's `if __name__ == "__main__":` block (input(),
+                    // sys.exit()) stays out of the way of the tests.
+                    source: format!(
+                        "__name__ = \"kubeswarm_tests\"\n{prelude}\n\n{}\n\n{source}\n\nimport os as _kubeswarm_os\n_kubeswarm_os.write(1, b\"\\n{marker}\\n\")\n",
+                        code(output)
+                    ),
+                    timeout: *timeout,
+                    marker,
+                })
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The code in an output: its first fenced block when it has one (models explain around
+/// their code), else the whole output.
+pub fn code(output: &str) -> &str {
+    let trimmed = output.trim();
+    fenced_block(trimmed).unwrap_or(trimmed)
 }
 
 /// Problems an output has, one line each; empty when it passes every check.
@@ -69,6 +124,7 @@ impl Check {
             }
             Check::Regex(regex) => (!regex.is_match(output))
                 .then(|| format!("the output does not match the pattern {}", regex.as_str())),
+            Check::Tests { .. } => None,
         }
     }
 }
@@ -114,6 +170,7 @@ mod tests {
         compile(&[OutputCheck {
             type_,
             pattern: pattern.map(str::to_owned),
+            tests: None,
         }])
         .unwrap()
     }
@@ -177,10 +234,12 @@ mod tests {
             OutputCheck {
                 type_: OutputCheckType::Json,
                 pattern: None,
+                tests: None,
             },
             OutputCheck {
                 type_: OutputCheckType::Regex,
                 pattern: Some("(".into()),
+                tests: None,
             },
         ])
         .unwrap_err();
@@ -190,5 +249,34 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_tests_check_wraps_the_outputs_code_and_no_other_check_runs_it() {
+        let checks = compile(&[OutputCheck {
+            type_: OutputCheckType::Tests,
+            pattern: None,
+            tests: Some(crate::api::TestsCheck {
+                source: "assert add(2, 3) == 5".into(),
+                prelude: Some("import math".into()),
+                timeout_seconds: 4,
+            }),
+        }])
+        .unwrap();
+        let output =
+            "Here:\n```python\ndef add(a, b):\n    return a + b\n```\nUse it as add(1, 2).";
+        assert!(run(&checks, output).is_empty());
+        let [program] = programs(&checks, output).try_into().unwrap();
+        assert_eq!(program.timeout, Duration::from_secs(4));
+        assert!(program.marker.starts_with("kubeswarm-tests-finished-"));
+        assert_eq!(
+            program.source,
+            format!(
+                "__name__ = \"kubeswarm_tests\"\nimport math\n\ndef add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\n\nimport os as _kubeswarm_os\n_kubeswarm_os.write(1, b\"\\n{}\\n\")\n",
+                program.marker
+            )
+        );
+        assert_eq!(code("  x = 1\n"), "x = 1");
+        assert!(programs(&check(OutputCheckType::Json, None), output).is_empty());
     }
 }

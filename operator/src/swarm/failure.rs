@@ -16,6 +16,7 @@ pub enum Reason {
     AggregationFailed,
     ResultTooLarge,
     ForeignRecords,
+    TestsUnavailable,
 }
 
 impl Reason {
@@ -30,6 +31,7 @@ impl Reason {
             Self::AggregationFailed => "AggregationFailed",
             Self::ResultTooLarge => "ResultTooLarge",
             Self::ForeignRecords => "ForeignRecords",
+            Self::TestsUnavailable => "TestsUnavailable",
         }
     }
 }

@@ -56,7 +56,7 @@ WS: /[ \t\r\n]{1,8}/
 /// The grammar under which every output passes `checks`' format, if there is one: for
 /// `svg` and `json`. An `xml` check allows any element names, which no grammar can pair
 /// with their closing tags, and a `regex` check searches the output rather than matching
-/// all of it; those are left to the checks.
+/// all of it; those are left to the checks, as is a `tests` check, which runs code.
 pub fn for_checks(checks: &[OutputCheck]) -> Option<Grammar> {
     let mut formats = checks
         .iter()
@@ -81,6 +81,7 @@ mod tests {
         OutputCheck {
             type_,
             pattern: (type_ == OutputCheckType::Regex).then(|| "x".to_owned()),
+            tests: None,
         }
     }
 

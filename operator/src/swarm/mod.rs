@@ -24,6 +24,7 @@ pub mod prompts;
 pub mod record;
 pub(crate) mod render;
 mod run;
+pub mod sandbox;
 mod subagent;
 mod verify;
 mod vote;
@@ -41,6 +42,7 @@ pub use failure::{Failure, Interrupted, Reason};
 use pool::Pool;
 use record::{Checkpoint, JobResult, MAX_RESULT_BYTES, Store, SubagentRecord};
 use run::Run;
+use sandbox::Sandbox;
 
 /// What a run ends with.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,6 +120,8 @@ pub struct Job<'a, S: Store, O: Observer> {
     pub started: Instant,
     /// `true` pauses the job between calls (`spec.suspend`).
     pub suspended: watch::Receiver<bool>,
+    /// Where `tests` checks run the outputs' code.
+    pub sandbox: &'a dyn Sandbox,
     pub options: Options,
 }
 

@@ -1,13 +1,15 @@
-//! The verify step: deterministic checks first, then the gate model's verdict.
+//! The verify step: deterministic checks first, then the job's tests in the sandbox, then
+//! the gate model's verdict.
 
 use tracing::Instrument;
 
 use super::answer::Extractor;
 use super::call::Prompt;
 use super::checks;
-use super::failure::{Fail, Failure};
+use super::failure::{Fail, Failure, Reason};
 use super::record::{Store, SubagentRecord, VerdictRecord};
 use super::run::{Rules, Run, STRUCTURED_ATTEMPTS};
+use super::sandbox::SandboxError;
 use super::{Observer, balance, prompts};
 use crate::api::{TruncatedOutputs, VerificationMode};
 
@@ -46,6 +48,35 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                     score: None,
                     issues: problems,
                 }));
+            }
+            // Code that passes the format checks is worth running; the gate then judges
+            // only code that works.
+            for program in checks::programs(&rules.checks, output) {
+                let timeout = program.timeout;
+                match self.job.sandbox.run(program).await {
+                    Ok(ran) => {
+                        if let Some(issue) = ran.issue(timeout) {
+                            return Ok(Judgement::verdict(VerdictRecord {
+                                pass: false,
+                                score: None,
+                                issues: vec![issue],
+                            }));
+                        }
+                    }
+                    Err(err @ SandboxError::Unavailable { .. }) => {
+                        return Err(Failure::new(
+                            Reason::TestsUnavailable,
+                            crate::telemetry::chain(&err),
+                        )
+                        .into());
+                    }
+                    Err(err) => {
+                        return Ok(Judgement::error(format!(
+                            "the tests could not be run: {}",
+                            crate::telemetry::chain(&err)
+                        )));
+                    }
+                }
             }
             let verification = &spec.verification;
             let gate = match (verification.mode, &verification.pool) {

@@ -229,6 +229,7 @@ fn secret_results_endpoint_limits_and_an_existing_worker_key_follow_the_values()
                 a.starts_with("--secret-results")
                     || a.starts_with("--results-role")
                     || a.starts_with("--max-")
+                    || a.starts_with("--tests-")
             })
             .collect()
     };
@@ -255,7 +256,9 @@ fn secret_results_endpoint_limits_and_an_existing_worker_key_follow_the_values()
         [
             "--results-role=ks-kubeswarm-results",
             "--max-models-bytes=1048576",
-            "--max-response-bytes=8388608"
+            "--max-response-bytes=8388608",
+            "--tests-cpu=1",
+            "--tests-memory=512Mi"
         ]
     );
     assert!(
@@ -275,19 +278,23 @@ fn secret_results_endpoint_limits_and_an_existing_worker_key_follow_the_values()
             "--results-role=ks-kubeswarm-results",
             "--max-models-bytes=1048576",
             "--max-response-bytes=16777216",
+            "--tests-image=registry.corp.example/python:3.12-slim",
+            "--tests-cpu=500m",
+            "--tests-memory=1Gi",
             "--secret-results=team-a",
             "--secret-results=team-b"
         ]
     );
     assert_eq!(bound(&all), ["team-a", "team-b"]);
-    // The ClusterRole grants what the store does with a Secret, and no list or watch.
+    // The ClusterRole grants what the store and the tests' batches do with a Secret, and
+    // no list or watch.
     let role = find(&all, "ClusterRole")
         .into_iter()
         .find(|r| r["metadata"]["name"] == "ks-kubeswarm-results")
         .unwrap();
     assert_eq!(
         role["rules"],
-        serde_json::json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "patch"]}])
+        serde_json::json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "patch", "delete"]}])
     );
     // A GitOps render never makes a key of its own when one is named.
     assert_eq!(key_secret(&all), "kubeswarm-worker-key-from-vault");
@@ -306,6 +313,8 @@ fn values_schema_refuses_typos_and_bad_values() {
         ("results.secretNamespaces={Team_A}", "secretNamespaces"),
         ("workerKey.existingSecret=Bad_Name", "existingSecret"),
         ("endpointLimits.responseBytes=10", "responseBytes"),
+        ("tests.resources.memory=lots", "memory"),
+        ("tests.imag=python:3", "imag"),
     ] {
         let out = Command::new(helm())
             .args(["template", "ks", "--kube-version", "1.33.0", "--set", set])

@@ -111,6 +111,11 @@ fn harness_keeping(steps: Vec<crate::harness::Step>, results: Results) -> Harnes
         worker_key: "a key of at least thirty-two characters".to_owned(),
         results,
         response_limit: kubeswarm::swarm::MAX_RESPONSE_BYTES,
+        tests: kubeswarm::controllers::swarm_job::sandbox::Settings {
+            image: None,
+            cpu: "1".into(),
+            memory: "512Mi".into(),
+        },
         recorder: recorder(client),
         metrics: Arc::new(Metrics::default()),
         backoff: Default::default(),

@@ -300,6 +300,7 @@ async fn a_suspended_job_starts_no_call_until_resumed() {
         observer: &log,
         started: Instant::now(),
         suspended,
+        sandbox: &kubeswarm::local::sandbox::Subprocess::default(),
         options: fast(),
     };
     let resume = async {

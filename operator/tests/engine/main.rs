@@ -110,6 +110,7 @@ async fn run_logged(
         observer: &log,
         started: Instant::now(),
         suspended,
+        sandbox: &kubeswarm::local::sandbox::Subprocess::default(),
         options,
     }
     .execute()

@@ -266,6 +266,7 @@ async fn a_store_that_stays_down_interrupts_the_run_after_five_attempts() {
         observer: &Log::default(),
         started: Instant::now(),
         suspended,
+        sandbox: &kubeswarm::local::sandbox::Subprocess::default(),
         options: fast(),
     }
     .execute()

@@ -96,3 +96,118 @@ async fn a_pass_needs_a_score_and_a_fail_says_why() {
     let outcome = run_job(&spec(&lenient), &pools, &Memory::default()).await;
     assert_eq!(outcome.result.unwrap().0.chosen, [0, 1, 3]);
 }
+
+const ADD: &str = r#"
+task: Write a Python function add(a, b) that returns the sum of a and b.
+subtasks: [first, second, third]
+fanOut: {pool: workers, subagents: 3, maxTokens: 128, timeoutSeconds: 5}
+verification:
+  mode: adversarial
+  pool: gate
+  repairRounds: 1
+  checks:
+  - type: tests
+    tests:
+      prelude: "import math"
+      source: |
+        assert add(2, 3) == 5, "add(2, 3) should be 5"
+        assert add(-1, 1) == 0
+      timeoutSeconds: 5
+aggregation: {strategy: collect}
+"#;
+
+#[tokio::test]
+async fn the_tests_run_the_outputs_code_and_a_failure_is_repaired_with_its_traceback() {
+    // The first subagent is right; the second is wrong, then right when it sees the
+    // traceback; the third leaves the tests no chance to run, twice.
+    let workers = Mock::start("m", |body, _| {
+        let repairing = body["messages"].as_array().unwrap().len() > 2;
+        let asked = body["messages"][0]["content"].as_str().unwrap().to_owned();
+        match (asked.as_str(), repairing) {
+            (s, _) if s.contains("first") => {
+                text("Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nEnjoy.")
+            }
+            (s, false) if s.contains("second") => text("def add(a, b):\n    return a - b"),
+            (s, true) if s.contains("second") => text("def add(a, b):\n    return b + a"),
+            _ => text("import sys\ndef add(a, b):\n    return 0\nsys.exit(0)"),
+        }
+    })
+    .await;
+    let gate = Mock::start("m", happy).await;
+    let outcome = run_job(
+        &spec(ADD),
+        &pools(&[
+            ("workers", vec![workers.url.clone()]),
+            ("gate", vec![gate.url.clone()]),
+        ]),
+        &Memory::default(),
+    )
+    .await;
+    let records = &outcome.checkpoint.subagents;
+    assert!(records[&0].passed() && !records[&0].repaired);
+    assert!(
+        records[&1].passed() && records[&1].repaired,
+        "{:?}",
+        records[&1]
+    );
+    let repair = workers
+        .requests()
+        .into_iter()
+        .find(|r| {
+            let messages = r["messages"].as_array().unwrap();
+            messages.len() > 2 && messages[0]["content"].as_str().unwrap().contains("second")
+        })
+        .unwrap();
+    assert!(
+        repair
+            .to_string()
+            .contains("AssertionError: add(2, 3) should be 5"),
+        "the repair quotes the failed assertion: {repair}"
+    );
+    let third = records[&2].verdict.as_ref().unwrap();
+    assert!(!third.pass);
+    assert!(
+        third.issues[0].contains("the program ended before the tests ran"),
+        "{third:?}"
+    );
+    // The gate judged only the code that passed its tests: two outputs.
+    assert_eq!(gate.count(), 2);
+    assert_eq!(outcome.result.unwrap().0.chosen, [0, 1]);
+}
+
+/// A sandbox that can run nothing (here no Python; elsewhere no namespaces, no image)
+/// fails the job with a reason of its own, not every output with a verdict it did not
+/// earn.
+#[tokio::test]
+async fn no_sandbox_fails_the_job_as_tests_unavailable() {
+    let workers = Mock::start("m", |_, _| text("def add(a, b):\n    return a + b")).await;
+    let gate = Mock::start("m", happy).await;
+    let pools = pools(&[
+        ("workers", vec![workers.url.clone()]),
+        ("gate", vec![gate.url.clone()]),
+    ]);
+    let (_tx, suspended) = watch::channel(false);
+    let outcome = Job {
+        name: "job",
+        spec: &spec(ADD),
+        pools: &pools,
+        store: &Memory::default(),
+        observer: &Log::default(),
+        started: Instant::now(),
+        suspended,
+        sandbox: &kubeswarm::local::sandbox::Subprocess::new("/nonexistent/python3".into()),
+        options: fast(),
+    }
+    .execute()
+    .await
+    .unwrap();
+    let failure = outcome.result.unwrap_err();
+    assert_eq!(failure.reason, Reason::TestsUnavailable);
+    assert!(
+        failure
+            .message
+            .contains("/nonexistent/python3 was not found"),
+        "{failure}"
+    );
+    assert_eq!(gate.count(), 0);
+}

@@ -16,7 +16,7 @@ use super::progress::{self, Progress, State};
 use super::report::Ending;
 use super::runs::{self, Ended, Running};
 use super::status::{self, Admission};
-use super::{Error, PREVIEW_BYTES, Reconciler, store};
+use super::{Error, PREVIEW_BYTES, Reconciler, sandbox, store};
 use crate::api::SwarmJobStatus;
 use crate::controllers::api_keys;
 use crate::swarm::pool::{Pool, Server};
@@ -125,6 +125,12 @@ impl Reconciler<'_> {
             let observer = progress.clone();
             let options = self.ctx.options;
             let started = runs::started_at(start);
+            let sandbox = sandbox::Pods::new(
+                self.ctx.client.clone(),
+                self.job,
+                self.ctx.results.kind(&self.namespace),
+                self.ctx.tests.clone(),
+            );
             async move {
                 Job {
                     name: &name,
@@ -134,6 +140,7 @@ impl Reconciler<'_> {
                     observer: observer.as_ref(),
                     started,
                     suspended,
+                    sandbox: &sandbox,
                     options,
                 }
                 .execute()

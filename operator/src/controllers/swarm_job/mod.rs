@@ -15,6 +15,7 @@ pub(crate) mod pools;
 pub(crate) mod progress;
 mod report;
 pub(crate) mod runs;
+pub mod sandbox;
 pub(crate) mod status;
 pub mod store;
 
@@ -97,6 +98,8 @@ pub struct Context {
     pub results: store::Results,
     /// The most of one completion response that is read.
     pub response_limit: usize,
+    /// What the pods of `tests` checks run, and their limits.
+    pub tests: sandbox::Settings,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub backoff: Backoff,

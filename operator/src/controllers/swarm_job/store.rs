@@ -43,7 +43,7 @@ impl Kind {
         self == Kind::ConfigMap
     }
 
-    fn resource(self) -> ApiResource {
+    pub(super) fn resource(self) -> ApiResource {
         match self {
             Kind::ConfigMap => ApiResource::erase::<ConfigMap>(&()),
             Kind::Secret => ApiResource::erase::<Secret>(&()),
@@ -51,7 +51,7 @@ impl Kind {
     }
 
     /// An entry as the object's `data` holds it: a Secret's values are base64.
-    fn encode(self, value: String) -> Value {
+    pub(super) fn encode(self, value: String) -> Value {
         match self {
             Kind::ConfigMap => Value::String(value),
             Kind::Secret => json!(ByteString(value.into_bytes())),

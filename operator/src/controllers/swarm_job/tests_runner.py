@@ -1,0 +1,81 @@
+"""Runs a batch of a SwarmJob's `tests` programs in a Kubernetes Job's pod, one Python
+process each, and writes what each did to the termination message, where the operator
+reads it. The operator mounts this file, the programs and batch.json at /kubeswarm.
+
+The pod is the sandbox (no network, no service account token, limits, a deadline); this
+script only keeps the programs apart from each other and within their time. Its one
+argument, for tests, is where the report goes instead of /dev/termination-log.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# The most a termination message may hold; the kubelet cuts the rest.
+MESSAGE_BYTES = 4096
+# The most of each printout kept, before the message's limit shares it out.
+TAIL_BYTES = 1100
+
+
+def run(entry):
+    with tempfile.TemporaryDirectory(dir="/tmp") as scratch:
+        printout = os.path.join(scratch, ".printout")
+        with open(printout, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-B", os.path.join(HERE, entry["file"])],
+                cwd=scratch,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": scratch, "LANG": "C.UTF-8"},
+            )
+            try:
+                code = proc.wait(timeout=entry["timeout"])
+                result = {"exit": code} if code >= 0 else {"signal": -code}
+            except subprocess.TimeoutExpired:
+                result = {"timedOut": True}
+            finally:
+                # Whatever the program started goes with it.
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                proc.wait()
+        size = os.path.getsize(printout)
+        with open(printout, "rb") as f:
+            f.seek(max(0, size - TAIL_BYTES))
+            result["printout"] = f.read()
+    return result
+
+
+def message(results):
+    """The results as JSON within MESSAGE_BYTES: each printout shortened from its start."""
+    share = max(64, (MESSAGE_BYTES - 64 * len(results)) // max(1, len(results)))
+    while True:
+        shown = []
+        for result in results:
+            entry = dict(result)
+            entry["printout"] = result["printout"][-share:].decode("utf-8", "replace")
+            shown.append(entry)
+        text = json.dumps(shown, separators=(",", ":"))
+        if len(text.encode()) <= MESSAGE_BYTES or share <= 8:
+            return text
+        share //= 2
+
+
+def main():
+    with open(os.path.join(HERE, "batch.json")) as f:
+        batch = json.load(f)
+    results = [run(entry) for entry in batch]
+    report = sys.argv[1] if len(sys.argv) > 1 else "/dev/termination-log"
+    with open(report, "w") as f:
+        f.write(message(results))
+
+
+if __name__ == "__main__":
+    main()

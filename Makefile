@@ -94,15 +94,28 @@ bench-rss: build ## Peak RSS of the caller when an endpoint answers with 1 GiB, 
 	python3 operator/benches/endpoint_rss.py --kubeswarm $(KUBESWARM)
 
 # Does the swarm help? A benchmark, not a test: every swarm arm runs through `kubeswarm run`
-# beside a direct call of the same model, on generated multi-step word problems. About 20
-# minutes on 2 cores at the defaults; EVAL_LIMIT problems, EVAL_N subagent counts.
+# beside a direct call of the same model, on generated multi-step word problems and on a
+# sample of HumanEval (selected by the docstring's examples as a `tests` check, graded by
+# HumanEval's held-back tests). About 20 + 20 minutes on 2 cores at the defaults;
+# EVAL_LIMIT / EVAL_CODE_LIMIT problems, EVAL_N / EVAL_CODE_N subagent counts, EVAL_SETS
+# which sets.
 EVAL_LIMIT ?= 10
 EVAL_N ?= 1,3
+EVAL_CODE_LIMIT ?= 20
+EVAL_CODE_N ?= 3
+EVAL_SETS ?= arithmetic humaneval
 .PHONY: eval
 eval: build ## Does the swarm help? Swarm arms against a direct call, Qwen2.5-Coder-0.5B (a benchmark)
-	"$$(hack/install-tool eval-python)" eval/arithmetic.py --kubeswarm $(KUBESWARM) --worker $(WORKER) \
-	  --model "$$($(KUBESWARM) fetch-model qwen2.5-coder-0.5b)" --limit $(EVAL_LIMIT) --n $(EVAL_N) \
-	  --out eval-out
+	py="$$(hack/install-tool eval-python)"; model="$$($(KUBESWARM) fetch-model qwen2.5-coder-0.5b)"; \
+	for set in $(EVAL_SETS); do \
+	  case $$set in \
+	    arithmetic) limit=$(EVAL_LIMIT); n=$(EVAL_N) ;; \
+	    humaneval) limit=$(EVAL_CODE_LIMIT); n=$(EVAL_CODE_N) ;; \
+	    *) echo "EVAL_SETS: no set $$set (arithmetic, humaneval)" >&2; exit 2 ;; \
+	  esac; \
+	  "$$py" eval/$$set.py --kubeswarm $(KUBESWARM) --worker $(WORKER) --model "$$model" \
+	    --limit $$limit --n $$n --out eval-out || exit; \
+	done
 
 # Only the e2e binary runs; cargo finds it with the same flags as `make test`, so nothing
 # is built twice. E2E_ARGS selects tests by name.

@@ -11,22 +11,14 @@ outputs and its own gate), never with the held-back answer.
 """
 
 import argparse
-import json
-import math
-import os
 import random
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from openai import OpenAI
+from common import Direct, kubeswarm_run, serving, summarize
 
-# The project's helpers for starting a server and waiting for it (hack/lib/serving.py).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack" / "lib"))
-from serving import free_port, wait_until_serving  # noqa: E402
 
 PROMPT = (
     "Solve the math word problem. Think step by step, then write the final answer on the "
@@ -105,38 +97,6 @@ def last_number(text):
     return int(value) if value == int(value) else value
 
 
-def wilson(correct, n):
-    """95% Wilson interval of a proportion, in points."""
-    if n == 0:
-        return (0.0, 0.0)
-    z, p = 1.96, correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, 100 * (centre - half)), min(100.0, 100 * (centre + half)))
-
-
-class Direct:
-    """One chat completion, as a user would call the model."""
-
-    def __init__(self, url, model):
-        self.client = OpenAI(base_url=url, api_key="none")
-        self.model = model
-
-    def ask(self, text, max_tokens, temperature=0.0):
-        started = time.monotonic()
-        reply = self.client.chat.completions.create(
-            model=self.model,
-            messages=[{"role": "user", "content": text}],
-            max_tokens=max_tokens,
-            temperature=temperature,
-        )
-        return {
-            "output": reply.choices[0].message.content,
-            "tokens": reply.usage.total_tokens,
-            "seconds": time.monotonic() - started,
-        }
-
-
 def swarm(kubeswarm, url, question, n, strategy, max_tokens, workdir):
     """One SwarmJob through `kubeswarm run`: its answer, every subagent's output, usage."""
     spec = {
@@ -156,40 +116,7 @@ def swarm(kubeswarm, url, question, n, strategy, max_tokens, workdir):
         spec["verification"] = {"mode": "adversarial", "pool": "gate", "repairRounds": 0}
     if strategy in ("vote", "weightedVote"):
         spec["aggregation"]["answer"] = {"type": "lastNumber"}
-    manifest = {
-        "apiVersion": "kubeswarm.dev/v1alpha1",
-        "kind": "SwarmJob",
-        "metadata": {"name": "eval"},
-        "spec": spec,
-    }
-    # JSON is YAML: kubeswarm run reads it as the manifest it is.
-    job = Path(workdir) / "job.yaml"
-    job.write_text(json.dumps(manifest, indent=1))
-    out = Path(workdir) / "out"
-    started = time.monotonic()
-    run = subprocess.run(
-        [kubeswarm, "run", str(job), "--out", str(out),
-         "--pool", f"worker={url}", "--pool", f"gate={url}"],
-        capture_output=True,
-        text=True,
-    )
-    seconds = time.monotonic() - started
-    folder = out / "eval"
-    usage = folder / "usage.json"
-    answer = folder / "answer.md"
-    outputs = [
-        json.loads(record.read_text()).get("output", "")
-        for record in sorted((folder / "subagents").glob("*.json"))
-    ]
-    return {
-        # answer.md ends with kubeswarm's own lines (the tally); the answer is above them.
-        "output": answer.read_text().split("\n\n> kubeswarm:")[0] if answer.exists() else "",
-        "outputs": outputs,
-        "tokens": json.loads(usage.read_text()).get("totalTokens", 0) if usage.exists() else 0,
-        "seconds": seconds,
-        "failed": run.returncode != 0,
-        "error": run.stderr.strip().splitlines()[-1] if run.returncode and run.stderr.strip() else "",
-    }
+    return kubeswarm_run(kubeswarm, url, spec, workdir)
 
 
 def main():
@@ -208,21 +135,8 @@ def main():
     counts = [int(n) for n in args.n.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/v1"
-    log = open(out / "worker.log", "w")
-    worker = subprocess.Popen(
-        [args.worker, "--model-path", args.model, "--served-model-name", "worker",
-         "--listen", f"127.0.0.1:{port}", "--max-seqs", str(max(counts))],
-        stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
-    )
-    try:
-        wait_until_serving(port, worker, "/ready")
+    with serving(args.worker, args.model, max(counts), out) as url:
         run_arms(args, counts, url, out)
-    finally:
-        worker.terminate()
-        worker.wait()
 
 
 def run_arms(args, counts, url, out):
@@ -267,59 +181,8 @@ def run_arms(args, counts, url, out):
             f"{arm} {sum(r['correct'] for r in rs)}/{len(rs)}" for arm, rs in arms.items()
         ), file=sys.stderr, flush=True)
 
-    rows = []
-    for arm, results in arms.items():
-        correct = sum(r["correct"] for r in results)
-        low, high = wilson(correct, len(results))
-        rows.append({
-            "arm": arm,
-            "n": results[0]["n"],
-            "family": results[0]["family"],
-            "accuracy": 100 * correct / len(results),
-            "low": low,
-            "high": high,
-            "tokens": sum(r["tokens"] for r in results) / len(results),
-            "seconds": sum(r["seconds"] for r in results) / len(results),
-            "failed": sum(r.get("failed", False) for r in results),
-        })
-    table = ["| arm | accuracy | 95% interval | tokens / problem | seconds / problem | failed runs |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        table.append(f"| {r['arm']} | {r['accuracy']:.0f}% | {r['low']:.0f}–{r['high']:.0f} | "
-                     f"{r['tokens']:.0f} | {r['seconds']:.1f} | {r['failed']} |")
-    text = "\n".join(table)
-    print(f"\n{args.limit} problems, seed {args.seed}, maxTokens {args.max_tokens}\n\n{text}")
-    (out / "arithmetic.md").write_text(text + "\n")
-    (out / "arithmetic.json").write_text(json.dumps({"rows": rows, "arms": arms}, indent=1))
-    plot(rows, out / "arithmetic.png")
-
-
-def plot(rows, path):
-    """Accuracy against N, one line per selection, with the baselines as levels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    lines = {}
-    for r in rows:
-        lines.setdefault(r["family"], []).append((r["n"], r["accuracy"]))
-    for name, points in lines.items():
-        points.sort()
-        xs, ys = zip(*points)
-        if name == "direct call":
-            ax.axhline(ys[0], linestyle="--", linewidth=1, label=name)
-        else:
-            ax.plot(xs, ys, marker="o", label=name)
-    ax.set_xticks(sorted({r["n"] for r in rows}))
-    ax.set_xlabel("subagents (N)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    summarize(arms, f"{args.limit} problems, seed {args.seed}, maxTokens {args.max_tokens}",
+              "arithmetic", out)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ mod columns;
 mod quota;
 mod swarm;
 mod tenancy;
+mod tests_check;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -37,6 +38,9 @@ const TESTS: &[(&str, Scenario)] = &[
     }),
     ("a_swarm_job_runs_to_completion", |b| {
         Box::pin(swarm::runs_to_completion(b))
+    }),
+    ("outputs_are_tested_in_job_pods", |b| {
+        Box::pin(tests_check::outputs_are_tested_in_job_pods(b))
     }),
     ("tenant_quotas_hold_back_the_second_pool", |b| {
         Box::pin(quota::second_tenant_waits(b))

@@ -1,15 +1,18 @@
 //! The sandbox of `tests` checks in local mode: `python3` in a process of its own, in
-//! fresh user, network and mount namespaces (no network at all, not even loopback to the
-//! workers; the user's home directory, where credentials live, hidden under an empty
-//! one), in a new session so a timeout kills whatever it started, with resource limits,
-//! an empty environment and a scratch directory that goes with it. What the program
-//! prints can reach a model (as the repair round's instruction), so what it may read
-//! matters as much as where it may connect.
+//! fresh user, network, mount and PID namespaces. No network at all (not even loopback to
+//! the workers, nor a Unix socket under /tmp or /run); the user's home directory, /tmp,
+//! /run and /dev/shm hidden under empty ones; a /proc that shows only the sandbox, so no
+//! other process of the user's lends it a view of the host (`/proc/PID/root`); the
+//! program as the namespace's init, so when it ends or is killed at its timeout everything
+//! it started goes with it, whatever session it made. Resource limits, an empty
+//! environment, and a scratch directory that goes too. What the program prints can reach
+//! a model (as the repair round's instruction), so what it may read matters as much as
+//! where it may connect.
 
 // The one module that may: see the workspace's lints.
 #![allow(unsafe_code)]
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -27,6 +30,15 @@ const MEMORY_BYTES: u64 = 1 << 30;
 const FILE_BYTES: u64 = 8 << 20;
 /// Files a program may hold open.
 const OPEN_FILES: u64 = 64;
+/// Processes the sandbox may hold at once: room for a test's subprocesses, not a fork bomb.
+const PROCESSES: u64 = 256;
+/// Directories hidden under an empty file system, with its size and mode: where sockets
+/// to the user's agents and services live, and scratch space of other programs.
+const HIDDEN: [(&str, &CStr); 3] = [
+    ("/tmp", c"size=64m,mode=1777"),
+    ("/run", c"size=1m,mode=0755"),
+    ("/dev/shm", c"size=16m,mode=1777"),
+];
 
 /// Runs each program with the `python3` found on the `PATH`, or the one given.
 #[derive(Debug, Clone)]
@@ -64,8 +76,7 @@ impl Subprocess {
         let err_out = out
             .try_clone()
             .map_err(|err| broken("could not make its printout file", err))?;
-        let cpu_seconds = program.timeout.as_secs() + 1;
-        let hide = home_to_hide(&scratch.0);
+        let confinement = self.confinement(&scratch.0, program.timeout.as_secs() + 1)?;
 
         let mut command = Command::new(&self.python);
         command
@@ -80,10 +91,11 @@ impl Subprocess {
             .stdout(out)
             .stderr(err_out)
             .kill_on_drop(true);
-        // SAFETY: between fork and exec only async-signal-safe calls (setsid, prctl,
-        // setrlimit, unshare), on values moved in, with no allocation.
+        // SAFETY: between fork and exec only async-signal-safe system calls (setsid,
+        // prctl, setrlimit, unshare, mount, fork, waitpid, close, _exit), on values made
+        // before the fork, with no allocation.
         unsafe {
-            command.pre_exec(move || confine(cpu_seconds, hide.as_deref()));
+            command.pre_exec(move || confine(&confinement));
         }
         let mut child = command.spawn().map_err(|err| match err.kind() {
             io::ErrorKind::NotFound => SandboxError::Unavailable {
@@ -94,7 +106,7 @@ impl Subprocess {
                 source: Some(Box::new(err)),
             },
             _ => SandboxError::Unavailable {
-                what: "the tests check could not start its sandbox, a process in user and network namespaces of its own: this machine must allow unprivileged user namespaces (sysctl user.max_user_namespaces above 0, and kernel.unprivileged_userns_clone=1 where the kernel has it)".to_owned(),
+                what: "the tests check could not start its sandbox, a process in user, network, mount and PID namespaces of its own: this machine must allow unprivileged user namespaces (sysctl user.max_user_namespaces above 0, and kernel.unprivileged_userns_clone=1 where the kernel has it)".to_owned(),
                 source: Some(Box::new(err)),
             },
         })?;
@@ -112,34 +124,112 @@ impl Subprocess {
         };
         let printed =
             read_tail(&printout).map_err(|err| broken("could not read its printout", err))?;
-        Ok(match program.judge(exit, &printed) {
-            // Python ignores SIGXFSZ: past the limit its writes fail instead.
-            Ran::Failed { how, tail }
-                if std::fs::metadata(&printout).is_ok_and(|m| m.len() >= FILE_BYTES) =>
-            {
-                Ran::Failed {
-                    how: format!("{how}, after printing {FILE_BYTES} bytes, the most it may"),
-                    tail,
+        Ok(
+            match program.judge(exit, program.finished_in(&printed), &printed) {
+                // Python ignores SIGXFSZ: past the limit its writes fail instead.
+                Ran::Failed { how, tail }
+                    if std::fs::metadata(&printout).is_ok_and(|m| m.len() >= FILE_BYTES) =>
+                {
+                    Ran::Failed {
+                        how: format!("{how}, after printing {FILE_BYTES} bytes, the most it may"),
+                        tail,
+                    }
                 }
-            }
-            ran => ran,
+                ran => ran,
+            },
+        )
+    }
+}
+
+impl Subprocess {
+    /// What the sandbox does before it runs a program in `scratch`, as C strings made before
+    /// the fork: the directories of `HIDDEN` that exist and the home directory, hidden, and
+    /// the scratch directory bound again where it was if it is inside one of them. An
+    /// interpreter inside one could not run, so that is refused with the fix.
+    fn confinement(&self, scratch: &Path, cpu_seconds: u64) -> Result<Confinement, SandboxError> {
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .filter(|home| home.is_absolute() && home != Path::new("/") && home.is_dir());
+        let mut hidden: Vec<(PathBuf, &'static CStr)> = HIDDEN
+            .iter()
+            .map(|(dir, options)| (PathBuf::from(dir), *options))
+            .filter(|(dir, _)| dir.is_dir())
+            .collect();
+        if let Some(home) = home {
+            hidden.push((home, c"size=1m,mode=0700"));
+        }
+        if self.python.is_absolute()
+            && let Some((dir, _)) = hidden.iter().find(|(dir, _)| self.python.starts_with(dir))
+        {
+            return Err(SandboxError::Unavailable {
+                what: format!(
+                    "--python {} is under {}, which the tests' sandbox hides (it holds the credentials and sockets of the user's other programs): use a Python installed outside it, for example a virtualenv under /opt",
+                    self.python.display(),
+                    dir.display()
+                ),
+                source: None,
+            });
+        }
+        let scratch = std::fs::canonicalize(scratch)
+            .map_err(|err| broken("could not find its directory", err))?;
+        // The directories from the innermost hidden one down to the scratch directory.
+        let remake: Vec<PathBuf> = hidden
+            .iter()
+            .filter(|(dir, _)| scratch.starts_with(dir))
+            .max_by_key(|(dir, _)| dir.as_os_str().len())
+            .map(|(dir, _)| {
+                let mut below: Vec<PathBuf> = scratch
+                    .ancestors()
+                    .take_while(|a| a != dir)
+                    .map(Path::to_path_buf)
+                    .collect();
+                below.reverse();
+                below
+            })
+            .unwrap_or_default();
+        let c_path = |path: PathBuf| {
+            CString::new(path.into_os_string().into_encoded_bytes()).map_err(|err| {
+                SandboxError::Unavailable {
+                    what: "a directory of the sandbox has a NUL in its name".to_owned(),
+                    source: Some(Box::new(err)),
+                }
+            })
+        };
+        // SAFETY: plain system calls that cannot fail.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        Ok(Confinement {
+            cpu_seconds,
+            uid_map: format!("{uid} {uid} 1").into_bytes(),
+            gid_map: format!("{gid} {gid} 1").into_bytes(),
+            hidden: hidden
+                .into_iter()
+                .map(|(dir, options)| Ok((c_path(dir)?, options)))
+                .collect::<Result<_, SandboxError>>()?,
+            scratch: remake.into_iter().map(c_path).collect::<Result<_, _>>()?,
         })
     }
 }
 
-/// The home directory to hide, unless the scratch directory is inside it (then hiding it
-/// would hide the program too) or it is the root.
-fn home_to_hide(scratch: &Path) -> Option<CString> {
-    let home = PathBuf::from(std::env::var_os("HOME")?);
-    if !home.is_absolute() || home == Path::new("/") || scratch.starts_with(&home) {
-        return None;
-    }
-    CString::new(home.into_os_string().into_encoded_bytes()).ok()
+/// What the sandbox's process does before it runs the program, made before the fork.
+struct Confinement {
+    cpu_seconds: u64,
+    /// The user's own ids as the only ones of the new user namespace: files it makes in
+    /// its own file systems need an owner there.
+    uid_map: Vec<u8>,
+    gid_map: Vec<u8>,
+    /// Directories covered with an empty file system, with its options.
+    hidden: Vec<(CString, &'static CStr)>,
+    /// Where the scratch directory is inside a hidden one: the directories to make there,
+    /// the last being the scratch directory's own path, which the current directory (the
+    /// scratch directory, entered before) is bound to. Python opens its script by its
+    /// absolute path.
+    scratch: Vec<CString>,
 }
 
-/// Between fork and exec: a new session, death with the parent, limits, and namespaces
-/// with no network and no home directory in them.
-fn confine(cpu_seconds: u64, hide: Option<&std::ffi::CStr>) -> io::Result<()> {
+/// Between fork and exec: a new session, death with the parent, limits, namespaces with no
+/// network and with the hidden directories empty; then a fork, so that the program is the
+/// init of the new PID namespace while this process waits for it and exits as it did.
+fn confine(confinement: &Confinement) -> io::Result<()> {
     fn check(result: libc::c_int) -> io::Result<()> {
         if result == -1 {
             Err(io::Error::last_os_error())
@@ -161,33 +251,131 @@ fn confine(cpu_seconds: u64, hide: Option<&std::ffi::CStr>) -> io::Result<()> {
         check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
     }
     limit(libc::RLIMIT_AS, MEMORY_BYTES)?;
-    limit(libc::RLIMIT_CPU, cpu_seconds)?;
+    limit(libc::RLIMIT_CPU, confinement.cpu_seconds)?;
     limit(libc::RLIMIT_FSIZE, FILE_BYTES)?;
     limit(libc::RLIMIT_NOFILE, OPEN_FILES)?;
     limit(libc::RLIMIT_CORE, 0)?;
     // SAFETY: as above, with C strings made before the fork. A new network namespace has
     // only a loopback device, and it is down; the user namespace is what lets an
-    // unprivileged process make one, and mount in its own mount namespace.
+    // unprivileged process make the others and mount in its own mount namespace.
     unsafe {
         check(libc::unshare(
-            libc::CLONE_NEWUSER | libc::CLONE_NEWNET | libc::CLONE_NEWNS,
+            libc::CLONE_NEWUSER | libc::CLONE_NEWNET | libc::CLONE_NEWNS | libc::CLONE_NEWPID,
         ))?;
-        if let Some(home) = hide {
-            // Mounts made here must not propagate back to the host's namespace.
-            check(libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ))?;
+    }
+    // SAFETY: as above, on byte strings made before the fork.
+    unsafe {
+        write(c"/proc/self/setgroups", b"deny")?;
+        write(c"/proc/self/uid_map", &confinement.uid_map)?;
+        write(c"/proc/self/gid_map", &confinement.gid_map)?;
+    }
+    // Counted in the new user namespace (Linux 5.14 and later), so the user's other
+    // processes do not count against it.
+    limit(libc::RLIMIT_NPROC, PROCESSES)?;
+    // SAFETY: as above. The current directory (the scratch directory, entered before this
+    // runs) stays usable under a file system mounted over its path.
+    unsafe {
+        // Mounts made here must not propagate back to the host's namespace.
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        for (dir, options) in &confinement.hidden {
             check(libc::mount(
                 c"none".as_ptr(),
-                home.as_ptr(),
+                dir.as_ptr(),
                 c"tmpfs".as_ptr(),
                 libc::MS_NOSUID | libc::MS_NODEV,
-                c"size=1m,mode=0700".as_ptr().cast(),
+                options.as_ptr().cast(),
             ))?;
+        }
+        if let Some(scratch) = confinement.scratch.last() {
+            for dir in &confinement.scratch {
+                if libc::mkdir(dir.as_ptr(), 0o700) == -1
+                    && *libc::__errno_location() != libc::EEXIST
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            check(libc::mount(
+                c".".as_ptr(),
+                scratch.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ))?;
+            check(libc::chdir(scratch.as_ptr()))?;
+        }
+        match libc::fork() {
+            -1 => Err(io::Error::last_os_error()),
+            0 => {
+                // The init of the new PID namespace: it sees only its own processes.
+                check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+                let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+                if libc::mount(
+                    c"proc".as_ptr(),
+                    c"/proc".as_ptr(),
+                    c"proc".as_ptr(),
+                    flags,
+                    std::ptr::null(),
+                ) == -1
+                {
+                    // Where the host's /proc has parts covered, a new one may not be
+                    // mounted: then none at all.
+                    check(libc::mount(
+                        c"none".as_ptr(),
+                        c"/proc".as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        flags,
+                        c"size=4k,mode=0555".as_ptr().cast(),
+                    ))?;
+                }
+                Ok(())
+            }
+            child => {
+                // The waiter holds nothing open: the spawning side reads the end of the
+                // program's start from a pipe it must see closed.
+                if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) == -1 {
+                    for fd in 3..4096 {
+                        libc::close(fd);
+                    }
+                }
+                let mut status = 0;
+                while libc::waitpid(child, &mut status, 0) == -1 {
+                    if *libc::__errno_location() != libc::EINTR {
+                        libc::_exit(127);
+                    }
+                }
+                if libc::WIFSIGNALED(status) {
+                    let signal = libc::WTERMSIG(status);
+                    libc::signal(signal, libc::SIG_DFL);
+                    libc::kill(libc::getpid(), signal);
+                    libc::_exit(128 + signal);
+                }
+                libc::_exit(libc::WEXITSTATUS(status))
+            }
+        }
+    }
+}
+
+/// Writes `content` to the file at `path`, with no allocation (between fork and exec).
+///
+/// # Safety
+/// Only system calls on the given pointers.
+unsafe fn write(path: &CStr, content: &[u8]) -> io::Result<()> {
+    // SAFETY: plain system calls on a C string and a byte slice that outlive them.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        let written = libc::write(fd, content.as_ptr().cast(), content.len());
+        libc::close(fd);
+        if written != content.len() as isize {
+            return Err(io::Error::last_os_error());
         }
     }
     Ok(())
@@ -314,13 +502,14 @@ mod tests {
             "import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n    raise SystemExit('reached the host')\nexcept OSError:\n    pass\n"
         );
         assert_eq!(run(&source, 10).await, Ran::Passed);
-        // The user's home directory is an empty one inside.
+        // The user's home directory, /tmp and /run are empty ones inside (but for the
+        // program's own directory), and /proc shows the sandbox alone, with the program
+        // as its init.
         let home = std::env::var("HOME").unwrap();
-        if home_to_hide(&std::env::temp_dir()).is_some() {
-            let source =
-                format!("import os\nassert os.listdir({home:?}) == [], os.listdir({home:?})\n");
-            assert_eq!(run(&source, 10).await, Ran::Passed);
-        }
+        let source = format!(
+            "import os\nfor d in ({home:?}, '/tmp', '/run'):\n    assert os.listdir(d) in ([], [os.path.basename(os.getcwd())]), (d, os.listdir(d))\nassert os.getpid() == 1, os.getpid()\npids = [p for p in os.listdir('/proc') if p.isdigit()]\nassert pids in ([], ['1']), pids\n"
+        );
+        assert_eq!(run(&source, 10).await, Ran::Passed);
     }
 
     #[tokio::test]

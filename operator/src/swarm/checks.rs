@@ -64,12 +64,15 @@ pub fn programs(checks: &[Check], output: &str) -> Vec<Program> {
                 timeout,
             } => {
                 let marker = format!("kubeswarm-tests-finished-{:016x}", rand::random::<u64>());
+                let code = code(output);
+                // `from __future__` imports must open the file; they are moved there.
+                let (future, prelude) = split_future(prelude);
+                let (future_too, code) = split_future(&code);
                 Some(Program {
                     // Not `__main__`: a model's `if __name__ == "__main__":` block (input(),
                     // sys.exit()) stays out of the way of the tests.
                     source: format!(
-                        "__name__ = \"kubeswarm_tests\"\n{prelude}\n\n{}\n\n{source}\n\nimport os as _kubeswarm_os\n_kubeswarm_os.write(1, b\"\\n{marker}\\n\")\n",
-                        code(output)
+                        "{future}{future_too}__name__ = \"kubeswarm_tests\"\n{prelude}\n\n{code}\n\n{source}\n\nimport os as _kubeswarm_os\n_kubeswarm_os.write(1, b\"\\n{marker}\\n\")\n"
                     ),
                     timeout: *timeout,
                     marker,
@@ -81,10 +84,38 @@ pub fn programs(checks: &[Check], output: &str) -> Vec<Program> {
 }
 
 /// The code in an output: its first fenced block when it has one (models explain around
-/// their code), else the whole output.
-pub fn code(output: &str) -> &str {
-    let trimmed = output.trim();
-    fenced_block(trimmed).unwrap_or(trimmed)
+/// their code), else the whole output; indented as a whole, dedented.
+fn code(output: &str) -> String {
+    dedent(fenced_body(output).unwrap_or(output))
+}
+
+/// `text` without the indentation all its lines share, and without blank lines around it.
+fn dedent(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .trim_end()
+        .lines()
+        .skip_while(|l| l.trim().is_empty())
+        .collect();
+    let indent = lines
+        .iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.len() - l.trim_start_matches([' ', '\t']).len())
+        .min()
+        .unwrap_or(0);
+    lines
+        .iter()
+        .map(|l| l.get(indent..).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The `from __future__ import` lines of `code` (each with its newline), and the rest.
+fn split_future(code: &str) -> (String, String) {
+    let (future, rest): (Vec<&str>, Vec<&str>) = code
+        .lines()
+        .partition(|l| l.starts_with("from __future__ import"));
+    let future: String = future.iter().map(|l| format!("{l}\n")).collect();
+    (future, rest.join("\n"))
 }
 
 /// Problems an output has, one line each; empty when it passes every check.
@@ -153,13 +184,18 @@ pub fn svg_document(output: &str) -> &str {
 }
 
 fn fenced_block(text: &str) -> Option<&str> {
+    fenced_body(text).map(str::trim)
+}
+
+/// The first fenced block's body as written, indentation included.
+fn fenced_body(text: &str) -> Option<&str> {
     let start = text.find("```")?;
     let after_fence = &text[start + 3..];
     // Skip the info string (```json, ```svg).
     let body_start = after_fence.find('\n')? + 1;
     let body = &after_fence[body_start..];
     let end = body.find("```")?;
-    Some(body[..end].trim())
+    Some(&body[..end])
 }
 
 #[cfg(test)]
@@ -277,6 +313,20 @@ mod tests {
             )
         );
         assert_eq!(code("  x = 1\n"), "x = 1");
+        // An output indented as a whole keeps its shape; a future import opens the file.
+        assert_eq!(
+            code("\n    def f():\n        return 1\n"),
+            "def f():\n    return 1"
+        );
+        let output = "```python\nfrom __future__ import annotations\ndef add(a: int, b: int) -> int:\n    return a + b\n```";
+        let [program] = programs(&checks, output).try_into().unwrap();
+        assert!(
+            program
+                .source
+                .starts_with("from __future__ import annotations\n__name__ = "),
+            "{}",
+            program.source
+        );
         assert!(programs(&check(OutputCheckType::Json, None), output).is_empty());
     }
 }

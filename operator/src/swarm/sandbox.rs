@@ -25,9 +25,14 @@ pub enum Exit {
 }
 
 impl Program {
-    /// What the program did, from how it ended and the end of its printout.
-    pub fn judge(&self, exit: Exit, printout: &str) -> Ran {
-        let finished = printout.lines().any(|line| line.trim() == self.marker);
+    /// Whether a printout holds the marker line, which the program prints last.
+    pub fn finished_in(&self, printout: &str) -> bool {
+        printout.lines().any(|line| line.trim() == self.marker)
+    }
+
+    /// What the program did, from how it ended, whether it printed its marker, and the end
+    /// of its printout.
+    pub fn judge(&self, exit: Exit, finished: bool, printout: &str) -> Ran {
         let printed = tail(&printout.replace(&self.marker, ""));
         match exit {
             Exit::Code(0) if finished => Ran::Passed,
@@ -133,9 +138,12 @@ mod tests {
             timeout: Duration::from_secs(1),
             marker: "done-7".into(),
         };
-        assert_eq!(program.judge(Exit::Code(0), "ok\ndone-7\n"), Ran::Passed);
         assert_eq!(
-            program.judge(Exit::Code(0), "bye\n"),
+            program.judge(Exit::Code(0), true, "ok\ndone-7\n"),
+            Ran::Passed
+        );
+        assert_eq!(
+            program.judge(Exit::Code(0), false, "bye\n"),
             Ran::Failed {
                 how: "the program ended before the tests ran; the code must not exit".into(),
                 tail: "bye".into()
@@ -143,12 +151,12 @@ mod tests {
         );
         // A marker printed, then a failure, is a failure.
         assert!(
-            matches!(program.judge(Exit::Code(1), "done-7\nTraceback"), Ran::Failed { how, .. } if how == "exit status 1")
+            matches!(program.judge(Exit::Code(1), true, "done-7\nTraceback"), Ran::Failed { how, .. } if how == "exit status 1")
         );
         assert!(
-            matches!(program.judge(Exit::Signal(9), ""), Ran::Failed { how, .. } if how == "killed by signal 9")
+            matches!(program.judge(Exit::Signal(9), false, ""), Ran::Failed { how, .. } if how == "killed by signal 9")
         );
-        assert_eq!(program.judge(Exit::TimedOut, "done-7"), Ran::TimedOut);
+        assert_eq!(program.judge(Exit::TimedOut, true, "done-7"), Ran::TimedOut);
     }
 
     #[test]

@@ -91,17 +91,14 @@ impl Pods {
                 source: None,
             });
         };
+        let mut answer = self.queue(&program);
         loop {
-            let (reply, mut answer) = oneshot::channel();
-            self.waiting.lock().expect("not poisoned").push(Waiting {
-                program: program.clone(),
-                reply,
-            });
             let _turn = self.turn.lock().await;
             match answer.try_recv() {
                 Ok(ran) => return ran,
-                // Taken by a batch that was cancelled before it answered: queue it again.
-                Err(oneshot::error::TryRecvError::Closed) => continue,
+                // Taken by a batch that was cancelled before it answered: queue it again,
+                // and run it in this turn.
+                Err(oneshot::error::TryRecvError::Closed) => answer = self.queue(&program),
                 // Still waiting, and nothing runs: this turn runs it, with the others.
                 Err(oneshot::error::TryRecvError::Empty) => {}
             }
@@ -127,6 +124,16 @@ impl Pods {
         }
     }
 
+    /// Puts a program in the queue; the answer comes from whichever turn runs it.
+    fn queue(&self, program: &Program) -> oneshot::Receiver<Result<Ran, SandboxError>> {
+        let (reply, answer) = oneshot::channel();
+        self.waiting.lock().expect("not poisoned").push(Waiting {
+            program: program.clone(),
+            reply,
+        });
+        answer
+    }
+
     /// The programs waiting, oldest first, as many as one batch holds (always one).
     fn take_batch(&self) -> Vec<Waiting> {
         let mut waiting = self.waiting.lock().expect("not poisoned");
@@ -149,20 +156,19 @@ impl Pods {
     ) -> Result<Vec<Ran>, SandboxError> {
         let name = batch_name(&self.job, &self.uid, programs);
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        let policy: Api<NetworkPolicy> = Api::namespaced(self.client.clone(), &self.namespace);
-        let policy_object = build_policy(&self.job, &self.uid, &self.owner);
-        policy
-            .patch(
-                &policy_object.name_any(),
-                &params,
-                &Patch::Apply(&policy_object),
-            )
-            .await
-            .map_err(|err| broken("applying the NetworkPolicy of test pods", err))?;
+        self.apply_policy(&params).await?;
         let data = self.data_object(&name, programs);
         let resource = self.kind.resource();
         let objects: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), &self.namespace, &resource);
+        let jobs: Api<Job> = Api::namespaced(self.client.clone(), &self.namespace);
+        // Whatever happens from here, cancellation included, the batch's objects go (the
+        // job's owner reference would collect them only with the job).
+        let _cleanup = Cleanup {
+            jobs: jobs.clone(),
+            objects: objects.clone(),
+            name: name.clone(),
+        };
         objects
             .patch(&name, &params, &Patch::Apply(&data))
             .await
@@ -176,46 +182,71 @@ impl Pods {
             kind: self.kind,
             deadline: deadline(programs),
         };
-        let jobs: Api<Job> = Api::namespaced(self.client.clone(), &self.namespace);
-        jobs.patch(
-            &name,
-            &params,
-            &Patch::Apply(&build_job(&spec, &self.owner)),
-        )
-        .await
-        .map_err(|err| broken("applying the Job of test pods", err))?;
-        let result = self.wait(&name, spec.deadline, programs).await;
-        // The batch's objects go now; the job's owner reference collects any left behind.
-        let delete = DeleteParams::background();
-        let _ = jobs.delete(&name, &delete).await;
-        let _ = objects.delete(&name, &delete).await;
-        result
+        let applied = jobs
+            .patch(
+                &name,
+                &params,
+                &Patch::Apply(&build_job(&spec, &self.owner)),
+            )
+            .await
+            .map_err(|err| broken("applying the Job of test pods", err))?;
+        self.wait(&applied, spec.deadline, programs).await
+    }
+
+    /// The NetworkPolicy that shuts the job's test pods off, unless an object of its name
+    /// is not the job's: that is never applied over.
+    async fn apply_policy(&self, params: &PatchParams) -> Result<(), SandboxError> {
+        let policies: Api<NetworkPolicy> = Api::namespaced(self.client.clone(), &self.namespace);
+        let policy = build_policy(&self.job, &self.uid, &self.owner);
+        let name = policy.name_any();
+        let found = policies
+            .get_opt(&name)
+            .await
+            .map_err(|err| broken("reading the NetworkPolicy of test pods", err))?;
+        if let Some(found) = found
+            && !found
+                .owner_references()
+                .iter()
+                .any(|o| o.uid == self.uid && o.controller == Some(true))
+        {
+            return Err(SandboxError::Unavailable {
+                what: format!(
+                    "NetworkPolicy {name}, which would shut this job's test pods off, exists and is not this job's: delete or rename it"
+                ),
+                source: None,
+            });
+        }
+        policies
+            .patch(&name, params, &Patch::Apply(&policy))
+            .await
+            .map_err(|err| broken("applying the NetworkPolicy of test pods", err))?;
+        Ok(())
     }
 
     /// Waits for the batch's pod to end, and reads its report.
     async fn wait(
         &self,
-        name: &str,
+        job: &Job,
         deadline: u64,
         programs: &[&Program],
     ) -> Result<Vec<Ran>, SandboxError> {
+        let name = job.name_any();
+        let uid = job.uid().unwrap_or_default();
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
         let jobs: Api<Job> = Api::namespaced(self.client.clone(), &self.namespace);
         let selector = ListParams::default().labels(&format!("job-name={name}"));
+        let started = tokio::time::Instant::now();
         // The Job's own deadline ends it; this one outlasts it, for a Job controller
         // that is not keeping up.
-        let give_up = tokio::time::Instant::now() + Duration::from_secs(deadline + 60);
+        let give_up = started + Duration::from_secs(deadline + 60);
+        let unavailable = |what: String| SandboxError::Unavailable { what, source: None };
         while tokio::time::Instant::now() < give_up {
             tokio::time::sleep(POLL).await;
             let listed = pods
                 .list(&selector)
                 .await
                 .map_err(|err| broken("listing the test pods", err))?;
-            for pod in listed
-                .items
-                .iter()
-                .filter(|p| controlled_by_a_job_named(p, name))
-            {
+            for pod in listed.items.iter().filter(|p| controlled_by(p, &uid)) {
                 match pod_state(pod) {
                     PodState::Running => {}
                     PodState::Terminated { message, how } => {
@@ -226,27 +257,40 @@ impl Pods {
                             }
                         });
                     }
-                    PodState::BadImage(why) => {
-                        return Err(SandboxError::Unavailable {
-                            what: format!(
+                    PodState::BadImage { why, lasting } => {
+                        // A registry that hiccups gets the time a pod has to start.
+                        if lasting || started.elapsed() > Duration::from_secs(START_SECONDS) {
+                            return Err(unavailable(format!(
                                 "the image of test pods {} cannot be run: {why}",
                                 self.settings.image.as_deref().unwrap_or_default()
-                            ),
-                            source: None,
-                        });
+                            )));
+                        }
                     }
                 }
             }
-            if let Some(failed) = jobs
-                .get_opt(name)
+            let Some(now) = jobs
+                .get_opt(&name)
                 .await
                 .map_err(|err| broken("reading the Job of test pods", err))?
-                .and_then(|job| failed_condition(&job))
-            {
+            else {
+                return Err(SandboxError::Broken {
+                    what: format!("the Job of test pods {name} was deleted before it ended"),
+                    source: None,
+                });
+            };
+            if let Some(failed) = failed_condition(&now) {
                 return Err(SandboxError::Broken {
                     what: format!("the Job of test pods {name} failed: {failed}"),
                     source: None,
                 });
+            }
+            // Kueue set to manage every Job suspends one with no queue; it would wait forever.
+            if now.spec.as_ref().and_then(|s| s.suspend) == Some(true)
+                && started.elapsed() > Duration::from_secs(30)
+            {
+                return Err(unavailable(format!(
+                    "the Job of test pods {name} is held suspended (Kueue's manageJobsWithoutQueueName?): exempt the namespace's test Jobs from queueing"
+                )));
             }
         }
         Err(SandboxError::Broken {
@@ -269,7 +313,7 @@ impl Pods {
             .map(|(i, p)| {
                 let file = format!("program-{i}.py");
                 entries.insert(file.clone(), p.source.clone());
-                json!({"file": file, "timeout": p.timeout.as_secs()})
+                json!({"file": file, "timeout": p.timeout.as_secs(), "marker": p.marker})
             })
             .collect();
         entries.insert("batch.json".to_owned(), Value::Array(batch).to_string());
@@ -321,6 +365,25 @@ fn shared(err: &SandboxError) -> SandboxError {
     }
 }
 
+/// Deletes a batch's Job and programs when dropped, however the batch ended.
+struct Cleanup {
+    jobs: Api<Job>,
+    objects: Api<DynamicObject>,
+    name: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (jobs, objects, name) = (self.jobs.clone(), self.objects.clone(), self.name.clone());
+        tokio::spawn(async move {
+            let delete = DeleteParams::background();
+            // Gone already, or going with the job: nothing to do either way.
+            let _ = jobs.delete(&name, &delete).await;
+            let _ = objects.delete(&name, &delete).await;
+        });
+    }
+}
+
 fn broken(what: &str, err: kube::Error) -> SandboxError {
     SandboxError::Broken {
         what: what.to_owned(),
@@ -335,12 +398,17 @@ pub fn batch_name(job: &str, uid: &str, programs: &[&Program]) -> String {
         .iter()
         .map(|p| (p.source.as_str(), p.timeout.as_secs()))
         .collect();
-    let prefix: String = job.chars().take(40).collect();
     format!(
         "{}-tests-{}",
-        prefix.trim_end_matches('-'),
+        prefix(job, 40),
         children::hash(&(uid, sources))
     )
+}
+
+/// The start of a job's name, cut where a child's name may end (not at `-` or `.`).
+fn prefix(job: &str, length: usize) -> String {
+    let cut: String = job.chars().take(length).collect();
+    cut.trim_end_matches(['-', '.']).to_owned()
 }
 
 /// Seconds a batch may take: its programs one after the other, and its pod's start.
@@ -443,12 +511,13 @@ pub fn build_policy(
     uid: &str,
     owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
 ) -> NetworkPolicy {
-    let prefix: String = job.chars().take(50).collect();
+    // The uid's hash keeps jobs whose names start alike apart.
+    let uid_hash = children::hash(&uid);
     serde_json::from_value(json!({
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": {
-            "name": format!("{}-tests", prefix.trim_end_matches('-')),
+            "name": format!("{}-tests-{}", prefix(job, 40), &uid_hash[..8]),
             "labels": children::labels([(TESTS_OF, uid.to_owned())]),
             "ownerReferences": [owner],
         },
@@ -460,10 +529,12 @@ pub fn build_policy(
     .expect("a valid NetworkPolicy")
 }
 
-fn controlled_by_a_job_named(pod: &Pod, name: &str) -> bool {
+/// Whether the pod is the batch Job's (by uid: a Job deleted and made again under the
+/// same name is another).
+fn controlled_by(pod: &Pod, job_uid: &str) -> bool {
     pod.owner_references()
         .iter()
-        .any(|o| o.kind == "Job" && o.name == name && o.controller == Some(true))
+        .any(|o| o.kind == "Job" && o.uid == job_uid && o.controller == Some(true))
 }
 
 enum PodState {
@@ -473,7 +544,12 @@ enum PodState {
         message: String,
         how: String,
     },
-    BadImage(String),
+    /// An image that does not run: `lasting` when no retry can change that (a malformed
+    /// name), else a pull that failed and may work later.
+    BadImage {
+        why: String,
+        lasting: bool,
+    },
 }
 
 /// Where a test pod is: its container's end and message, or an image that will never run.
@@ -498,21 +574,24 @@ fn pod_state(pod: &Pod) -> PodState {
         };
     }
     match state.and_then(|s| s.waiting.as_ref()) {
-        Some(waiting)
-            if matches!(
-                waiting.reason.as_deref(),
-                Some(
-                    "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName" | "ErrImageNeverPull"
-                )
-            ) =>
-        {
-            PodState::BadImage(format!(
-                "{}: {}",
-                waiting.reason.as_deref().unwrap_or_default(),
+        Some(waiting) => {
+            let reason = waiting.reason.as_deref().unwrap_or_default();
+            let why = format!(
+                "{reason}: {}",
                 waiting.message.as_deref().unwrap_or_default()
-            ))
+            );
+            match reason {
+                "InvalidImageName" | "ErrImageNeverPull" => {
+                    PodState::BadImage { why, lasting: true }
+                }
+                "ErrImagePull" | "ImagePullBackOff" => PodState::BadImage {
+                    why,
+                    lasting: false,
+                },
+                _ => PodState::Running,
+            }
         }
-        _ => PodState::Running,
+        None => PodState::Running,
     }
 }
 
@@ -540,6 +619,8 @@ struct Reported {
     signal: Option<i32>,
     #[serde(default)]
     timed_out: bool,
+    /// The runner saw the program's marker line, which it leaves out of `printout`.
+    finished: bool,
     #[serde(default)]
     printout: String,
 }
@@ -575,7 +656,7 @@ pub fn read_report(message: &str, programs: &[&Program]) -> Result<Vec<Ran>, San
                     ));
                 }
             };
-            Ok(program.judge(exit, &r.printout))
+            Ok(program.judge(exit, r.finished, &r.printout))
         })
         .collect()
 }

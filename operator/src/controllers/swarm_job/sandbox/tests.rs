@@ -115,6 +115,14 @@ fn batch_names_fit_a_label_and_differ_by_job_and_programs() {
     assert_eq!(batch_name("j", "u-1", &[&a]), batch_name("j", "u-1", &[&a]));
     assert_ne!(batch_name("j", "u-1", &[&a]), batch_name("j", "u-2", &[&a]));
     assert_ne!(batch_name("j", "u-1", &[&a]), batch_name("j", "u-1", &[&b]));
+    // Cut where a name may not end, the cut is trimmed.
+    let dotted = format!("{}.{}", "a".repeat(39), "b".repeat(20));
+    assert!(batch_name(&dotted, "u-1", &[&a]).starts_with(&format!("{}-tests-", "a".repeat(39))));
+    // Jobs whose names start alike get policies of their own.
+    let one = build_policy(&long, "u-1", &owner()).metadata.name.unwrap();
+    let two = build_policy(&long, "u-2", &owner()).metadata.name.unwrap();
+    assert_ne!(one, two);
+    assert!(one.len() <= 63, "{one}");
 }
 
 #[test]
@@ -122,27 +130,27 @@ fn a_hostile_or_short_report_is_a_broken_batch_never_a_pass() {
     let a = program("pass", 1);
     let b = program("pass", 2);
     let programs = [&a, &b];
-    let good = format!(
-        r#"[{{"exit":0,"printout":"{}\n"}},{{"timedOut":true,"printout":""}}]"#,
-        a.marker
-    );
+    // The format the runner writes: see the_runner_reports_each_program_within_a_termination_message.
+    let good = r#"[{"exit":0,"finished":true,"printout":"ok\n"},{"timedOut":true,"finished":false,"printout":""}]"#;
     assert_eq!(
-        read_report(&good, &programs).unwrap(),
+        read_report(good, &programs).unwrap(),
         [Ran::Passed, Ran::TimedOut]
     );
     for bad in [
         String::new(),
         "not json".to_owned(),
-        format!(r#"[{{"exit":0,"printout":"{}"}}]"#, a.marker),
-        r#"[{"exit":0,"signal":9,"printout":""},{"exit":0,"printout":""}]"#.to_owned(),
-        r#"[{"exit":0,"pass":true,"printout":""},{"exit":0,"printout":""}]"#.to_owned(),
-        r#"[{"printout":""},{"exit":0,"printout":""}]"#.to_owned(),
+        r#"[{"exit":0,"finished":true,"printout":""}]"#.to_owned(),
+        r#"[{"exit":0,"signal":9,"finished":true,"printout":""},{"exit":0,"finished":true,"printout":""}]"#.to_owned(),
+        r#"[{"exit":0,"pass":true,"finished":true,"printout":""},{"exit":0,"finished":true,"printout":""}]"#.to_owned(),
+        r#"[{"finished":true,"printout":""},{"exit":0,"finished":true,"printout":""}]"#.to_owned(),
+        // Saying nothing of the marker is not having printed it.
+        r#"[{"exit":0,"printout":""},{"exit":0,"finished":true,"printout":""}]"#.to_owned(),
     ] {
         let err = read_report(&bad, &programs).unwrap_err();
         assert!(matches!(err, SandboxError::Broken { .. }), "{bad:?}: {err}");
     }
     // Status 0 without the marker: the code exited before the tests.
-    let early = r#"[{"exit":0,"printout":"bye"},{"exit":1,"printout":"Traceback"}]"#;
+    let early = r#"[{"exit":0,"finished":false,"printout":"bye"},{"exit":1,"finished":true,"printout":"Traceback"}]"#;
     let ran = read_report(early, &programs).unwrap();
     assert!(matches!(&ran[0], Ran::Failed { how, .. } if how.contains("before the tests ran")));
     assert!(matches!(&ran[1], Ran::Failed { how, .. } if how == "exit status 1"));

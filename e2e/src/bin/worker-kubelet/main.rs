@@ -1,4 +1,5 @@
-//! The kubelet of the e2e test bed's fake nodes, for inference workers only.
+//! The kubelet of the e2e test bed's fake nodes, for inference workers and the pods of
+//! SwarmJobs' `tests` checks (`tests_pods`).
 //!
 //! KWOK gives a pod bound to a fake node the Running phase and an address from the node's
 //! pod CIDR (inside 127.0.0.0/8). This process starts the real `inference-worker` for each
@@ -6,6 +7,8 @@
 //! its volumes mapped to directories here; it marks the pod Ready when the worker's
 //! readiness endpoint answers, as the readiness probe would, reports an exited worker in
 //! the container's status, and stops the worker when its pod goes.
+
+mod tests_pods;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -38,6 +41,9 @@ struct Args {
     /// Label selector of the pods it runs.
     #[arg(long, default_value = "app.kubernetes.io/name=inference-worker")]
     pod_selector: String,
+    /// Label selector of the `tests` check pods it runs with this host's python3.
+    #[arg(long, default_value = "app.kubernetes.io/component=tests")]
+    tests_selector: String,
 }
 
 /// How often readiness is probed, like the worker pods' readinessProbe period.
@@ -54,6 +60,19 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::try_default().await?;
     let pods: Api<Pod> = Api::all(client.clone());
     let nodes: Api<Node> = Api::all(client.clone());
+    let tests = tests_pods::serve(
+        client.clone(),
+        args.pods_dir.clone(),
+        args.node_selector.clone(),
+        args.tests_selector.clone(),
+    );
+    tokio::spawn(async move {
+        // A kubelet that stopped running half its pods must not look alive.
+        if let Err(err) = tests.await {
+            tracing::error!("{err:#}");
+            std::process::exit(1);
+        }
+    });
     let mut running: HashMap<String, Worker> = HashMap::new();
     // Pods seen during a (re)list; the workers of pods missing from it are stopped.
     let mut listed: Vec<String> = Vec::new();

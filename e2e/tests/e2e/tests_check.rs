@@ -111,22 +111,31 @@ pub async fn outputs_are_tested_in_job_pods(bed: &Bed) -> anyhow::Result<()> {
     // programs went once read.
     for name in ["passing", "failing"] {
         let job = jobs.get(name).await?;
-        let policy = Api::<NetworkPolicy>::namespaced(bed.client.clone(), &ns)
-            .get(&format!("{name}-tests"))
-            .await?;
+        let uid = job.uid().unwrap_or_default();
+        let policies = Api::<NetworkPolicy>::namespaced(bed.client.clone(), &ns)
+            .list(&ListParams::default().labels(&format!("kubeswarm.dev/tests-of={uid}")))
+            .await?
+            .items;
+        ensure!(
+            policies.len() == 1,
+            "{name}: {} test NetworkPolicies",
+            policies.len()
+        );
+        let policy = &policies[0];
         ensure!(
             policy
                 .owner_references()
                 .iter()
-                .any(|o| Some(&o.uid) == job.uid().as_ref()),
-            "{name}-tests is not owned by the job"
+                .any(|o| o.uid == uid && o.controller == Some(true)),
+            "{} is not controlled by the job {name}",
+            policy.name_any()
         );
-        let spec = policy.spec.context("a policy with no spec")?;
+        let spec = policy.spec.clone().context("a policy with no spec")?;
         ensure!(
             spec.ingress.is_none()
                 && spec.egress.is_none()
                 && spec.policy_types == Some(vec!["Ingress".into(), "Egress".into()]),
-            "{name}-tests does not deny every connection: {spec:?}"
+            "{name}'s test NetworkPolicy does not deny every connection: {spec:?}"
         );
     }
     let batches = ListParams::default().labels("app.kubernetes.io/component=tests");

@@ -107,9 +107,10 @@ def passes(problem, output, timeout=10):
             return False
 
 
-def job(problem, n, tests, repair, max_tokens):
+def job(problem, n, tests, repair, max_tokens, first="sampled"):
     """A SwarmJob spec: N subagents on the problem; the visible tests (if any) as a
-    `tests` check that outputs must pass; the first passing output is the answer."""
+    `tests` check that outputs must pass; the first passing output is the answer. With
+    `first` greedy, subagent 0 decodes at temperature 0 and wins when it passes."""
     spec = {
         "task": INSTRUCTION + problem["prompt"],
         "fanOut": {
@@ -119,6 +120,7 @@ def job(problem, n, tests, repair, max_tokens):
             # One subagent decodes greedily, like the direct call; a choice needs variety.
             "temperature": 0.0 if n == 1 else 0.8,
             "timeoutSeconds": 600,
+            "firstSubagent": first,
         },
         "verification": {"mode": "none", "repairRounds": 1 if repair else 0,
                          "truncated": "accept"},
@@ -149,6 +151,10 @@ def main():
     parser.add_argument("--n", default="3", help="subagent counts of the N>1 arms")
     parser.add_argument("--max-tokens", type=int, default=384)
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--first-subagent", default="greedy", choices=["greedy", "sampled"],
+                        help="fanOut.firstSubagent of the N>1 arms")
+    parser.add_argument("--arms", default="direct,single,repair,swarm,matched",
+                        help="which arms run: direct, single, repair, swarm (with its oracle), matched")
     parser.add_argument("--out", default="eval-out")
     args = parser.parse_args()
     counts = [int(n) for n in args.n.split(",")]
@@ -170,10 +176,13 @@ def run_arms(args, counts, url, out):
         result["task_id"] = problem["task_id"]
         arms.setdefault(arm, []).append(result)
 
+    arms_run = set(args.arms.split(","))
+
     def swarm(problem, n, tests, repair):
         with tempfile.TemporaryDirectory() as work:
             result = kubeswarm_run(args.kubeswarm, url, job(problem, n, tests, repair,
-                                                            args.max_tokens), work)
+                                                            args.max_tokens,
+                                                            args.first_subagent), work)
         # A sandbox that cannot run is the machine's fault, not the swarm's: stop.
         if "TestsUnavailable" in result["error"]:
             raise SystemExit(f"kubeswarm cannot run tests here: {result['error']}")
@@ -184,23 +193,28 @@ def run_arms(args, counts, url, out):
         text = INSTRUCTION + problem["prompt"]
         tests = visible_tests(problem)
         with_tests += bool(tests)
-        score("direct call", problem, direct.ask(text, args.max_tokens))
-        score("kubeswarm, 1 subagent", problem, swarm(problem, 1, [], False))
-        score("kubeswarm, 1 subagent, visible tests + 1 repair", problem,
-              swarm(problem, 1, tests, True), 1, "kubeswarm tests + repair")
+        if "direct" in arms_run:
+            score("direct call", problem, direct.ask(text, args.max_tokens))
+        if "single" in arms_run:
+            score("kubeswarm, 1 subagent", problem, swarm(problem, 1, [], False))
+        if "repair" in arms_run:
+            score("kubeswarm, 1 subagent, visible tests + 1 repair", problem,
+                  swarm(problem, 1, tests, True), 1, "kubeswarm tests + repair")
         for n in counts:
-            result = swarm(problem, n, tests, False)
-            score(f"kubeswarm, N={n}, selected by visible tests", problem, result, n,
-                  "kubeswarm tests selection")
-            oracle = {
-                "output": next((o for o in result["outputs"] if passes(problem, o)), ""),
-                "tokens": result["tokens"],
-                "seconds": result["seconds"],
-            }
-            score(f"oracle (any of N={n} right)", problem, oracle, n, "oracle (any right)")
-            matched = direct.ask(text, args.max_tokens * n)
-            score(f"one call, N={n} tokens", problem, matched, n, "one call, N x tokens")
-        done = len(arms["direct call"])
+            if "swarm" in arms_run:
+                result = swarm(problem, n, tests, False)
+                score(f"kubeswarm, N={n} ({args.first_subagent} first), selected by visible "
+                      "tests", problem, result, n, "kubeswarm tests selection")
+                oracle = {
+                    "output": next((o for o in result["outputs"] if passes(problem, o)), ""),
+                    "tokens": result["tokens"],
+                    "seconds": result["seconds"],
+                }
+                score(f"oracle (any of N={n} right)", problem, oracle, n, "oracle (any right)")
+            if "matched" in arms_run:
+                matched = direct.ask(text, args.max_tokens * n)
+                score(f"one call, N={n} tokens", problem, matched, n, "one call, N x tokens")
+        done = len(next(iter(arms.values())))
         print(f"problem {done}/{len(chosen)} {problem['task_id']}: " + ", ".join(
             f"{arm} {sum(r['correct'] for r in rs)}/{len(rs)}" for arm, rs in arms.items()
         ), file=sys.stderr, flush=True)

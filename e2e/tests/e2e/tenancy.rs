@@ -303,8 +303,43 @@ async fn worker_pods_pass_the_restricted_standard(bed: &Bed) -> anyhow::Result<(
             (_, answer) => bail!("the worker pod of {spec}: {answer:?}"),
         }
     }
+    // The pod of a `tests` check's batch, which runs code a model wrote, passes it too.
+    let settings = kubeswarm::controllers::swarm_job::sandbox::Settings {
+        image: Some("python:3.12-slim".to_owned()),
+        cpu: "1".to_owned(),
+        memory: "512Mi".to_owned(),
+    };
+    let owner = k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+        api_version: "kubeswarm.dev/v1alpha1".to_owned(),
+        kind: "SwarmJob".to_owned(),
+        name: "j".to_owned(),
+        uid: "uid".to_owned(),
+        ..Default::default()
+    };
+    let job = kubeswarm::controllers::swarm_job::sandbox::build_job(
+        &kubeswarm::controllers::swarm_job::sandbox::Batch {
+            name: "j-tests-0",
+            job: "j",
+            uid: "uid",
+            image: "python:3.12-slim",
+            settings: &settings,
+            kind: kubeswarm::controllers::swarm_job::store::Kind::ConfigMap,
+            deadline: 130,
+        },
+        &owner,
+    );
+    let template = job.spec.context("a Job with no spec")?.template;
+    let pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "j-tests-0", "labels": template.metadata.and_then(|m| m.labels)},
+        "spec": template.spec,
+    });
+    if let Err(err) = bed.dry_run_create("e2e-restricted", &pod).await? {
+        bail!("the pod of a tests check's batch: {err:?}");
+    }
     println!(
-        "tenancy: {} example worker pods pass the restricted Pod Security Standard",
+        "tenancy: {} example worker pods and a tests check's pod pass the restricted Pod Security Standard",
         pools.len()
     );
     Ok(())

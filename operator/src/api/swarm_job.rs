@@ -169,6 +169,24 @@ pub struct FanOutSpec {
     #[serde(default = "default_retries")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 10").message("spec.fanOut.retries must be between 0 and 10"))]
     pub retries: i32,
+
+    /// How the first subagent samples. `sampled`: at `temperature`, like the others.
+    /// `greedy`: at temperature 0, so one output is the one a direct call of the model
+    /// gives; a vote's ties go to it (the first given), and the samples can only outvote
+    /// it or stand in for it when it fails verification. Defaults to `sampled`.
+    #[serde(default)]
+    pub first_subagent: FirstSubagent,
+}
+
+/// How the first subagent samples.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub enum FirstSubagent {
+    /// At `fanOut.temperature`, like the others.
+    #[default]
+    Sampled,
+    /// At temperature 0.
+    Greedy,
 }
 
 fn default_max_tokens() -> i32 {

@@ -8,6 +8,7 @@ use super::failure::{Fail, Failure};
 use super::record::{Stage, Store, SubagentRecord};
 use super::run::{Rules, Run};
 use super::{Event, Observer, balance, grammar, prompts};
+use crate::api::FirstSubagent;
 
 impl<S: Store, O: Observer> Run<'_, '_, S, O> {
     /// One subagent from where its record left it to finished, recorded.
@@ -37,7 +38,10 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
             let prompt = Prompt {
                 messages: conversation.clone(),
                 max_tokens: spec.fan_out.max_tokens.max(1) as u32,
-                temperature: spec.fan_out.temperature as f32,
+                temperature: match (index, spec.fan_out.first_subagent) {
+                    (0, FirstSubagent::Greedy) => 0.0,
+                    _ => spec.fan_out.temperature as f32,
+                },
                 // A schema that holds the answer takes the place of the checks' grammar:
                 // a request constrained twice would satisfy neither.
                 schema: rules.extract.schema(),

@@ -159,3 +159,39 @@ async fn a_truncated_output_fails_and_its_repair_is_asked_to_be_shorter() {
         "an answer made of a cut-off output is cut off too: {result:?}"
     );
 }
+
+#[tokio::test]
+async fn a_greedy_first_subagent_decodes_at_temperature_0_and_the_others_sample() {
+    let workers = Mock::start("m", |body, _| text(part(body))).await;
+    let outcome = run_on(
+        &workers,
+        r#"
+task: Name a colour.
+subtasks: [first, second, third]
+fanOut: {pool: workers, subagents: 3, temperature: 0.8, firstSubagent: greedy}
+verification: {mode: none}
+aggregation: {strategy: collect}
+"#,
+    )
+    .await;
+    assert!(outcome.result.is_ok());
+    let mut temperatures: Vec<(String, f64)> = workers
+        .requests()
+        .iter()
+        .map(|r| (part(r), r["temperature"].as_f64().unwrap()))
+        .collect();
+    temperatures.sort_by(|a, b| a.0.cmp(&b.0));
+    // Sent as f32: 0.8 reads back as 0.800000011920929.
+    let rounded: Vec<(String, f64)> = temperatures
+        .into_iter()
+        .map(|(part, t)| (part, (t * 100.0).round() / 100.0))
+        .collect();
+    assert_eq!(
+        rounded,
+        [
+            ("first".to_owned(), 0.0),
+            ("second".to_owned(), 0.8),
+            ("third".to_owned(), 0.8)
+        ]
+    );
+}

@@ -10,14 +10,12 @@ outputs and its own gate), never with the held-back answer.
     python eval/arithmetic.py --kubeswarm BIN --worker BIN --model FILE [--limit 30] [--n 1,3,5]
 """
 
-import argparse
 import random
 import re
 import sys
 import tempfile
-from pathlib import Path
 
-from common import Direct, kubeswarm_run, serving, summarize
+from common import Direct, arguments, kubeswarm_run, run, summarize
 
 
 PROMPT = (
@@ -120,23 +118,10 @@ def swarm(kubeswarm, url, question, n, strategy, max_tokens, workdir):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kubeswarm", required=True)
-    parser.add_argument("--worker", required=True, help="the inference-worker binary")
-    parser.add_argument("--model", required=True, help="the GGUF file every arm runs")
-    parser.add_argument("--limit", type=int, default=30, help="problems")
-    parser.add_argument("--n", default="1,3,5", help="subagent counts of the swarm arms")
-    parser.add_argument("--max-tokens", type=int, default=320)
-    parser.add_argument("--seed", type=int, default=2026)
+    parser = arguments(__doc__, limit=30, n="1,3,5", max_tokens=320)
     parser.add_argument("--strategies", default="vote,weightedVote",
                         help="selections of the N>1 arms (vote, weightedVote, bestOf)")
-    parser.add_argument("--out", default="eval-out")
-    args = parser.parse_args()
-    counts = [int(n) for n in args.n.split(",")]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with serving(args.worker, args.model, max(counts), out) as url:
-        run_arms(args, counts, url, out)
+    run(parser.parse_args(), run_arms)
 
 
 def run_arms(args, counts, url, out):

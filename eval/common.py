@@ -1,6 +1,7 @@
 """What both evals share: the direct call a user would write, a SwarmJob through
 `kubeswarm run`, the 95% interval, the table and the plot."""
 
+import argparse
 import contextlib
 import json
 import math
@@ -15,6 +16,29 @@ from openai import OpenAI
 # The project's helpers for starting a server and waiting for it (hack/lib/serving.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hack" / "lib"))
 from serving import free_port, wait_until_serving  # noqa: E402
+
+
+def arguments(doc, limit, n, max_tokens):
+    """The flags both evals take, with each one's defaults; add its own, then `run`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--kubeswarm", required=True)
+    parser.add_argument("--worker", required=True, help="the inference-worker binary")
+    parser.add_argument("--model", required=True, help="the GGUF file every arm runs")
+    parser.add_argument("--limit", type=int, default=limit, help="problems")
+    parser.add_argument("--n", default=n, help="subagent counts of the swarm arms")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--out", default="eval-out")
+    return parser
+
+
+def run(args, run_arms):
+    """One worker for every arm, then `run_arms(args, counts, url, out)`."""
+    counts = [int(n) for n in args.n.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with serving(args.worker, args.model, max(counts), out) as url:
+        run_arms(args, counts, url, out)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ network (`unshare -rn`, where the machine allows it) and a time limit.
     python eval/humaneval.py --kubeswarm BIN --worker BIN --model FILE [--limit 20] [--n 3]
 """
 
-import argparse
 import ast
 import gzip
 import importlib.resources
@@ -24,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import Direct, kubeswarm_run, serving, summarize
+from common import Direct, arguments, kubeswarm_run, run, summarize
 
 INSTRUCTION = (
     "Complete the following Python function. Reply with the complete function, including "
@@ -143,25 +142,12 @@ def job(problem, n, tests, repair, max_tokens, first="sampled"):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kubeswarm", required=True)
-    parser.add_argument("--worker", required=True, help="the inference-worker binary")
-    parser.add_argument("--model", required=True, help="the GGUF file every arm runs")
-    parser.add_argument("--limit", type=int, default=20, help="problems")
-    parser.add_argument("--n", default="3", help="subagent counts of the N>1 arms")
-    parser.add_argument("--max-tokens", type=int, default=384)
-    parser.add_argument("--seed", type=int, default=2026)
+    parser = arguments(__doc__, limit=20, n="3", max_tokens=768)
     parser.add_argument("--first-subagent", default="greedy", choices=["greedy", "sampled"],
                         help="fanOut.firstSubagent of the N>1 arms")
     parser.add_argument("--arms", default="direct,single,repair,swarm,matched",
                         help="which arms run: direct, single, repair, swarm (with its oracle), matched")
-    parser.add_argument("--out", default="eval-out")
-    args = parser.parse_args()
-    counts = [int(n) for n in args.n.split(",")]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with serving(args.worker, args.model, max(counts), out) as url:
-        run_arms(args, counts, url, out)
+    run(parser.parse_args(), run_arms)
 
 
 def run_arms(args, counts, url, out):

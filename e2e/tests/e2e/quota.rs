@@ -9,7 +9,9 @@ use kube::api::ListParams;
 use kubeswarm::api::{ModelPool, SwarmJob};
 
 use crate::bed::{Bed, all_gone, condition, delete_and_wait, json_condition, until};
-use crate::swarm::{finished, pool_spec, tenant, wait_available, wait_finished, wait_started};
+use crate::swarm::{
+    finished, pool_spec, swarm_job, tenant, wait_available, wait_finished, wait_started,
+};
 
 const ADMISSION_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -21,13 +23,10 @@ const ADMISSION_TIMEOUT: Duration = Duration::from_secs(120);
 /// `tokens`, which the job accepts.
 fn job(bed: &Bed, name: &str, gpus: u32, tokens: u32, extra: &str) -> String {
     let count = "'Write the numbers from 1 to 1000, separated by commas. Write nothing else.'";
-    format!(
-        r#"
-apiVersion: kubeswarm.dev/v1alpha1
-kind: SwarmJob
-metadata: {{name: {name}}}
-spec:
-  task: You write a long list for a counting game.
+    swarm_job(
+        name,
+        &format!(
+            r#"  task: You write a long list for a counting game.
   subtasks: [{count}, {count}, {count}, {count}]
   fanOut: {{pool: model, subagents: 4, maxConcurrency: 1, maxTokens: {tokens}, temperature: 0, timeoutSeconds: 300}}
   verification: {{mode: none, truncated: accept}}
@@ -35,7 +34,8 @@ spec:
   pools: [{{name: model, spec: {spec}}}]
   budget: {{deadlineSeconds: 900}}
 "#,
-        spec = pool_spec(bed, 1, gpus, extra),
+            spec = pool_spec(bed, 1, gpus, extra),
+        ),
     )
 }
 

@@ -93,13 +93,10 @@ fn job(bed: &Bed, name: &str, subagents: u32, concurrency: u32) -> String {
     .take(subagents as usize)
     .map(|s| format!("  - Describe a {s} in one sentence."))
     .collect();
-    format!(
-        r#"
-apiVersion: kubeswarm.dev/v1alpha1
-kind: SwarmJob
-metadata: {{name: {name}}}
-spec:
-  task: You write one short sentence for a picture book.
+    swarm_job(
+        name,
+        &format!(
+            r#"  task: You write one short sentence for a picture book.
   subtasks:
 {subtasks}
   fanOut: {{pool: worker, subagents: {subagents}, maxConcurrency: {concurrency}, maxTokens: 48, temperature: 0.2, timeoutSeconds: 300}}
@@ -110,9 +107,17 @@ spec:
   - {{name: gate, spec: {gate}}}
   budget: {{deadlineSeconds: 900}}
 "#,
-        subtasks = subtasks.join("\n"),
-        worker = pool_spec(bed, 2, 1, ""),
-        gate = pool_spec(bed, 1, 2, ""),
+            subtasks = subtasks.join("\n"),
+            worker = pool_spec(bed, 2, 1, ""),
+            gate = pool_spec(bed, 1, 2, ""),
+        ),
+    )
+}
+
+/// A SwarmJob manifest named `name`; `spec` is its spec, indented by two spaces.
+pub fn swarm_job(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: kubeswarm.dev/v1alpha1\nkind: SwarmJob\nmetadata: {{name: {name}}}\nspec:\n{spec}"
     )
 }
 

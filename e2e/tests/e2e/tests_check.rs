@@ -12,19 +12,16 @@ use kubeswarm::api::SwarmJob;
 use serde_json::Value;
 
 use crate::bed::{Bed, has_condition, json_condition, until};
-use crate::swarm::{JOB_TIMEOUT, finished, pool_spec, tenant};
+use crate::swarm::{JOB_TIMEOUT, finished, pool_spec, swarm_job, tenant};
 
 /// A job whose outputs go through `source` as a `tests` check. The 135M test model writes
 /// no code worth testing, so the prelude opens a string that the tests close: the output
 /// is data, and what the tests do alone decides the verdict.
 fn job(bed: &Bed, name: &str, subagents: u32, source: &str) -> String {
-    format!(
-        r#"
-apiVersion: kubeswarm.dev/v1alpha1
-kind: SwarmJob
-metadata: {{name: {name}}}
-spec:
-  task: Write the word hello.
+    swarm_job(
+        name,
+        &format!(
+            r#"  task: Write the word hello.
   fanOut: {{pool: worker, subagents: {subagents}, maxTokens: 12, temperature: 0, timeoutSeconds: 300}}
   verification:
     mode: none
@@ -40,7 +37,8 @@ spec:
   - {{name: worker, spec: {worker}}}
   budget: {{deadlineSeconds: 900}}
 "#,
-        worker = pool_spec(bed, 1, 1, ""),
+            worker = pool_spec(bed, 1, 1, ""),
+        ),
     )
 }
 

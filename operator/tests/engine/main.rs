@@ -84,6 +84,15 @@ async fn run_on(workers: &Mock, yaml: &str) -> Outcome {
     run_job(&spec(yaml), &pools, &Memory::default()).await
 }
 
+/// A job whose pools are `workers` and its gate, `gate`.
+async fn run_gated(workers: &Mock, gate: &Mock, spec: &SwarmJobSpec) -> Outcome {
+    let pools = pools(&[
+        ("workers", vec![workers.url.clone()]),
+        ("gate", vec![gate.url.clone()]),
+    ]);
+    run_job(spec, &pools, &Memory::default()).await
+}
+
 async fn run_with(
     spec: &SwarmJobSpec,
     pools: &BTreeMap<String, Arc<Pool>>,

@@ -23,15 +23,7 @@ async fn malformed_verdicts_are_asked_again_then_reported() {
     })
     .await;
     let job = spec(&FOUR.replace("synthesize", "collect"));
-    let outcome = run_job(
-        &job,
-        &pools(&[
-            ("workers", vec![workers.url.clone()]),
-            ("gate", vec![gate.url.clone()]),
-        ]),
-        &Memory::default(),
-    )
-    .await;
+    let outcome = run_gated(&workers, &gate, &job).await;
     let records = &outcome.checkpoint.subagents;
     assert!(records[&0].passed());
     assert_eq!(records[&0].verdict.as_ref().unwrap().score, Some(70));
@@ -134,15 +126,7 @@ async fn the_tests_run_the_outputs_code_and_a_failure_is_repaired_with_its_trace
     })
     .await;
     let gate = Mock::start("m", happy).await;
-    let outcome = run_job(
-        &spec(ADD),
-        &pools(&[
-            ("workers", vec![workers.url.clone()]),
-            ("gate", vec![gate.url.clone()]),
-        ]),
-        &Memory::default(),
-    )
-    .await;
+    let outcome = run_gated(&workers, &gate, &spec(ADD)).await;
     let records = &outcome.checkpoint.subagents;
     assert!(records[&0].passed() && !records[&0].repaired);
     assert!(

@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Container, Node, Pod};
+use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
@@ -182,6 +182,16 @@ async fn plays(nodes: &Api<Node>, node: &str, selector: &str) -> kube::Result<bo
     }))
 }
 
+/// A pod's spec and its one container (the bed's pods have one).
+fn spec_and_container(pod: &Pod) -> anyhow::Result<(&PodSpec, &Container)> {
+    let spec = pod.spec.as_ref().context("the pod has no spec")?;
+    let container = spec
+        .containers
+        .first()
+        .context("the pod has no container")?;
+    Ok((spec, container))
+}
+
 fn container_name(pod: &Pod) -> &str {
     pod.spec
         .as_ref()
@@ -197,11 +207,7 @@ struct Worker {
 
 impl Worker {
     async fn start(args: &Args, client: &Client, pod: &Pod, ip: &str) -> anyhow::Result<Self> {
-        let spec = pod.spec.as_ref().context("the pod has no spec")?;
-        let container = spec
-            .containers
-            .first()
-            .context("the pod has no container")?;
+        let (_, container) = spec_and_container(pod)?;
         let namespace = pod.namespace().unwrap_or_default();
         let dir = args
             .pods_dir
@@ -395,20 +401,25 @@ async fn set_ready(api: &Api<Pod>, pod: &str, container: &str, ready: bool) -> k
         .map(drop)
 }
 
+/// A container's status once it ended with `code`, as a kubelet reports it.
+fn terminated(container: &str, code: i32, message: &str) -> serde_json::Value {
+    json!({
+        "name": container,
+        "ready": false,
+        "started": false,
+        "state": {"running": null, "terminated": {
+            "exitCode": code,
+            "reason": if code == 0 { "Completed" } else { "Error" },
+            "message": message,
+            "finishedAt": k8s_openapi::jiff::Timestamp::now(),
+        }},
+    })
+}
+
 async fn report_exit(api: &Api<Pod>, pod: &str, container: &str, code: i32, message: &str) {
     let patch = json!({"status": {
         "conditions": [condition("Ready", false), condition("ContainersReady", false)],
-        "containerStatuses": [{
-            "name": container,
-            "ready": false,
-            "started": false,
-            "state": {"running": null, "terminated": {
-                "exitCode": code,
-                "reason": "Error",
-                "message": message,
-                "finishedAt": k8s_openapi::jiff::Timestamp::now(),
-            }},
-        }],
+        "containerStatuses": [terminated(container, code, message)],
     }});
     if let Err(err) = api
         .patch_status(pod, &PatchParams::default(), &Patch::Strategic(patch))

@@ -91,11 +91,7 @@ pub async fn serve(
 
 /// Runs the pod's container to its end: its exit code and termination message.
 async fn run(client: &Client, pod: &Pod, dir: &Path) -> anyhow::Result<(i32, String)> {
-    let spec = pod.spec.as_ref().context("the pod has no spec")?;
-    let container = spec
-        .containers
-        .first()
-        .context("the pod has no container")?;
+    let (spec, container) = super::spec_and_container(pod)?;
     let namespace = pod.namespace().unwrap_or_default();
     std::fs::create_dir_all(dir)?;
     let mut mounts = BTreeMap::new();
@@ -185,17 +181,7 @@ async fn report(api: &Api<Pod>, pod: &Pod, code: i32, message: &str) {
         .map_or("tests", |c| c.name.as_str());
     let patch = json!({"status": {
         "phase": if code == 0 { "Succeeded" } else { "Failed" },
-        "containerStatuses": [{
-            "name": container,
-            "ready": false,
-            "started": false,
-            "state": {"running": null, "terminated": {
-                "exitCode": code,
-                "reason": if code == 0 { "Completed" } else { "Error" },
-                "message": message,
-                "finishedAt": k8s_openapi::jiff::Timestamp::now(),
-            }},
-        }],
+        "containerStatuses": [super::terminated(container, code, message)],
     }});
     if let Err(err) = api
         .patch_status(

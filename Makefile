@@ -101,7 +101,7 @@ bench-rss: build ## Peak RSS of the caller when an endpoint answers with 1 GiB, 
 # which sets.
 EVAL_LIMIT ?= 10
 EVAL_N ?= 1,3
-EVAL_CODE_LIMIT ?= 20
+EVAL_CODE_LIMIT ?= 10
 EVAL_CODE_N ?= 3
 EVAL_SETS ?= arithmetic humaneval
 .PHONY: eval

@@ -5,7 +5,8 @@
 //! Layer: engine. Uses `api` and the helpers (`telemetry`); knows nothing of Kubernetes
 //! clients, controllers or local mode. This module is the engine's public face: a `Job` (the inputs) runs with
 //! `execute` to an `Outcome`, telling an `Observer` its `Event`s. The steps live one per
-//! file: `plan`, `subagent`, `verify`, `aggregate`, over the state of a run in `run`.
+//! file: `plan`, `subagent`, `verify`, `aggregate`, over the state of a run in `run`. Code
+//! that a `tests` check runs goes to the `Sandbox` the job is given (`sandbox`), never here.
 
 pub(crate) mod aggregate;
 mod answer;

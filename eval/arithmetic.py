@@ -95,7 +95,7 @@ def last_number(text):
     return int(value) if value == int(value) else value
 
 
-def swarm(kubeswarm, url, question, n, strategy, max_tokens, workdir):
+def swarm(kubeswarm, url, question, n, strategy, max_tokens, workdir, first="sampled"):
     """One SwarmJob through `kubeswarm run`: its answer, every subagent's output, usage."""
     spec = {
         "task": PROMPT + question,
@@ -106,6 +106,7 @@ def swarm(kubeswarm, url, question, n, strategy, max_tokens, workdir):
             # One subagent decodes greedily, like the direct call; a vote needs variety.
             "temperature": 0.0 if n == 1 else 0.7,
             "timeoutSeconds": 600,
+            "firstSubagent": first,
         },
         "verification": {"mode": "none"},
         "aggregation": {"strategy": strategy},
@@ -121,6 +122,8 @@ def main():
     parser = arguments(__doc__, limit=30, n="1,3,5", max_tokens=320)
     parser.add_argument("--strategies", default="vote,weightedVote",
                         help="selections of the N>1 arms (vote, weightedVote, bestOf)")
+    parser.add_argument("--first-subagent", default="sampled", choices=["greedy", "sampled"],
+                        help="fanOut.firstSubagent of the N>1 arms")
     run(parser.parse_args(), run_arms)
 
 
@@ -143,7 +146,7 @@ def run_arms(args, counts, url, out):
             for strategy in strategies:
                 with tempfile.TemporaryDirectory() as work:
                     result = swarm(args.kubeswarm, url, problem["question"], n,
-                                   strategy, args.max_tokens, work)
+                                   strategy, args.max_tokens, work, args.first_subagent)
                 arm = "kubeswarm, 1 subagent" if n == 1 else f"kubeswarm {strategy}, N={n}"
                 score(arm, problem, result, n, f"kubeswarm {strategy}")
                 if strategy == "vote" and n > 1:

@@ -93,6 +93,20 @@ bench-engine: third-party ## The swarm engine's calls/s and added latency agains
 bench-rss: build ## Peak RSS of the caller when an endpoint answers with 1 GiB, against a polite endpoint
 	python3 operator/benches/endpoint_rss.py --kubeswarm $(KUBESWARM)
 
+# Images without a container engine (hack/images): OCI layouts of the operator and the CPU
+# worker on a base of pinned Debian packages, tagged with the chart's appVersion.
+IMAGES := $(KUBESWARM_CACHE)/images/out
+.PHONY: images
+images: build ## Build the operator and CPU-worker images as OCI layouts, no container engine needed
+	hack/images --out $(IMAGES)
+
+# `make push REGISTRY=registry.corp/kubeswarm` pushes REGISTRY/kubeswarm:TAG and
+# REGISTRY/inference-worker:TAG with crane (credentials: crane auth login, or docker's config).
+.PHONY: push
+push: build ## Build the images and push them to REGISTRY (e.g. make push REGISTRY=registry.corp/kubeswarm)
+	@[ -n "$(REGISTRY)" ] || { echo "make push: set REGISTRY, e.g. make push REGISTRY=registry.corp/kubeswarm" >&2; exit 2; }
+	hack/images --out $(IMAGES) --push $(REGISTRY)
+
 # Does the swarm help? A benchmark, not a test: every swarm arm runs through `kubeswarm run`
 # beside a direct call of the same model, on generated multi-step word problems and on a
 # sample of HumanEval (selected by the docstring's examples as a `tests` check, graded by
@@ -127,8 +141,8 @@ e2e: build $(MODEL) e2e-tools ## Run the end-to-end tests on a local control pla
 	cd e2e && CARGO_MANIFEST_DIR=$$PWD KUBESWARM_TEST_MODEL=$(MODEL) $$bin $(E2E_ARGS)
 
 .PHONY: e2e-tools
-e2e-tools: ## Build the e2e control plane's binaries (Kubernetes, etcd, KWOK, Kueue) into the cache
-	for tool in kubernetes etcd kwok kueue; do hack/install-tool $$tool >/dev/null; done
+e2e-tools: ## Build the e2e control plane's binaries (Kubernetes, etcd, KWOK, Kueue, crane, a registry) into the cache
+	for tool in kubernetes etcd kwok kueue crane registry; do hack/install-tool $$tool >/dev/null; done
 
 # A control plane to look at by hand: `make cluster-up`, then the KUBECONFIG it prints.
 CLUSTER_DIR ?= $(KUBESWARM_CACHE)/cluster

@@ -9,6 +9,7 @@
 mod bed;
 mod cel;
 mod columns;
+mod images;
 mod quota;
 mod swarm;
 mod tenancy;
@@ -32,6 +33,9 @@ const TESTS: &[(&str, Scenario)] = &[
     }),
     ("printer_columns_and_explain", |b| {
         Box::pin(columns::printer_columns_and_explain(b))
+    }),
+    ("the_bed_runs_the_images_hack_images_builds", |b| {
+        Box::pin(images::are_what_the_bed_runs(b))
     }),
     ("tenants_cannot_leave_their_boundary", |b| {
         Box::pin(tenancy::attempts_to_leave_the_boundary_are_refused(b))

@@ -264,6 +264,11 @@ pub async fn runs_to_completion(bed: &Bed) -> anyhow::Result<()> {
         pods == 3,
         "expected 3 worker pods (2 workers, 1 gate), checked {pods}"
     );
+    let from_images = crate::images::worker_pods_run_their_images(bed, &ns).await?;
+    ensure!(
+        from_images == 3,
+        "expected 3 worker pods run from their images, checked {from_images}"
+    );
     workers_refuse_calls_without_their_token(bed, &ns).await?;
 
     let jobs: Api<SwarmJob> = Api::namespaced(bed.client.clone(), &ns);

@@ -2,15 +2,17 @@
 //! SwarmJobs' `tests` checks (`tests_pods`).
 //!
 //! KWOK gives a pod bound to a fake node the Running phase and an address from the node's
-//! pod CIDR (inside 127.0.0.0/8). This process starts the real `inference-worker` for each
-//! such worker pod, listening on that address, with the pod's arguments and environment and
-//! its volumes mapped to directories here; it marks the pod Ready when the worker's
-//! readiness endpoint answers, as the readiness probe would, reports an exited worker in
-//! the container's status, and stops the worker when its pod goes.
+//! pod CIDR (inside 127.0.0.0/8). This process runs each such worker pod's image, pulled
+//! from the bed's registry (`e2e/lib/run_image.py`), listening on that address, with the
+//! pod's arguments, environment, user and read-only root, and its volumes bind-mounted at
+//! their mount paths; it marks the pod Ready when the worker's readiness endpoint answers,
+//! as the readiness probe would, reports an exited worker in the container's status, and
+//! stops the worker when its pod goes.
 
 mod tests_pods;
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -29,9 +31,15 @@ use tracing::{info, warn};
 
 #[derive(Parser)]
 struct Args {
-    /// The inference-worker binary every worker pod runs, whatever its image.
+    /// The image runner, `e2e/lib/run_image.py`.
     #[arg(long)]
-    worker: PathBuf,
+    run_image: PathBuf,
+    /// go-containerregistry's crane, which the runner pulls images with.
+    #[arg(long)]
+    crane: PathBuf,
+    /// Where the runner extracts pulled images, one folder per digest.
+    #[arg(long)]
+    images_dir: PathBuf,
     /// Where each pod gets a directory: its log, its pid, its emptyDir volumes.
     #[arg(long)]
     pods_dir: PathBuf,
@@ -214,15 +222,55 @@ impl Worker {
             .join(format!("{namespace}_{}", pod.name_any()));
         std::fs::create_dir_all(&dir)?;
         let mounts = mounts(pod, container, &dir)?;
-        let argv: Vec<String> = container
-            .args
-            .iter()
-            .flatten()
-            .map(|arg| in_this_host(arg, ip, &mounts))
-            .collect();
-        let mut command = Command::new(&args.worker);
+        let image = container
+            .image
+            .as_deref()
+            .context("the container names no image")?;
+        let mut command = Command::new("python3");
         command
-            .args(&argv)
+            .arg(&args.run_image)
+            .arg("--crane")
+            .arg(&args.crane)
+            .arg("--store")
+            .arg(&args.images_dir);
+        let (user, group) = run_as(pod, container);
+        if let Some(user) = user {
+            command.arg(format!("--user={user}:{}", group.unwrap_or(user)));
+        }
+        let security = container.security_context.as_ref();
+        let pod_security = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+        if security
+            .and_then(|s| s.run_as_non_root)
+            .or(pod_security.and_then(|s| s.run_as_non_root))
+            == Some(true)
+        {
+            command.arg("--non-root");
+        }
+        if security.and_then(|s| s.read_only_root_filesystem) == Some(true) {
+            command.arg("--read-only");
+        }
+        for (target, (source, read_only)) in &mounts {
+            let mode = if *read_only { ":ro" } else { "" };
+            command.arg(format!("--bind={}:{target}{mode}", source.display()));
+        }
+        for var in container.env.iter().flatten() {
+            if let Some(value) = &var.value {
+                command.arg(format!("--env={}={value}", var.name));
+            }
+        }
+        for part in container.command.iter().flatten() {
+            command.arg(format!("--command={part}"));
+        }
+        command
+            .arg(image)
+            .arg("--")
+            .args(
+                container
+                    .args
+                    .iter()
+                    .flatten()
+                    .map(|arg| on_pod_ip(arg, ip)),
+            )
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.join("log"))?)
             .stderr(
@@ -230,18 +278,9 @@ impl Worker {
                     .append(true)
                     .open(dir.join("log"))?,
             );
-        for var in container.env.iter().flatten() {
-            if let Some(value) = &var.value {
-                command.env(&var.name, value);
-            }
-        }
-        // The worker's scratch files go to the volume the pod mounts at /tmp.
-        if let Some(tmp) = mounts.get("/tmp") {
-            command.env("TMPDIR", tmp);
-        }
         let child = command
             .spawn()
-            .with_context(|| format!("starting {}", args.worker.display()))?;
+            .with_context(|| format!("starting {}", args.run_image.display()))?;
         let pid = child.id();
         if let Some(pid) = pid {
             std::fs::write(dir.join("pid"), pid.to_string())?;
@@ -286,12 +325,13 @@ impl Worker {
     }
 }
 
-/// The pod's mount paths and the directories here that stand in for their volumes.
+/// The pod's mount paths, each with the directory here that stands in for its volume and
+/// whether it is mounted read-only. Sorted by path, so a mount lands before any inside it.
 fn mounts(
     pod: &Pod,
     container: &Container,
     dir: &Path,
-) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+) -> anyhow::Result<BTreeMap<String, (PathBuf, bool)>> {
     let volumes = pod
         .spec
         .as_ref()
@@ -308,6 +348,8 @@ fn mounts(
         } else if volume.empty_dir.is_some() {
             let path = dir.join("volumes").join(&volume.name);
             std::fs::create_dir_all(&path)?;
+            // As the kubelet makes an emptyDir: writable by whatever user the pod runs as.
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777))?;
             path
         } else {
             bail!(
@@ -315,29 +357,39 @@ fn mounts(
                 volume.name
             );
         };
-        mounts.insert(mount.mount_path.clone(), path);
+        mounts.insert(
+            mount.mount_path.clone(),
+            (path, mount.read_only.unwrap_or(false)),
+        );
     }
     Ok(mounts)
 }
 
-/// An argument as it reads on this host: the listen address on the pod's IP, and paths
-/// under a mount in the directory that stands in for it.
-fn in_this_host(arg: &str, ip: &str, mounts: &BTreeMap<String, PathBuf>) -> String {
-    let Some((flag, value)) = arg.split_once('=') else {
-        return arg.to_owned();
-    };
-    if flag == "--listen" {
-        let port = value.rsplit_once(':').map_or("8000", |(_, port)| port);
-        return format!("{flag}={ip}:{port}");
-    }
-    for (mount, path) in mounts.iter().rev() {
-        if let Some(rest) = value.strip_prefix(mount.as_str())
-            && (rest.is_empty() || rest.starts_with('/'))
-        {
-            return format!("{flag}={}{rest}", path.display());
+/// An argument as the pod's process sees it: the listen address on the pod's IP, which
+/// on a real node would be the pod's own network namespace.
+fn on_pod_ip(arg: &str, ip: &str) -> String {
+    match arg.split_once('=') {
+        Some(("--listen", value)) => {
+            let port = value.rsplit_once(':').map_or("8000", |(_, port)| port);
+            format!("--listen={ip}:{port}")
         }
+        _ => arg.to_owned(),
     }
-    arg.to_owned()
+}
+
+/// The user and group the pod's securityContext asks for (the container's over the pod's);
+/// None leaves the image's.
+fn run_as(pod: &Pod, container: &Container) -> (Option<i64>, Option<i64>) {
+    let pod = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+    let container = container.security_context.as_ref();
+    (
+        container
+            .and_then(|s| s.run_as_user)
+            .or(pod.and_then(|s| s.run_as_user)),
+        container
+            .and_then(|s| s.run_as_group)
+            .or(pod.and_then(|s| s.run_as_group)),
+    )
 }
 
 /// Probes readiness until the worker exits, writing each change to the pod's status, and

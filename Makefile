@@ -58,7 +58,7 @@ run: build $(MODEL) ## Run the gallery SwarmJob locally: SmolLM2-135M subagents,
 # The e2e suite (e2e/tests/e2e) is one of the test binaries: it starts its own control plane
 # from these tools, built from the Go module proxy once per machine.
 .PHONY: test
-test: lint $(HELM) $(MODEL) e2e-tools ## Run every check: format, clippy, unit, API, worker and e2e tests, CRD drift, chart
+test: lint cuda-pins $(HELM) $(MODEL) e2e-tools ## Run every check: format, clippy, unit, API, worker and e2e tests, CRD drift, chart
 	HELM=$(HELM) KUBESWARM_TEST_MODEL=$(MODEL) $(CARGO) test $(PROFILE) --locked $(SELECT) --all-targets
 
 .PHONY: lint
@@ -77,7 +77,7 @@ kueue-types: ## Regenerate the Kueue Workload and ResourceFlavor Rust types (kop
 	operator/src/kueue/generate
 
 .PHONY: bench
-bench: bench-worker bench-engine bench-rss ## Run every benchmark
+bench: bench-worker bench-engine bench-rss bench-gpu-cpu ## Run every benchmark (bench-gpu packs the GPU one)
 
 .PHONY: bench-worker
 bench-worker: build $(MODEL) ## The inference worker against llama.cpp's server: same file, same threads
@@ -93,19 +93,68 @@ bench-engine: third-party ## The swarm engine's calls/s and added latency agains
 bench-rss: build ## Peak RSS of the caller when an endpoint answers with 1 GiB, against a polite endpoint
 	python3 operator/benches/endpoint_rss.py --kubeswarm $(KUBESWARM)
 
+# The GPU benchmark (inference-worker/bench/gpu.py) travels to a GPU machine as bench-gpu/:
+# the CUDA worker and kubeswarm, xz-compressed. There, with no Rust and no network, it makes
+# a random-weight model of BENCH_SHAPE's shape and drives the worker with the swarm engine.
+BENCH_SHAPE ?= qwen3-30b-a3b
+BENCH_GPU_ARGS ?= --concurrency 1,10,32,64 --max-tokens 256 --bandwidth-gbs 4800
+.PHONY: bench-gpu
+bench-gpu: build build-cuda ## Pack the GPU benchmark into bench-gpu/ and print the command to run on a GPU machine
+	rm -rf bench-gpu && mkdir bench-gpu
+	xz -T2 -6 -c $(CUDA_WORKER) >bench-gpu/inference-worker.xz
+	xz -T2 -6 -c $(KUBESWARM) >bench-gpu/kubeswarm.xz
+	@echo "bench-gpu: bring bench-gpu/ ($$(du -sm bench-gpu | cut -f1) MiB) with the repository; on the GPU machine run:"
+	@echo "  python3 inference-worker/bench/gpu.py --worker bench-gpu/inference-worker.xz" \
+	  "--kubeswarm bench-gpu/kubeswarm.xz --shape $(BENCH_SHAPE) $(BENCH_GPU_ARGS) --out \$$OUT"
+
+# The same flow here, on the CPU worker and a tiny random model: what a GPU run will do,
+# checked before a GPU's minutes are spent on it.
+.PHONY: bench-gpu-cpu
+bench-gpu-cpu: build ## Run the GPU benchmark's whole flow here on the CPU, on a tiny random model
+	rm -rf bench-gpu-cpu && mkdir bench-gpu-cpu
+	xz -T2 -1 -c $(WORKER) >bench-gpu-cpu/inference-worker.xz
+	xz -T2 -1 -c $(KUBESWARM) >bench-gpu-cpu/kubeswarm.xz
+	python3 inference-worker/bench/gpu.py --worker bench-gpu-cpu/inference-worker.xz \
+	  --kubeswarm bench-gpu-cpu/kubeswarm.xz --shape tiny --device cpu --concurrency 1,4 \
+	  --max-tokens 64 --bandwidth-gbs 20 --work bench-gpu-cpu/work --out bench-gpu-cpu/out
+
 # Images without a container engine (hack/images): OCI layouts of the operator and the CPU
 # worker on a base of pinned Debian packages, tagged with the chart's appVersion.
 IMAGES := $(KUBESWARM_CACHE)/images/out
 .PHONY: images
 images: build ## Build the operator and CPU-worker images as OCI layouts, no container engine needed
-	hack/images --out $(IMAGES)
+	hack/images --out $(IMAGES) $(foreach w,$(wildcard $(KUBESWARM_CACHE)/cuda/inference-worker-sm*),--cuda-worker $(w))
 
 # `make push REGISTRY=registry.corp/kubeswarm` pushes REGISTRY/kubeswarm:TAG and
 # REGISTRY/inference-worker:TAG with crane (credentials: crane auth login, or docker's config).
 .PHONY: push
 push: build ## Build the images and push them to REGISTRY (e.g. make push REGISTRY=registry.corp/kubeswarm)
 	@[ -n "$(REGISTRY)" ] || { echo "make push: set REGISTRY, e.g. make push REGISTRY=registry.corp/kubeswarm" >&2; exit 2; }
-	hack/images --out $(IMAGES) --push $(REGISTRY)
+	hack/images --out $(IMAGES) $(foreach w,$(wildcard $(KUBESWARM_CACHE)/cuda/inference-worker-sm*),--cuda-worker $(w)) --push $(REGISTRY)
+
+# The CUDA worker, compiled on a machine with no GPU: the toolkit comes from NVIDIA's PyPI
+# wheels (hack/install-tool cuda, CUDA 13.0). mistral.rs's kernels compile for one GPU
+# generation per build: 90 for H100/H200 (sm_90a), 80 for A100 and, binary-compatible,
+# A10/A40 (8.6) and L4/L40S (8.9). Its own target directory: the feature set differs, and
+# sharing one would rebuild mistral.rs for the CPU build after each CUDA one.
+CUDA_COMPUTE_CAP ?= 90
+CUDA_WORKER := $(KUBESWARM_CACHE)/cuda/inference-worker-sm$(CUDA_COMPUTE_CAP)
+.PHONY: build-cuda
+build-cuda: third-party ## Compile the CUDA worker here, no GPU needed (CUDA_COMPUTE_CAP=90 or 80)
+	toolkit=$$(hack/install-tool cuda); \
+	PATH="$$toolkit/bin:$$PATH" CUDA_HOME="$$toolkit" CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) \
+	  CARGO_TARGET_DIR=$(KUBESWARM_CACHE)/target-cuda \
+	  $(CARGO) build --release --locked -p inference-worker --features cuda
+	mkdir -p $(dir $(CUDA_WORKER))
+	cp $(KUBESWARM_CACHE)/target-cuda/release/inference-worker $(CUDA_WORKER)
+	@echo "build-cuda: $(CUDA_WORKER); it needs libcuda.so.1 (driver 580+) and the toolkit's libraries at run time"
+
+# The CUDA build is too long for CI (see the README); what CI checks is that PyPI still
+# serves every pinned wheel of its toolkit, from their metadata alone (a few seconds).
+.PHONY: cuda-pins
+cuda-pins: ## Check that PyPI still serves the CUDA toolkit wheels make build-cuda pins
+	python3 -m pip install --dry-run --no-deps --ignore-installed --disable-pip-version-check \
+	  --no-cache-dir --quiet $(subst ",,$(CUDA_WHEELS))
 
 # Does the swarm help? A benchmark, not a test: every swarm arm runs through `kubeswarm run`
 # beside a direct call of the same model, on generated multi-step word problems and on a

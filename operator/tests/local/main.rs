@@ -392,3 +392,53 @@ spec:
     assert_eq!(usage["result"]["reason"], "AggregationFailed", "{usage}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `make bench-gpu`'s benchmark, whole, as a GPU machine will run it (a random-weight model
+/// written there, the worker started on it, the engine driving it through `kubeswarm run`,
+/// figures from the worker's metrics), here on the CPU and a tiny shape: a GPU's few
+/// minutes are not spent finding a broken script.
+#[test]
+fn the_gpu_benchmark_runs_end_to_end_on_a_tiny_random_model() {
+    let dir = scratch("bench-gpu");
+    let kubeswarm = Path::new(env!("CARGO_BIN_EXE_kubeswarm"));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = Command::new("python3")
+        .arg(root.join("inference-worker/bench/gpu.py"))
+        .arg("--worker")
+        .arg(kubeswarm.with_file_name("inference-worker"))
+        .arg("--kubeswarm")
+        .arg(kubeswarm)
+        .args(["--shape", "tiny", "--device", "cpu", "--concurrency", "1,3"])
+        .args(["--max-tokens", "32", "--bandwidth-gbs", "20"])
+        .arg("--work")
+        .arg(dir.join("work"))
+        .arg("--out")
+        .arg(dir.join("out"))
+        .output()
+        .expect("running python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let figures: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("out/bench-gpu.json")).unwrap()).unwrap();
+    let levels = figures["levels"].as_array().expect("levels");
+    assert_eq!(levels.len(), 2, "{figures:#}");
+    for (level, concurrency) in levels.iter().zip([1, 3]) {
+        assert_eq!(level["concurrency"], concurrency);
+        // Every subagent's call reached the worker and decoded.
+        assert!(
+            level["completion_tokens"].as_u64().unwrap() >= concurrency,
+            "{level}"
+        );
+        assert!(
+            level["aggregate_tokens_per_second"].as_f64().unwrap() > 0.0,
+            "{level}"
+        );
+        let fraction = level["roofline_fraction"].as_f64().unwrap();
+        assert!(fraction > 0.0 && fraction <= 1.0, "{level}");
+    }
+    let table = std::fs::read_to_string(dir.join("out/bench-gpu.md")).unwrap();
+    assert!(table.contains("| 3 |"), "{table}");
+}

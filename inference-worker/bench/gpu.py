@@ -1,0 +1,230 @@
+"""`make bench-gpu`: the worker's throughput on one GPU, driven by the swarm engine itself.
+
+Writes a random-weight GGUF of a real model's shape (random_gguf.py), starts the worker on
+it, and at each concurrency C runs a SwarmJob of C subagents through `kubeswarm run`
+against the worker (the engine's own client, C calls at once, every answer max_tokens
+long). From the worker's own metrics, per level:
+
+- aggregate tokens/s: completion tokens over the job's wall time (prefill included);
+- decode tokens/s per sequence, from the worker's per-token times, and C times that;
+- prompt time (the worker's time to first token, queueing excluded), mean;
+- the memory-bandwidth roofline: a decoding step reads every active weight once, so
+  tokens/s <= C * bandwidth / bytes read per step (for MoE, the experts C random tokens
+  pick), and the fraction of it decoding reached.
+
+Standard library only: it runs on the GPU machine (Python 3, the CUDA driver, PyTorch's
+CUDA libraries) and, with --device cpu and the tiny shape, here.
+
+    python3 gpu.py --worker BIN --kubeswarm BIN --shape llama3-8b --out DIR
+"""
+
+import argparse
+import glob
+import http.client
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1] / "hack" / "lib"))
+import random_gguf  # noqa: E402
+from serving import free_port, wait_until_serving  # noqa: E402
+
+
+def say(line):
+    print(f"bench-gpu: {line}", file=sys.stderr, flush=True)
+
+
+def cuda_libraries():
+    """Folders of the CUDA libraries the worker links (cudart, cuBLAS, cuRAND, NVRTC) in the
+    Python installations here: PyTorch's CUDA wheels ship them."""
+    folders = []
+    for site in sys.path + glob.glob("/usr/local/lib/python3*/dist-packages") + glob.glob(
+        "/usr/lib/python3*/dist-packages"
+    ):
+        for lib in sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib"))) + glob.glob(
+            os.path.join(site, "torch", "lib")
+        ):
+            if lib not in folders:
+                folders.append(lib)
+    return folders
+
+
+def unpacked(binary, work):
+    """The binary itself, or, for BINARY.xz (as make bench-gpu packs them to travel), the
+    binary decompressed into the work folder."""
+    if not binary.endswith(".xz"):
+        return binary
+    target = work / Path(binary).name.removesuffix(".xz")
+    with lzma.open(binary) as packed, open(target, "wb") as out:
+        shutil.copyfileobj(packed, out, 1 << 20)
+    target.chmod(0o755)
+    return str(target)
+
+
+def missing_libraries(binary, env):
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, env=env).stdout
+    return [line.split()[0] for line in out.splitlines() if "not found" in line]
+
+
+def metrics(port):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    values = {}
+    for line in conn.getresponse().read().decode().splitlines():
+        if line.startswith("kubeswarm_worker_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def delta(before, after, name):
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+def job(concurrency, max_tokens):
+    subtasks = ", ".join(json.dumps(f"Chapter {i + 1}: the storm, told by voice {i + 1}.") for i in range(concurrency))
+    return (
+        "apiVersion: kubeswarm.dev/v1alpha1\nkind: SwarmJob\n"
+        f"metadata: {{name: bench-c{concurrency}}}\n"
+        "spec:\n"
+        "  task: Write a long story about a lighthouse keeper in a storm.\n"
+        f"  subtasks: [{subtasks}]\n"
+        f"  fanOut: {{pool: workers, subagents: {concurrency}, maxConcurrency: {concurrency}, "
+        f"maxTokens: {max_tokens}, temperature: 1.0}}\n"
+        "  verification: {mode: none}\n"
+        "  aggregation: {strategy: collect}\n"
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", required=True, help="the inference-worker binary (CUDA build on a GPU), or BIN.xz")
+    parser.add_argument("--kubeswarm", required=True, help="the kubeswarm binary, whose engine drives the load, or BIN.xz")
+    parser.add_argument("--shape", choices=sorted(random_gguf.SHAPES), default="llama3-8b")
+    parser.add_argument("--concurrency", default="1,10,32,64")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--bandwidth-gbs", type=float, default=4800.0,
+                        help="the device's memory bandwidth in GB/s (H200: 4800, H100 SXM: 3350)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--work", default="/tmp/kubeswarm-bench-gpu", help="where the model and runs go")
+    parser.add_argument("--out", required=True, help="where the figures go (bench-gpu.json, bench-gpu.md)")
+    parser.add_argument("--deadline", type=float, default=450.0,
+                        help="seconds after which no further concurrency level starts")
+    args = parser.parse_args()
+    started = time.monotonic()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    args.worker, args.kubeswarm = unpacked(args.worker, work), unpacked(args.kubeswarm, work)
+    model = work / f"random-{args.shape}.gguf"
+    if not model.exists():
+        random_gguf.write(model.with_suffix(".part"), args.shape)
+        model.with_suffix(".part").rename(model)
+    env = dict(os.environ)
+    if args.device == "cuda":
+        env["LD_LIBRARY_PATH"] = ":".join(cuda_libraries() + [env.get("LD_LIBRARY_PATH", "")])
+    missing = missing_libraries(args.worker, env)
+    if missing:
+        sys.exit(f"bench-gpu: {args.worker} cannot find {', '.join(missing)}: install PyTorch's CUDA "
+                 "13 wheels (or the CUDA toolkit) here, or set LD_LIBRARY_PATH to their folders")
+
+    port = free_port()
+    command = [args.worker, "--model-path", str(work), "--gguf-file", model.name, "--listen", f"127.0.0.1:{port}",
+               "--served-model-name", "bench", "--max-seqs", str(max(levels)),
+               "--max-tokens-cap", str(args.max_tokens)]
+    if args.device == "cpu":
+        command.append("--cpu")
+    log = open(out / "worker.log", "w")
+    loading = time.monotonic()
+    worker = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_until_serving(port, worker, "/ready", timeout=300)
+        load_seconds = time.monotonic() - loading
+        say(f"worker ready on {args.shape} in {load_seconds:.1f}s ({args.device})")
+        per_step = random_gguf.weight_bytes(args.shape)
+        rows = []
+        for c in levels:
+            if time.monotonic() - started > args.deadline:
+                say(f"skipping concurrency {c}: past the {args.deadline:.0f}s deadline")
+                continue
+            manifest = work / f"job-c{c}.yaml"
+            manifest.write_text(job(c, args.max_tokens))
+            before = metrics(port)
+            began = time.monotonic()
+            run = subprocess.run(
+                [args.kubeswarm, "run", str(manifest), "--pool", f"workers=http://127.0.0.1:{port}/v1",
+                 "--out", str(work / "runs")],
+                capture_output=True, text=True,
+            )
+            wall = time.monotonic() - began
+            after = metrics(port)
+            # Exit 3: the job ran, and its answers, all cut off at maxTokens as random
+            # weights make them, failed verification. Anything else is a failure.
+            if run.returncode not in (0, 3):
+                sys.exit(f"bench-gpu: kubeswarm run at concurrency {c} exited {run.returncode}:\n{run.stderr[-2000:]}")
+            tokens = delta(before, after, "kubeswarm_worker_completion_tokens_total")
+            itl = delta(before, after, "kubeswarm_worker_inter_token_latency_seconds_sum") / max(
+                delta(before, after, "kubeswarm_worker_inter_token_latency_seconds_count"), 1)
+            ttft = delta(before, after, "kubeswarm_worker_time_to_first_token_seconds_sum") / max(
+                delta(before, after, "kubeswarm_worker_time_to_first_token_seconds_count"), 1)
+            per_sequence = 1 / itl if itl else 0.0
+            roofline = c * args.bandwidth_gbs * 1e9 / per_step(c)
+            row = {
+                "concurrency": c,
+                "completion_tokens": int(tokens),
+                "wall_seconds": round(wall, 2),
+                "aggregate_tokens_per_second": round(tokens / wall, 1),
+                "decode_tokens_per_second_per_sequence": round(per_sequence, 1),
+                "decode_tokens_per_second": round(c * per_sequence, 1),
+                "mean_prompt_seconds": round(ttft, 3),
+                "weight_gb_read_per_step": round(per_step(c) / 1e9, 2),
+                "roofline_tokens_per_second": round(roofline, 1),
+                "roofline_fraction": round(c * per_sequence / roofline, 3),
+            }
+            rows.append(row)
+            say(json.dumps(row))
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    result = {
+        "shape": args.shape,
+        "device": args.device,
+        "bandwidth_gbs": args.bandwidth_gbs,
+        "max_tokens": args.max_tokens,
+        "model_gb": round(model.stat().st_size / 1e9, 2),
+        "load_seconds": round(load_seconds, 1),
+        "levels": rows,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    (out / "bench-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = [
+        f"{args.shape} ({result['model_gb']} GB, random 4-bit weights) on {args.device}, "
+        f"max_tokens {args.max_tokens}, roofline at {args.bandwidth_gbs:.0f} GB/s",
+        "",
+        "| concurrency | aggregate tok/s | decode tok/s per sequence | decode tok/s | mean prompt s | roofline tok/s | of roofline |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ] + [
+        f"| {r['concurrency']} | {r['aggregate_tokens_per_second']} | {r['decode_tokens_per_second_per_sequence']} "
+        f"| {r['decode_tokens_per_second']} | {r['mean_prompt_seconds']} | {r['roofline_tokens_per_second']} "
+        f"| {r['roofline_fraction']:.1%} |"
+        for r in rows
+    ]
+    (out / "bench-gpu.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    say(f"done in {result['seconds']:.0f}s; figures in {out}")
+
+
+if __name__ == "__main__":
+    main()

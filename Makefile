@@ -121,16 +121,19 @@ bench-gpu-cpu: build ## Run the GPU benchmark's whole flow here on the CPU, on a
 # Images without a container engine (hack/images): OCI layouts of the operator and the CPU
 # worker on a base of pinned Debian packages, tagged with the chart's appVersion.
 IMAGES := $(KUBESWARM_CACHE)/images/out
+# CUDA workers to image too, by name, e.g. CUDA_WORKERS=$(KUBESWARM_CACHE)/cuda/inference-worker-sm90
+# after `make build-cuda`: never picked up on their own, as one may be from an older commit.
+CUDA_WORKERS ?=
 .PHONY: images
 images: build ## Build the operator and CPU-worker images as OCI layouts, no container engine needed
-	hack/images --out $(IMAGES) $(foreach w,$(wildcard $(KUBESWARM_CACHE)/cuda/inference-worker-sm*),--cuda-worker $(w))
+	hack/images --out $(IMAGES) $(foreach w,$(CUDA_WORKERS),--cuda-worker $(w))
 
 # `make push REGISTRY=registry.corp/kubeswarm` pushes REGISTRY/kubeswarm:TAG and
 # REGISTRY/inference-worker:TAG with crane (credentials: crane auth login, or docker's config).
 .PHONY: push
 push: build ## Build the images and push them to REGISTRY (e.g. make push REGISTRY=registry.corp/kubeswarm)
 	@[ -n "$(REGISTRY)" ] || { echo "make push: set REGISTRY, e.g. make push REGISTRY=registry.corp/kubeswarm" >&2; exit 2; }
-	hack/images --out $(IMAGES) $(foreach w,$(wildcard $(KUBESWARM_CACHE)/cuda/inference-worker-sm*),--cuda-worker $(w)) --push $(REGISTRY)
+	hack/images --out $(IMAGES) $(foreach w,$(CUDA_WORKERS),--cuda-worker $(w)) --push $(REGISTRY)
 
 # The CUDA worker, compiled on a machine with no GPU: the toolkit comes from NVIDIA's PyPI
 # wheels (hack/install-tool cuda, CUDA 13.0). mistral.rs's kernels compile for one GPU
@@ -154,7 +157,7 @@ build-cuda: third-party ## Compile the CUDA worker here, no GPU needed (CUDA_COM
 .PHONY: cuda-pins
 cuda-pins: ## Check that PyPI still serves the CUDA toolkit wheels make build-cuda pins
 	python3 -m pip install --dry-run --no-deps --ignore-installed --disable-pip-version-check \
-	  --no-cache-dir --quiet $(subst ",,$(CUDA_WHEELS))
+	  --no-cache-dir --quiet --report /dev/null $(subst ",,$(CUDA_WHEELS))
 
 # Does the swarm help? A benchmark, not a test: every swarm arm runs through `kubeswarm run`
 # beside a direct call of the same model, on generated multi-step word problems and on a

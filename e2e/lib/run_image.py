@@ -4,8 +4,13 @@ the root (read-only when the pod asks), the user from the pod or the image, the 
 environment, and the pod's volumes bind-mounted at their mount paths. A broken image (a
 missing library, a root user, a wrong entrypoint) fails here as it would on a node.
 
-    python3 run_image.py --crane CRANE --store DIR [--user UID:GID] [--non-root] [--read-only]
-        [--bind SRC:DST[:ro]]... [--env NAME=VALUE]... [--command PATH]... IMAGE [-- ARGS...]
+    python3 run_image.py --crane CRANE --store DIR [--user UID[:GID]] [--non-root] [--read-only]
+        [--bind SRC:DST[:ro]]... [--env NAME=VALUE]... [--env-from NAME]... [--command PATH]...
+        IMAGE [-- ARGS...]
+
+--env-from passes a variable of this process's environment on, so that secrets stay out of
+the command line (which /proc shows every user). Mount paths must be absolute, without
+`..`, and resolve inside the image's root.
 
 The process keeps this one's pid (unshare and chroot exec), so whoever started it can
 signal the container's process. The network is the host's: the bed's pods listen on
@@ -52,7 +57,10 @@ def pull(args):
             shutil.rmtree(root, ignore_errors=True)
             os.makedirs(root)
             export = subprocess.Popen([args.crane, "export", pinned, "-"], stdout=subprocess.PIPE)
-            untar = subprocess.run(["tar", "-x", "-p", "--numeric-owner", "-C", root], stdin=export.stdout)
+            untar = subprocess.Popen(["tar", "-x", "-p", "--numeric-owner", "-C", root], stdin=export.stdout)
+            # tar holds the pipe now: if it stops early, crane gets EPIPE instead of blocking.
+            export.stdout.close()
+            untar.wait()
             if export.wait() != 0 or untar.returncode != 0:
                 fail(f"could not export {pinned}")
             with open(os.path.join(root, ".config.json"), "wb") as config:
@@ -99,6 +107,18 @@ def numeric(root, spec):
     return uid, gid
 
 
+def inside_root(root, target):
+    """Where a mount path lands in the image's root, refusing one that would leave it (`..`,
+    or a symlink of the image's that points out), as runtimes resolve mount targets."""
+    if not target.startswith("/") or ".." in target.split("/"):
+        fail(f"mount path {target!r} must be absolute and free of '..'")
+    path = os.path.join(root, target.lstrip("/"))
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([os.path.realpath(path), real_root]) != real_root:
+        fail(f"mount path {target!r} leaves the image's root")
+    return path
+
+
 def mount(*args):
     if subprocess.run(["mount", *args]).returncode != 0:
         fail(f"mount {' '.join(args)} failed")
@@ -119,7 +139,7 @@ def inside(args, root, config):
         mount("-o", "remount,bind,ro", os.path.join(root, name))
     for bind in args.bind:
         source, target, *mode = bind.split(":")
-        path = os.path.join(root, target.lstrip("/"))
+        path = inside_root(root, target)
         if os.path.isdir(source):
             os.makedirs(path, exist_ok=True)
         elif not os.path.exists(path):
@@ -136,6 +156,7 @@ def inside(args, root, config):
         fail("container has runAsNonRoot and the image will run as root")
     env = dict(item.split("=", 1) for item in config.get("Env") or [])
     env.update(item.split("=", 1) for item in args.env)
+    env.update((name, os.environ[name]) for name in args.env_from if name in os.environ)
     command = args.command or config.get("Entrypoint") or []
     argv = command + (args.args if args.args or args.command else config.get("Cmd") or [])
     if not argv:
@@ -169,11 +190,16 @@ def main():
     parser.add_argument("--read-only", action="store_true", help="readOnlyRootFilesystem")
     parser.add_argument("--bind", action="append", default=[], metavar="SRC:DST[:ro]")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--env-from", action="append", default=[], metavar="NAME")
     parser.add_argument("--command", action="append", default=[], help="overrides the entrypoint")
     parser.add_argument("--inside", help=argparse.SUPPRESS)
     parser.add_argument("image")
-    parser.add_argument("args", nargs="*")
-    args = parser.parse_args()
+    # The container's arguments are everything after the first `--`, verbatim (argparse
+    # would drop any later `--` among them).
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.args = argv[split + 1:]
     if args.inside:
         with open(os.path.join(args.inside, ".config.json")) as config:
             inside(args, args.inside, json.load(config).get("config") or {})
@@ -182,7 +208,7 @@ def main():
     os.execvp(
         "unshare",
         ["unshare", "--mount", "--propagation", "private", sys.executable, os.path.abspath(__file__),
-         "--inside", root, *sys.argv[1:]],
+         "--inside", root, *argv],
     )
 
 

@@ -20,6 +20,7 @@ CUDA libraries) and, with --device cpu and the tiny shape, here.
 
 import argparse
 import glob
+import hashlib
 import http.client
 import json
 import lzma
@@ -42,8 +43,8 @@ def say(line):
 
 
 def cuda_libraries():
-    """Folders of the CUDA libraries the worker links (cudart, cuBLAS, cuRAND, NVRTC) in the
-    Python installations here: PyTorch's CUDA wheels ship them."""
+    """Folders of the CUDA libraries the worker links (cudart, cuBLAS, cuRAND) in the Python
+    installations here: PyTorch's CUDA wheels ship them."""
     folders = []
     for site in sys.path + glob.glob("/usr/local/lib/python3*/dist-packages") + glob.glob(
         "/usr/lib/python3*/dist-packages"
@@ -125,13 +126,16 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
 
     args.worker, args.kubeswarm = unpacked(args.worker, work), unpacked(args.kubeswarm, work)
-    model = work / f"random-{args.shape}.gguf"
+    # Named by the generator's own hash, so a changed generator writes the model again.
+    version = hashlib.sha256((HERE / "random_gguf.py").read_bytes()).hexdigest()[:12]
+    model = work / f"random-{args.shape}-{version}.gguf"
     if not model.exists():
         random_gguf.write(model.with_suffix(".part"), args.shape)
         model.with_suffix(".part").rename(model)
     env = dict(os.environ)
     if args.device == "cuda":
-        env["LD_LIBRARY_PATH"] = ":".join(cuda_libraries() + [env.get("LD_LIBRARY_PATH", "")])
+        # No empty entry: it would put the current folder on the search path.
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in cuda_libraries() + [env.get("LD_LIBRARY_PATH", "")] if p)
     missing = missing_libraries(args.worker, env)
     if missing:
         sys.exit(f"bench-gpu: {args.worker} cannot find {', '.join(missing)}: install PyTorch's CUDA "
@@ -181,6 +185,8 @@ def main():
             row = {
                 "concurrency": c,
                 "completion_tokens": int(tokens),
+                # Whether answers ran to max_tokens, as the roofline comparison assumes.
+                "of_max_tokens": round(tokens / (c * args.max_tokens), 3),
                 "wall_seconds": round(wall, 2),
                 "aggregate_tokens_per_second": round(tokens / wall, 1),
                 "decode_tokens_per_second_per_sequence": round(per_sequence, 1),

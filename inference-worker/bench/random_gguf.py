@@ -8,8 +8,8 @@ Shapes: `tiny` (a CPU test), `llama3-8b` (dense), `qwen3-30b-a3b` (MoE, 3.3B act
 30.5B; mistral.rs 0.8.1 runs MoE GGUF on CUDA only). Every matrix is Q4_K (4.5 bits a
 weight), norms F32, the router Q8_0. Standard library only, about a second per GB.
 
-The weights are w = d * (q - 8) with random 4-bit q and d giving a standard deviation of
-0.02, so activations and logits stay finite. The output rows of the end-of-text tokens are
+The weights are w = d * (q - 7.5) with random 4-bit q (zero mean) and d giving a standard
+deviation of 0.02, so activations and logits stay finite and centred on 0. The output rows of the end-of-text tokens are
 zero, so their logit is 0 against a maximum near 4 over the vocabulary: answers run to
 max_tokens, as a benchmark needs (mistral.rs has no ignore_eos). The tokenizer is a GPT-2
 byte-level BPE of the shape's vocabulary size (bytes, then merged pairs), with ChatML.
@@ -178,10 +178,13 @@ def data(dims, kind, rng, pool):
         d = struct.pack("<e", SIGMA / 73.9)
         buf[0::block], buf[1::block] = d[:1] * blocks, d[1:] * blocks
         return buf
-    # Q4_K: d, dmin, then the eight 6-bit scales and mins packed in 12 bytes: every scale 1
-    # and every min 8, so w = d * q - d * 8 with q uniform in 0..15 (std 4.61).
-    d = struct.pack("<e", SIGMA / 4.61)
-    for offset, byte in enumerate(d + d + bytes([1, 1, 1, 1, 8, 8, 8, 8, 0x81, 0x81, 0x81, 0x81])):
+    # Q4_K: d, dmin, then the eight 6-bit scales and mins packed in 12 bytes (bytes 0-3 the
+    # low scales, 4-7 the low mins, 8-11 the high ones' low bits): every scale 1, dmin d/2
+    # and every min 15, so w = d * q - d / 2 * 15 = d * (q - 7.5), q uniform in 0..15
+    # (mean 0, std 4.61).
+    d = SIGMA / 4.61
+    head = struct.pack("<ee", d, d / 2) + bytes([1, 1, 1, 1, 15, 15, 15, 15, 0xF1, 0xF1, 0xF1, 0xF1])
+    for offset, byte in enumerate(head):
         buf[offset::block] = bytes([byte]) * blocks
     return buf
 

@@ -1,7 +1,7 @@
 //! The images `hack/images` builds without a container engine are what the bed runs: the
 //! chart installs them from the bed's registry, the operator and every worker pod run from
-//! their pulled filesystems as the image's non-root user on a read-only root, and a
-//! rebuild from the same binaries gives the same digests.
+//! their pulled filesystems as the image's non-root user on a read-only root, a broken
+//! image does not run, and a rebuild from the same binaries gives the same digests.
 
 use std::path::Path;
 use std::process::Command;
@@ -89,6 +89,30 @@ pub async fn are_what_the_bed_runs(bed: &Bed) -> anyhow::Result<()> {
     );
     let pid = std::fs::read_to_string(bed.dir.join("pids/operator"))?;
     runs_from(bed, pid.trim(), &image).context("the operator")?;
+
+    // A broken image fails here as on a node: the worker's, with a root user or an
+    // entrypoint that is not in it.
+    let worker = format!("{registry}/inference-worker:{version}");
+    for (flag, value, error) in [
+        ("--user", "0:0", "runAsNonRoot"),
+        ("--entrypoint", "/usr/local/bin/absent", "No such file"),
+    ] {
+        let broken = format!("{registry}/inference-worker:broken-{}", &flag[2..]);
+        crane(bed, &["mutate", &worker, flag, value, "-t", &broken])?;
+        let out = Command::new("python3")
+            .arg(repo_root().join("e2e/lib/run_image.py"))
+            .arg("--crane")
+            .arg(&bed.env["CRANE"])
+            .arg("--store")
+            .arg(bed.dir.join("images"))
+            .args(["--non-root", &broken, "--", "--version"])
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && stderr.contains(error),
+            "{broken} ({flag} {value}) ran: {stderr}"
+        );
+    }
 
     // Rebuilt from the same binaries and commit, with no cached layer: the same bytes.
     let out = bed.dir.join("rebuilt");

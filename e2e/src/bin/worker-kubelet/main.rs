@@ -40,6 +40,10 @@ struct Args {
     /// Where the runner extracts pulled images, one folder per digest.
     #[arg(long)]
     images_dir: PathBuf,
+    /// A folder of this host that pods may mount by hostPath (repeatable); any other
+    /// hostPath fails the pod, as the kubelet runs pods as root on this machine.
+    #[arg(long)]
+    allow_host_path: Vec<PathBuf>,
     /// Where each pod gets a directory: its log, its pid, its emptyDir volumes.
     #[arg(long)]
     pods_dir: PathBuf,
@@ -221,7 +225,7 @@ impl Worker {
             .pods_dir
             .join(format!("{namespace}_{}", pod.name_any()));
         std::fs::create_dir_all(&dir)?;
-        let mounts = mounts(pod, container, &dir)?;
+        let mounts = mounts(pod, container, &dir, &args.allow_host_path)?;
         let image = container
             .image
             .as_deref()
@@ -233,20 +237,20 @@ impl Worker {
             .arg(&args.crane)
             .arg("--store")
             .arg(&args.images_dir);
-        let (user, group) = run_as(pod, container);
-        if let Some(user) = user {
-            command.arg(format!("--user={user}:{}", group.unwrap_or(user)));
-        }
-        let security = container.security_context.as_ref();
-        let pod_security = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
-        if security
-            .and_then(|s| s.run_as_non_root)
-            .or(pod_security.and_then(|s| s.run_as_non_root))
+        // Without a group, the runner takes the user's own from the image's /etc/passwd.
+        match run_as(pod, container) {
+            (Some(user), Some(group)) => command.arg(format!("--user={user}:{group}")),
+            (Some(user), None) => command.arg(format!("--user={user}")),
+            (None, _) => &mut command,
+        };
+        // Never root, whatever the pod asks: these processes run on this host.
+        command.arg("--non-root");
+        if container
+            .security_context
+            .as_ref()
+            .and_then(|s| s.read_only_root_filesystem)
             == Some(true)
         {
-            command.arg("--non-root");
-        }
-        if security.and_then(|s| s.read_only_root_filesystem) == Some(true) {
             command.arg("--read-only");
         }
         for (target, (source, read_only)) in &mounts {
@@ -331,6 +335,7 @@ fn mounts(
     pod: &Pod,
     container: &Container,
     dir: &Path,
+    allowed: &[PathBuf],
 ) -> anyhow::Result<BTreeMap<String, (PathBuf, bool)>> {
     let volumes = pod
         .spec
@@ -344,7 +349,19 @@ fn mounts(
             .find(|v| v.name == mount.name)
             .with_context(|| format!("volume {} is not in the pod", mount.name))?;
         let path = if let Some(host) = &volume.host_path {
-            PathBuf::from(&host.path)
+            let path = PathBuf::from(&host.path);
+            if !allowed.iter().any(|folder| path.starts_with(folder))
+                || path
+                    .components()
+                    .any(|c| c == std::path::Component::ParentDir)
+            {
+                bail!(
+                    "volume {}: hostPath {} is not a folder this kubelet lets pods mount",
+                    volume.name,
+                    host.path
+                );
+            }
+            path
         } else if volume.empty_dir.is_some() {
             let path = dir.join("volumes").join(&volume.name);
             std::fs::create_dir_all(&path)?;

@@ -6,7 +6,8 @@ use std::process::Command;
 use serde::Deserialize;
 use serde_json::Value;
 
-fn repo_root() -> PathBuf {
+/// The repository's root, read when the test runs.
+pub fn repo_root() -> PathBuf {
     // Read when the test runs: clones share one target directory (see support.rs).
     PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
         .join("..")

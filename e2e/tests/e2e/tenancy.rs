@@ -262,24 +262,7 @@ async fn worker_pods_pass_the_restricted_standard(bed: &Bed) -> anyhow::Result<(
         worker_key: "a key of at least thirty-two characters".to_owned(),
         models_limit: kubeswarm::swarm::MAX_MODELS_BYTES,
     };
-    let mut pools = Vec::new();
-    for entry in std::fs::read_dir(crate::bed::repo_root().join("examples"))? {
-        let text = std::fs::read_to_string(entry?.path())?;
-        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-            let value: Value = serde::Deserialize::deserialize(doc)?;
-            let specs: Vec<Value> = match value["kind"].as_str() {
-                Some("ModelPool") => vec![value["spec"].clone()],
-                Some("SwarmJob") => value["spec"]["pools"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|p| p["spec"].clone())
-                    .collect(),
-                _ => continue,
-            };
-            pools.extend(specs.into_iter().filter(|s| s.get("model").is_some()));
-        }
-    }
+    let pools = kubeswarm_test_support::examples::worker_pool_specs();
     ensure!(
         pools.len() >= 2,
         "only {} example pools run workers",

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference};
 use kube::Resource;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use sha2::{Digest, Sha256};
@@ -155,6 +155,33 @@ pub(crate) async fn apply_status<K: Child>(
     )
     .await
     .map_err(api_error("apply status of", K::kind(&()), name))
+}
+
+/// A status change, written and announced: `new` goes to `object`'s status (unless equal to
+/// `old`, as `conditions::merge` keeps transition times for what did not change) and each
+/// condition that changed becomes an Event as `desired` asks. Returns the stored object,
+/// None when there was nothing to write.
+pub(crate) async fn write_status<K: Child, S: serde::Serialize + PartialEq>(
+    api: &Api<K>,
+    object: &K,
+    recorder: &kube::runtime::events::Recorder,
+    (old, new): (&S, &S),
+    conditions: (&[Condition], &[Condition]),
+    desired: &[crate::conditions::Desired],
+) -> Result<Option<K>, ApiError> {
+    if old == new {
+        return Ok(None);
+    }
+    let stored = apply_status(api, &kube::ResourceExt::name_any(object), new).await?;
+    crate::conditions::announce(
+        recorder,
+        &object.object_ref(&()),
+        conditions.0,
+        conditions.1,
+        desired,
+    )
+    .await;
+    Ok(Some(stored))
 }
 
 /// A typed object with apiVersion and kind set, for server-side apply.

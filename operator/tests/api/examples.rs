@@ -5,38 +5,11 @@ use std::collections::BTreeSet;
 
 use kube::CustomResourceExt;
 use kubeswarm::api::{ModelPool, SwarmJob};
-use serde::Deserialize;
 use serde_json::Value;
 
-use crate::support::{cel_errors, repo_root};
+use kubeswarm_test_support::examples::{Doc, documents as examples};
 
-struct Doc {
-    file: String,
-    value: Value,
-}
-
-fn examples() -> Vec<Doc> {
-    let mut docs = Vec::new();
-    let mut paths: Vec<_> = std::fs::read_dir(repo_root().join("examples"))
-        .expect("examples/ exists")
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
-        .collect();
-    paths.sort();
-    for path in paths {
-        let text = std::fs::read_to_string(&path).expect("readable");
-        let file = path.file_name().unwrap().to_string_lossy().into_owned();
-        for document in serde_yaml_ng::Deserializer::from_str(&text) {
-            let value = Value::deserialize(document).unwrap_or_else(|e| panic!("{file}: {e}"));
-            docs.push(Doc {
-                file: file.clone(),
-                value,
-            });
-        }
-    }
-    assert!(docs.len() >= 10, "examples/ lost its manifests");
-    docs
-}
+use crate::support::cel_errors;
 
 fn key(doc: &Value) -> (String, String, String) {
     let field = |p: &str| {

@@ -33,7 +33,7 @@ use self::build::Settings;
 use crate::api::{ModelPool, ModelPoolStatus};
 use crate::conditions::{self, Desired};
 use crate::controllers::children::{
-    ApiError, Child, api_error, apply_if_changed, apply_status, create, delete,
+    ApiError, Child, api_error, apply_if_changed, create, delete, write_status,
 };
 use crate::controllers::{Backoff, api_keys, key};
 use crate::kueue::{self, ResourceFlavor, Workload};
@@ -357,25 +357,22 @@ impl<'a> Reconciler<'a> {
                 .map(|_| format!("{}={}", pool_contract::POOL_LABEL, self.pool.name_any())),
             observed_generation: generation,
         };
-        // merge keeps transition times when nothing changed, so an unchanged status
-        // compares equal and is not written.
-        if old == new {
-            return Ok(());
-        }
-        let name = self.pool.name_any();
-        apply_status(&self.api::<ModelPool>(), &name, &new).await?;
-        let reference = self.pool.object_ref(&());
-        conditions::announce(
+        let written = write_status(
+            &self.api::<ModelPool>(),
+            self.pool,
             &self.ctx.recorder,
-            &reference,
-            &old.conditions,
-            &new.conditions,
+            (&old, &new),
+            (&old.conditions, &new.conditions),
             &desired,
         )
-        .await;
-        self.ctx
-            .metrics
-            .pool_conditions(&self.namespace, &name, &new.conditions);
+        .await?;
+        if written.is_some() {
+            self.ctx.metrics.pool_conditions(
+                &self.namespace,
+                &self.pool.name_any(),
+                &new.conditions,
+            );
+        }
         Ok(())
     }
 }

@@ -3,8 +3,8 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::api::{Patch, PatchParams};
-use kube::{Resource, ResourceExt};
 use serde_json::json;
 
 use super::progress::State;
@@ -12,7 +12,7 @@ use super::status::{self, Admission};
 use super::{Error, FINALIZER, Reconciler, store};
 use crate::api::{ResultReference, SwarmJob, SwarmJobStatus};
 use crate::conditions::{self, Desired};
-use crate::controllers::children::{api_error, apply_status};
+use crate::controllers::children::{api_error, write_status};
 use crate::swarm;
 
 /// How a job ended: its outcome, when, and the start of its answer for the status.
@@ -110,22 +110,18 @@ impl Reconciler<'_> {
                 _ => None,
             },
         };
-        // merge keeps transition times when nothing changed, so an unchanged status
-        // compares equal and is not written.
-        if *old == new {
-            return Ok(new);
-        }
-        let stored = apply_status(&self.api::<SwarmJob>(), &self.job.name_any(), &new).await?;
-        self.wrote(&stored);
-        let reference = self.job.object_ref(&());
-        conditions::announce(
+        if let Some(stored) = write_status(
+            &self.api::<SwarmJob>(),
+            self.job,
             &self.ctx.recorder,
-            &reference,
-            &old.conditions,
-            &new.conditions,
+            (old, &new),
+            (&old.conditions, &new.conditions),
             &desired,
         )
-        .await;
+        .await?
+        {
+            self.wrote(&stored);
+        }
         Ok(new)
     }
 }

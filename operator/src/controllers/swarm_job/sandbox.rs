@@ -17,7 +17,6 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, ObjectMeta, Patch, PatchParams};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -25,9 +24,16 @@ use super::store::Kind;
 use crate::api::SwarmJob;
 use crate::controllers::FIELD_MANAGER;
 use crate::controllers::children::{self, controller_owner};
-use crate::swarm::sandbox::{Exit, Program, Ran, Sandbox, SandboxError};
+use crate::swarm::sandbox::{Program, Ran, Sandbox, SandboxError};
 
 /// The runner the pod executes, mounted beside the programs.
+mod build;
+mod report;
+
+use build::deadline;
+pub use build::{Batch, batch_name, build_job, build_policy};
+use report::{PodState, controlled_by, failed_condition, pod_state, read_report};
+
 const RUNNER: &str = include_str!("tests_runner.py");
 /// The label of a SwarmJob's test pods, which its NetworkPolicy selects.
 pub const TESTS_OF: &str = "kubeswarm.dev/tests-of";
@@ -389,276 +395,6 @@ fn broken(what: &str, err: kube::Error) -> SandboxError {
         what: what.to_owned(),
         source: Some(Box::new(err)),
     }
-}
-
-/// A batch's name: the job's, cut to fit, and a hash of the job's uid and the programs,
-/// so a name is never reused by another batch or another job.
-pub fn batch_name(job: &str, uid: &str, programs: &[&Program]) -> String {
-    let sources: Vec<(&str, u64)> = programs
-        .iter()
-        .map(|p| (p.source.as_str(), p.timeout.as_secs()))
-        .collect();
-    format!(
-        "{}-tests-{}",
-        prefix(job, 40),
-        children::hash(&(uid, sources))
-    )
-}
-
-/// The start of a job's name, cut where a child's name may end (not at `-` or `.`).
-fn prefix(job: &str, length: usize) -> String {
-    let cut: String = job.chars().take(length).collect();
-    cut.trim_end_matches(['-', '.']).to_owned()
-}
-
-/// Seconds a batch may take: its programs one after the other, and its pod's start.
-fn deadline(programs: &[&Program]) -> u64 {
-    START_SECONDS
-        + programs
-            .iter()
-            .map(|p| p.timeout.as_secs() + 2)
-            .sum::<u64>()
-}
-
-/// What a batch's Job is built from.
-pub struct Batch<'a> {
-    pub name: &'a str,
-    pub job: &'a str,
-    pub uid: &'a str,
-    pub image: &'a str,
-    pub settings: &'a Settings,
-    pub kind: Kind,
-    pub deadline: u64,
-}
-
-/// The Job of one batch: one pod, never retried, restricted, read-only but for /tmp.
-pub fn build_job(
-    batch: &Batch<'_>,
-    owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
-) -> Job {
-    let volume_source = match batch.kind {
-        Kind::ConfigMap => json!({"configMap": {"name": batch.name}}),
-        Kind::Secret => json!({"secret": {"secretName": batch.name}}),
-    };
-    let mut volume = json!({"name": "programs"});
-    volume
-        .as_object_mut()
-        .expect("an object")
-        .extend(volume_source.as_object().expect("an object").clone());
-    let labels = children::labels([
-        (TESTS_OF, batch.uid.to_owned()),
-        ("app.kubernetes.io/component", "tests".to_owned()),
-    ]);
-    serde_json::from_value(json!({
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": batch.name,
-            "labels": labels,
-            "ownerReferences": [owner],
-            "annotations": {"kubeswarm.dev/swarm-job": batch.job},
-        },
-        "spec": {
-            "backoffLimit": 0,
-            "activeDeadlineSeconds": batch.deadline,
-            "ttlSecondsAfterFinished": 300,
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": false,
-                    "enableServiceLinks": false,
-                    "securityContext": {
-                        "runAsNonRoot": true,
-                        "runAsUser": 65532,
-                        "runAsGroup": 65532,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [{
-                        "name": "tests",
-                        "image": batch.image,
-                        "command": ["python3", "-I", "-B", "/kubeswarm/run.py"],
-                        "workingDir": "/tmp",
-                        "terminationMessagePolicy": "File",
-                        "resources": {
-                            "requests": {"cpu": batch.settings.cpu, "memory": batch.settings.memory},
-                            "limits": {"cpu": batch.settings.cpu, "memory": batch.settings.memory},
-                        },
-                        "securityContext": {
-                            "allowPrivilegeEscalation": false,
-                            "readOnlyRootFilesystem": true,
-                            "capabilities": {"drop": ["ALL"]},
-                        },
-                        "volumeMounts": [
-                            {"name": "programs", "mountPath": "/kubeswarm", "readOnly": true},
-                            {"name": "scratch", "mountPath": "/tmp"},
-                        ],
-                    }],
-                    "volumes": [
-                        volume,
-                        {"name": "scratch", "emptyDir": {"sizeLimit": "64Mi"}},
-                    ],
-                },
-            },
-        },
-    }))
-    .expect("a valid Job")
-}
-
-/// Denies a job's test pods every connection, both ways.
-pub fn build_policy(
-    job: &str,
-    uid: &str,
-    owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference,
-) -> NetworkPolicy {
-    // The uid's hash keeps jobs whose names start alike apart.
-    let uid_hash = children::hash(&uid);
-    serde_json::from_value(json!({
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": {
-            "name": format!("{}-tests-{}", prefix(job, 40), &uid_hash[..8]),
-            "labels": children::labels([(TESTS_OF, uid.to_owned())]),
-            "ownerReferences": [owner],
-        },
-        "spec": {
-            "podSelector": {"matchLabels": {TESTS_OF: uid}},
-            "policyTypes": ["Ingress", "Egress"],
-        },
-    }))
-    .expect("a valid NetworkPolicy")
-}
-
-/// Whether the pod is the batch Job's (by uid: a Job deleted and made again under the
-/// same name is another).
-fn controlled_by(pod: &Pod, job_uid: &str) -> bool {
-    pod.owner_references()
-        .iter()
-        .any(|o| o.kind == "Job" && o.uid == job_uid && o.controller == Some(true))
-}
-
-enum PodState {
-    Running,
-    /// The container ended: its termination message, and how it ended.
-    Terminated {
-        message: String,
-        how: String,
-    },
-    /// An image that does not run: `lasting` when no retry can change that (a malformed
-    /// name), else a pull that failed and may work later.
-    BadImage {
-        why: String,
-        lasting: bool,
-    },
-}
-
-/// Where a test pod is: its container's end and message, or an image that will never run.
-fn pod_state(pod: &Pod) -> PodState {
-    let Some(container) = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|c| c.first())
-    else {
-        return PodState::Running;
-    };
-    let state = container.state.as_ref();
-    if let Some(terminated) = state.and_then(|s| s.terminated.as_ref()) {
-        return PodState::Terminated {
-            message: terminated.message.clone().unwrap_or_default(),
-            how: format!(
-                "{}, exit code {}",
-                terminated.reason.as_deref().unwrap_or("no reason"),
-                terminated.exit_code
-            ),
-        };
-    }
-    match state.and_then(|s| s.waiting.as_ref()) {
-        Some(waiting) => {
-            let reason = waiting.reason.as_deref().unwrap_or_default();
-            let why = format!(
-                "{reason}: {}",
-                waiting.message.as_deref().unwrap_or_default()
-            );
-            match reason {
-                "InvalidImageName" | "ErrImageNeverPull" => {
-                    PodState::BadImage { why, lasting: true }
-                }
-                "ErrImagePull" | "ImagePullBackOff" => PodState::BadImage {
-                    why,
-                    lasting: false,
-                },
-                _ => PodState::Running,
-            }
-        }
-        None => PodState::Running,
-    }
-}
-
-fn failed_condition(job: &Job) -> Option<String> {
-    job.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == "Failed" && c.status == "True")
-        .map(|c| {
-            format!(
-                "{}: {}",
-                c.reason.as_deref().unwrap_or_default(),
-                c.message.as_deref().unwrap_or_default()
-            )
-        })
-}
-
-/// One program's line of the runner's report.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Reported {
-    exit: Option<i32>,
-    signal: Option<i32>,
-    #[serde(default)]
-    timed_out: bool,
-    /// The runner saw the program's marker line, which it leaves out of `printout`.
-    finished: bool,
-    #[serde(default)]
-    printout: String,
-}
-
-/// The runner's report, one entry per program in order. The report is the pod's word,
-/// from a container that ran model-written code: anything but one well-formed entry per
-/// program is a broken batch, never a pass.
-pub fn read_report(message: &str, programs: &[&Program]) -> Result<Vec<Ran>, SandboxError> {
-    let unreadable = |why: String| SandboxError::Broken {
-        what: format!("the test pod's report is unreadable: {why}"),
-        source: None,
-    };
-    let reported: Vec<Reported> =
-        serde_json::from_str(message).map_err(|err| unreadable(err.to_string()))?;
-    if reported.len() != programs.len() {
-        return Err(unreadable(format!(
-            "{} entries for {} programs",
-            reported.len(),
-            programs.len()
-        )));
-    }
-    reported
-        .into_iter()
-        .zip(programs)
-        .map(|(r, program)| {
-            let exit = match (r.timed_out, r.exit, r.signal) {
-                (true, None, None) => Exit::TimedOut,
-                (false, Some(code), None) => Exit::Code(code),
-                (false, None, Some(signal)) => Exit::Signal(signal),
-                _ => {
-                    return Err(unreadable(
-                        "an entry says more than one way it ended".to_owned(),
-                    ));
-                }
-            };
-            Ok(program.judge(exit, r.finished, &r.printout))
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -37,21 +37,32 @@ pub fn documents() -> Vec<Doc> {
     docs
 }
 
-/// The specs of every example pool that runs workers (has a `model`): ModelPools, and the
-/// pools SwarmJobs bring in `spec.pools`.
-pub fn worker_pool_specs() -> Vec<Value> {
+/// The spec of every example pool, with its file's name: ModelPools, and the pools
+/// SwarmJobs bring in `spec.pools`.
+pub fn pool_specs() -> Vec<(String, Value)> {
     documents()
         .into_iter()
-        .flat_map(|Doc { value, .. }| match value["kind"].as_str() {
-            Some("ModelPool") => vec![value["spec"].clone()],
-            Some("SwarmJob") => value["spec"]["pools"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|p| p["spec"].clone())
-                .collect(),
-            _ => Vec::new(),
+        .flat_map(|Doc { file, value }| {
+            let specs = match value["kind"].as_str() {
+                Some("ModelPool") => vec![value["spec"].clone()],
+                Some("SwarmJob") => value["spec"]["pools"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| p["spec"].clone())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            specs.into_iter().map(move |spec| (file.clone(), spec))
         })
+        .collect()
+}
+
+/// The specs of the example pools that run workers (have a `model`).
+pub fn worker_pool_specs() -> Vec<Value> {
+    pool_specs()
+        .into_iter()
+        .map(|(_, spec)| spec)
         .filter(|spec| spec.get("model").is_some())
         .collect()
 }

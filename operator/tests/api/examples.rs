@@ -7,7 +7,7 @@ use kube::CustomResourceExt;
 use kubeswarm::api::{ModelPool, SwarmJob};
 use serde_json::Value;
 
-use kubeswarm_test_support::examples::{Doc, documents as examples};
+use kubeswarm_test_support::examples::{Doc, documents as examples, pool_specs};
 
 use crate::support::cel_errors;
 
@@ -167,23 +167,11 @@ fn example_pools_pass_the_default_tenancy_policy_with_the_allowance_they_documen
     };
     let worker = "ghcr.io/kubeswarm/inference-worker:0.1.0";
     let mut checked = 0;
-    for Doc { file, value } in examples() {
-        let specs: Vec<Value> = match value["kind"].as_str() {
-            Some("ModelPool") => vec![value["spec"].clone()],
-            Some("SwarmJob") => value["spec"]["pools"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|p| p["spec"].clone())
-                .collect(),
-            _ => continue,
-        };
-        for spec in specs {
-            let spec: kubeswarm::api::ModelPoolSpec = serde_json::from_value(spec).unwrap();
-            let denied = policy.check(&spec, worker);
-            assert!(denied.is_empty(), "{file}: {denied:?}");
-            checked += 1;
-        }
+    for (file, spec) in pool_specs() {
+        let spec: kubeswarm::api::ModelPoolSpec = serde_json::from_value(spec).unwrap();
+        let denied = policy.check(&spec, worker);
+        assert!(denied.is_empty(), "{file}: {denied:?}");
+        checked += 1;
     }
     assert!(checked >= 3, "only {checked} pools checked");
 }

@@ -35,15 +35,16 @@ def fail(message):
     sys.exit(f"run_image: {message}")
 
 
-def crane(args, *command, stdout=subprocess.PIPE):
-    done = subprocess.run([args.crane, *command], stdout=stdout, stderr=subprocess.PIPE)
+def crane(args, *command):
+    done = subprocess.run([args.crane, *command], capture_output=True)
     if done.returncode != 0:
         fail(f"crane {' '.join(command)}: {done.stderr.decode().strip()}")
     return done.stdout
 
 
 def pull(args):
-    """The image's root filesystem and config, extracted once per digest under --store."""
+    """The image's root filesystem, with its config in .config.json, extracted once per
+    digest under --store."""
     digest = crane(args, "digest", args.image).decode().strip()
     repository = args.image.rsplit("@", 1)[0]
     if ":" in repository.rsplit("/", 1)[-1]:
@@ -72,8 +73,7 @@ def pull(args):
                 if not os.path.exists(os.path.join(root, name)):
                     open(os.path.join(root, name), "w").close()
             open(os.path.join(root, ".pulled"), "w").close()
-    with open(os.path.join(root, ".config.json")) as config:
-        return root, json.load(config).get("config") or {}
+    return root
 
 
 def numeric(root, spec):
@@ -204,7 +204,7 @@ def main():
         with open(os.path.join(args.inside, ".config.json")) as config:
             inside(args, args.inside, json.load(config).get("config") or {})
         return
-    root, _ = pull(args)
+    root = pull(args)
     os.execvp(
         "unshare",
         ["unshare", "--mount", "--propagation", "private", sys.executable, os.path.abspath(__file__),

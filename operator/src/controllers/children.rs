@@ -157,16 +157,33 @@ pub(crate) async fn apply_status<K: Child>(
     .map_err(api_error("apply status of", K::kind(&()), name))
 }
 
+/// A status with conditions, which `write_status` announces the transitions of.
+pub(crate) trait Conditioned: serde::Serialize + PartialEq {
+    fn conditions(&self) -> &[Condition];
+}
+
+impl Conditioned for crate::api::ModelPoolStatus {
+    fn conditions(&self) -> &[Condition] {
+        &self.conditions
+    }
+}
+
+impl Conditioned for crate::api::SwarmJobStatus {
+    fn conditions(&self) -> &[Condition] {
+        &self.conditions
+    }
+}
+
 /// A status change, written and announced: `new` goes to `object`'s status (unless equal to
 /// `old`, as `conditions::merge` keeps transition times for what did not change) and each
 /// condition that changed becomes an Event as `desired` asks. Returns the stored object,
 /// None when there was nothing to write.
-pub(crate) async fn write_status<K: Child, S: serde::Serialize + PartialEq>(
+pub(crate) async fn write_status<K: Child, S: Conditioned>(
     api: &Api<K>,
     object: &K,
     recorder: &kube::runtime::events::Recorder,
-    (old, new): (&S, &S),
-    conditions: (&[Condition], &[Condition]),
+    old: &S,
+    new: &S,
     desired: &[crate::conditions::Desired],
 ) -> Result<Option<K>, ApiError> {
     if old == new {
@@ -176,8 +193,8 @@ pub(crate) async fn write_status<K: Child, S: serde::Serialize + PartialEq>(
     crate::conditions::announce(
         recorder,
         &object.object_ref(&()),
-        conditions.0,
-        conditions.1,
+        old.conditions(),
+        new.conditions(),
         desired,
     )
     .await;

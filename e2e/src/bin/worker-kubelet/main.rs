@@ -219,13 +219,13 @@ struct Worker {
 
 impl Worker {
     async fn start(args: &Args, client: &Client, pod: &Pod, ip: &str) -> anyhow::Result<Self> {
-        let (_, container) = spec_and_container(pod)?;
+        let (spec, container) = spec_and_container(pod)?;
         let namespace = pod.namespace().unwrap_or_default();
         let dir = args
             .pods_dir
             .join(format!("{namespace}_{}", pod.name_any()));
         std::fs::create_dir_all(&dir)?;
-        let mounts = mounts(pod, container, &dir, &args.allow_host_path)?;
+        let mounts = mounts(spec, container, &dir, &args.allow_host_path)?;
         let image = container
             .image
             .as_deref()
@@ -238,7 +238,7 @@ impl Worker {
             .arg("--store")
             .arg(&args.images_dir);
         // Without a group, the runner takes the user's own from the image's /etc/passwd.
-        match run_as(pod, container) {
+        match run_as(spec, container) {
             (Some(user), Some(group)) => command.arg(format!("--user={user}:{group}")),
             (Some(user), None) => command.arg(format!("--user={user}")),
             (None, _) => &mut command,
@@ -332,20 +332,17 @@ impl Worker {
 /// The pod's mount paths, each with the directory here that stands in for its volume and
 /// whether it is mounted read-only. Sorted by path, so a mount lands before any inside it.
 fn mounts(
-    pod: &Pod,
+    spec: &PodSpec,
     container: &Container,
     dir: &Path,
     allowed: &[PathBuf],
 ) -> anyhow::Result<BTreeMap<String, (PathBuf, bool)>> {
-    let volumes = pod
-        .spec
-        .as_ref()
-        .and_then(|s| s.volumes.clone())
-        .unwrap_or_default();
     let mut mounts = BTreeMap::new();
     for mount in container.volume_mounts.iter().flatten() {
-        let volume = volumes
+        let volume = spec
+            .volumes
             .iter()
+            .flatten()
             .find(|v| v.name == mount.name)
             .with_context(|| format!("volume {} is not in the pod", mount.name))?;
         let path = if let Some(host) = &volume.host_path {
@@ -396,8 +393,8 @@ fn on_pod_ip(arg: &str, ip: &str) -> String {
 
 /// The user and group the pod's securityContext asks for (the container's over the pod's);
 /// None leaves the image's.
-fn run_as(pod: &Pod, container: &Container) -> (Option<i64>, Option<i64>) {
-    let pod = pod.spec.as_ref().and_then(|s| s.security_context.as_ref());
+fn run_as(spec: &PodSpec, container: &Container) -> (Option<i64>, Option<i64>) {
+    let pod = spec.security_context.as_ref();
     let container = container.security_context.as_ref();
     (
         container

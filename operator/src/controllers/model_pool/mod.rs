@@ -361,8 +361,8 @@ impl<'a> Reconciler<'a> {
             &self.api::<ModelPool>(),
             self.pool,
             &self.ctx.recorder,
-            (&old, &new),
-            (&old.conditions, &new.conditions),
+            &old,
+            &new,
             &desired,
         )
         .await?;

@@ -114,8 +114,8 @@ impl Reconciler<'_> {
             &self.api::<SwarmJob>(),
             self.job,
             &self.ctx.recorder,
-            (old, &new),
-            (&old.conditions, &new.conditions),
+            old,
+            &new,
             &desired,
         )
         .await?

@@ -220,6 +220,11 @@ pub(crate) async fn apply_if_changed<K: Child>(
     if current.and_then(built_hash) == built_hash(want) {
         return Ok(());
     }
+    apply(api, want).await
+}
+
+/// Applies `want` by server-side apply, owning every field in it.
+pub(crate) async fn apply<K: Child>(api: &Api<K>, want: &K) -> Result<(), ApiError> {
     let name = kube::ResourceExt::name_any(want);
     api.patch(
         &name,

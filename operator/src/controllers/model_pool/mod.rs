@@ -30,7 +30,7 @@ use thiserror::Error;
 use tracing::{Instrument, warn};
 
 use self::build::Settings;
-use crate::api::{ModelPool, ModelPoolStatus};
+use crate::api::{ExternalEndpoint, ModelPool, ModelPoolStatus};
 use crate::conditions::{self, Desired};
 use crate::controllers::children::{
     ApiError, Child, api_error, apply_if_changed, create, delete, write_status,
@@ -97,6 +97,26 @@ pub fn error_policy(pool: Arc<ModelPool>, error: &Error, ctx: Arc<Context>) -> A
     Action::requeue(delay)
 }
 
+/// Where a reconcile leaves the pool: what its status says, and when to look again.
+struct Report {
+    conditions: Vec<Desired>,
+    replicas: i32,
+    ready: i32,
+    next: Action,
+}
+
+impl Report {
+    /// A pool that runs no workers now: external, or stopped before its first pod.
+    fn no_workers(conditions: Vec<Desired>, next: Action) -> Self {
+        Self {
+            conditions,
+            replicas: 0,
+            ready: 0,
+            next,
+        }
+    }
+}
+
 struct Reconciler<'a> {
     pool: &'a ModelPool,
     ctx: &'a Context,
@@ -119,65 +139,55 @@ impl<'a> Reconciler<'a> {
         Api::namespaced(self.ctx.client.clone(), &self.namespace)
     }
 
+    /// Every way through the pipeline ends in one status write: `reconcile_children`
+    /// decides what the status says, and when to look again.
     async fn run(&self) -> Result<Action, Error> {
+        let report = self.reconcile_children().await?;
+        self.update_status(report.conditions, report.replicas, report.ready)
+            .await?;
+        Ok(report.next)
+    }
+
+    /// Makes the pool's children what its spec asks for, as far as it can, and says where
+    /// the pool stands. Writes no status.
+    async fn reconcile_children(&self) -> Result<Report, Error> {
         let settings = &self.ctx.settings;
         let denied = settings
             .tenancy
             .check(&self.pool.spec, &settings.worker_image);
         if !denied.is_empty() {
-            self.update_status(status::denied(&denied), 0, 0).await?;
             // A change of the policy restarts the operator, which reconciles every pool.
-            return Ok(Action::await_change());
+            return Ok(Report::no_workers(
+                status::denied(&denied),
+                Action::await_change(),
+            ));
         }
         if let Some(external) = &self.pool.spec.external {
-            let probe = async {
-                let key = match &external.api_key_secret_ref {
-                    Some(reference) => Some(
-                        api_keys::read(
-                            &self.ctx.client,
-                            &self.namespace,
-                            reference,
-                            &settings.api_key_role,
-                        )
-                        .await?,
-                    ),
-                    None => None,
-                };
-                probe(
-                    &self.ctx.http,
-                    &external.url,
-                    key.as_deref(),
-                    &external.model,
-                    settings.models_limit,
-                )
-                .await
-            }
-            .await;
-            self.update_status(
+            let probe = self.probe_external(external).await;
+            return Ok(Report::no_workers(
                 status::external(&external.url, &external.model, probe.err().as_ref()),
-                0,
-                0,
-            )
-            .await?;
-            return Ok(Action::requeue(EXTERNAL_PROBE));
+                Action::requeue(EXTERNAL_PROBE),
+            ));
         }
         let template = match build::worker_template(self.pool, &self.ctx.settings) {
             Ok(template) => template,
             Err(invalid) => {
-                self.update_status(status::invalid(invalid.to_string()), 0, 0)
-                    .await?;
-                return Ok(Action::await_change());
+                return Ok(Report::no_workers(
+                    status::invalid(invalid.to_string()),
+                    Action::await_change(),
+                ));
             }
         };
         let priority = match &self.pool.spec.priority_class_name {
             None => None,
             Some(class) => match self.priority(class).await? {
                 Some(value) => Some(value),
+                // The PriorityClass watch wakes the pool when the class appears.
                 None => {
-                    // The PriorityClass watch wakes the pool when the class appears.
-                    self.update_status(status::priority_class_missing(class), 0, 0)
-                        .await?;
-                    return Ok(Action::await_change());
+                    return Ok(Report::no_workers(
+                        status::priority_class_missing(class),
+                        Action::await_change(),
+                    ));
                 }
             },
         };
@@ -188,10 +198,11 @@ impl<'a> Reconciler<'a> {
                 .await?;
         }
         if let Some(conflict) = conflict {
-            self.update_status(status::name_conflict(&conflict), 0, 0)
-                .await?;
             // Nothing of another's wakes the pool: it looks again now and then.
-            return Ok(Action::requeue(CONFLICT_RECHECK));
+            return Ok(Report::no_workers(
+                status::name_conflict(&conflict),
+                Action::requeue(CONFLICT_RECHECK),
+            ));
         }
 
         let desired = plan::Blueprint {
@@ -201,9 +212,10 @@ impl<'a> Reconciler<'a> {
         };
         let Some(observed) = self.observe(&desired).await? else {
             let queue = self.pool.spec.queue_name.as_deref().unwrap_or_default();
-            self.update_status(status::kueue_missing(queue), 0, 0)
-                .await?;
-            return Ok(Action::requeue(KUEUE_RECHECK));
+            return Ok(Report::no_workers(
+                status::kueue_missing(queue),
+                Action::requeue(KUEUE_RECHECK),
+            ));
         };
         let plan = plan::replicas(&desired, &observed, Timestamp::now());
         for write in plan.writes {
@@ -212,8 +224,37 @@ impl<'a> Reconciler<'a> {
         let replicas = self.pool.spec.replicas;
         let queued = self.pool.spec.queue_name.is_some();
         let (conditions, ready) = status::workers(replicas, queued, &plan.replicas);
-        self.update_status(conditions, replicas, ready).await?;
-        Ok(Action::requeue(RESYNC))
+        Ok(Report {
+            conditions,
+            replicas,
+            ready,
+            next: Action::requeue(RESYNC),
+        })
+    }
+
+    /// Whether an external pool's endpoint serves its model, with its API key if it names one.
+    async fn probe_external(&self, external: &ExternalEndpoint) -> Result<(), ProbeError> {
+        let settings = &self.ctx.settings;
+        let key = match &external.api_key_secret_ref {
+            Some(reference) => Some(
+                api_keys::read(
+                    &self.ctx.client,
+                    &self.namespace,
+                    reference,
+                    &settings.api_key_role,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        probe(
+            &self.ctx.http,
+            &external.url,
+            key.as_deref(),
+            &external.model,
+            settings.models_limit,
+        )
+        .await
     }
 
     /// The pool's pods, its Workloads and the flavors they were admitted on; None when the

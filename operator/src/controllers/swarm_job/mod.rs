@@ -8,9 +8,14 @@
 //! a restarted operator would do again. A job whose engine is running carries a
 //! finalizer: deleting the job cancels its calls in flight before the job goes. Finished
 //! jobs drop it, and their pools.
+//!
+//! Each reconcile finds where the job stands (`Stage`, one method each), reads the pools
+//! and worker pods it calls, asks the pure `plan` for the writes to its own pools and
+//! where each pool's calls go, makes the writes, and writes the status once (`report`).
 
 pub mod build;
 mod engine;
+mod plan;
 pub(crate) mod pools;
 pub(crate) mod progress;
 mod report;
@@ -19,6 +24,7 @@ pub mod sandbox;
 pub(crate) mod status;
 pub mod store;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,14 +39,15 @@ use kube::{Resource, ResourceExt};
 use thiserror::Error;
 use tracing::{Instrument, info, warn};
 
+use self::pools::{Endpoints, Waiting};
 use self::progress::State;
 use self::runs::Running;
 use self::status::Admission;
 use crate::api::{ModelPool, SwarmJob, SwarmJobStatus};
-use crate::controllers::children::{ApiError, api_error, apply_if_changed, create, delete};
+use crate::controllers::children::{ApiError, api_error, apply, create, delete};
 use crate::controllers::{Backoff, key};
 use crate::metrics::Metrics;
-use crate::pool_contract::{self, POOL_LABEL};
+use crate::pool_contract::POOL_LABEL;
 use crate::swarm::{self, Options, pools_used};
 use crate::tenancy::Policy;
 
@@ -156,6 +163,13 @@ pub fn finished(status: Option<&SwarmJobStatus>) -> bool {
     })
 }
 
+/// What a job with no engine here waits for, and when it looks again; or what it starts with.
+enum Gate {
+    Wait(Waiting, Action),
+    Suspended,
+    Start(Vec<Endpoints>, BTreeMap<String, String>),
+}
+
 /// Where a job stands, as one reconcile sees it; each has one method of the reconciler.
 enum Stage {
     /// Deleted: cancel the calls in flight, then let it go.
@@ -255,12 +269,9 @@ impl<'a> Reconciler<'a> {
         Ok(Action::await_change())
     }
 
-    /// The pools and worker pods in the job's namespace, with the job-scoped pools
-    /// created (or, while suspended and once no call is in flight, released).
-    async fn observe_pools(
-        &self,
-        running: Option<&Running>,
-    ) -> Result<(Vec<ModelPool>, Vec<Pod>), Error> {
+    /// The pools and worker pods in the job's namespace, with the writes `plan::pool_writes`
+    /// asks for made to the job's own pools.
+    async fn observe_pools(&self, running: Option<&Running>) -> Result<plan::Observed, Error> {
         let suspended = self.job.spec.suspend == Some(true);
         let name = self.job.name_any();
         let mut pools: Vec<ModelPool> = self
@@ -272,39 +283,28 @@ impl<'a> Reconciler<'a> {
         if let Some(run) = running {
             run.suspend(suspended);
         }
-        if !suspended {
-            let created = self.ensure_pools(&pools).await?;
-            pools.extend(created);
-        } else if running.is_none_or(|r| r.in_flight() == 0) {
-            // Calls in flight finish on the pools they started on; then the quota goes back.
-            self.release_pools(&pools).await?;
-        }
+        let in_flight = running.map_or(0, Running::in_flight);
+        let writes = plan::pool_writes(self.job, &pools, suspended, in_flight);
+        pools.extend(self.write_pools(writes).await?);
         let pods: Vec<Pod> = self
             .api::<Pod>()
             .list(&ListParams::default().labels(POOL_LABEL))
             .await
             .map_err(api_error("list", "Pod", &name))?
             .items;
-        Ok((pools, pods))
+        Ok(plan::Observed { pools, pods })
     }
 
     /// A running job: its pools' replicas follow the ready workers, and the status the
     /// engine's progress.
     async fn keep_running(&self, old: &SwarmJobStatus, run: &Running) -> Result<Action, Error> {
         let suspended = self.job.spec.suspend == Some(true);
-        let (pools, pods) = self.observe_pools(Some(run)).await?;
+        let observed = self.observe_pools(Some(run)).await?;
         let used = pools_used(&self.job.spec);
-        // A pool that lost its workers (preempted, restarting) gets no replicas: its calls
-        // wait for them instead of failing.
-        let mut waiting = None;
-        for (used_name, pool) in &run.pools {
-            match pools::endpoints(self.job, used_name, &pools, &pods, &self.ctx.worker_key) {
-                Ok(endpoints) => pool.set_replicas(&endpoints.urls),
-                Err(why) => {
-                    pool.set_replicas(&[]);
-                    waiting.get_or_insert(why);
-                }
-            }
+        let (replicas, waiting) =
+            plan::replicas(self.job, run.pools.keys(), &observed, &self.ctx.worker_key);
+        for (name, pool) in &run.pools {
+            pool.set_replicas(replicas.get(name).map_or(&[], Vec::as_slice));
         }
         let admission = match (&waiting, suspended) {
             (_, true) => Admission::Suspended,
@@ -321,59 +321,67 @@ impl<'a> Reconciler<'a> {
         }))
     }
 
-    /// A job with no run on this replica: started once every pool it calls is ready, or
-    /// resumed from its records after a restart.
-    async fn start_when_ready(&self, old: &SwarmJobStatus) -> Result<Action, Error> {
+    /// Whether a job with no run on this replica may start: what it waits for, or the
+    /// endpoints and API keys it starts with.
+    async fn gate(&self) -> Result<Gate, Error> {
         if let Some(denied) = pools::denied(self.job, &self.ctx.tenancy, &self.ctx.worker_image) {
-            let state = State::from_status(old, planned(old, &self.job.spec));
-            self.update_status(old, Admission::Waiting(&denied), &state, None, None)
-                .await?;
-            return Ok(Action::await_change());
+            // A change of the policy restarts the operator, which reconciles every job.
+            return Ok(Gate::Wait(denied, Action::await_change()));
         }
-        let (pools, pods) = self.observe_pools(None).await?;
-        let used = pools_used(&self.job.spec);
-        let state = State::from_status(old, planned(old, &self.job.spec));
+        let observed = self.observe_pools(None).await?;
         if self.job.spec.suspend == Some(true) {
-            self.update_status(old, Admission::Suspended, &state, None, None)
-                .await?;
-            return Ok(Action::await_change());
+            return Ok(Gate::Suspended);
         }
-        let endpoints = match pools::resolve(self.job, &pools, &pods, &self.ctx.worker_key) {
+        let recheck = |why| Gate::Wait(why, Action::requeue(WAITING_RECHECK));
+        let endpoints = match pools::resolve(
+            self.job,
+            &observed.pools,
+            &observed.pods,
+            &self.ctx.worker_key,
+        ) {
             Ok(endpoints) => endpoints,
-            Err(why) => {
-                self.update_status(old, Admission::Waiting(&why), &state, None, None)
-                    .await?;
-                return Ok(Action::requeue(WAITING_RECHECK));
-            }
+            Err(why) => return Ok(recheck(why)),
         };
         let keys = match self.api_keys(&endpoints).await {
             Ok(keys) => keys,
-            Err(why) => {
-                self.update_status(old, Admission::Waiting(&why), &state, None, None)
-                    .await?;
-                return Ok(Action::requeue(WAITING_RECHECK));
-            }
+            Err(why) => return Ok(recheck(why)),
         };
         if let Err(why) = self.results_writable().await {
-            self.update_status(old, Admission::Waiting(&why), &state, None, None)
-                .await?;
-            return Ok(Action::requeue(WAITING_RECHECK));
+            return Ok(recheck(why));
         }
-        // The finalizer first: from the first call on, a delete must cancel.
-        self.set_finalizer(true).await?;
-        let start = old.start_time.as_ref().map_or_else(Timestamp::now, |t| t.0);
-        self.update_status(
-            old,
-            Admission::Ready { pools: &used },
-            &state,
-            Some(start),
-            None,
-        )
-        .await?;
-        let run = self.start(&endpoints, &keys, start, state);
-        info!(pools = ?used, "started the job's engine");
-        self.ctx.runs.insert(self.key.clone(), Arc::new(run));
-        Ok(Action::requeue(RUNNING_RESYNC))
+        Ok(Gate::Start(endpoints, keys))
+    }
+
+    /// A job with no run on this replica: started once every pool it calls is ready, or
+    /// resumed from its records after a restart.
+    async fn start_when_ready(&self, old: &SwarmJobStatus) -> Result<Action, Error> {
+        let state = State::from_status(old, planned(old, &self.job.spec));
+        let used = pools_used(&self.job.spec);
+        let gate = self.gate().await?;
+        let (admission, start) = match &gate {
+            Gate::Wait(why, _) => (Admission::Waiting(why), None),
+            Gate::Suspended => (Admission::Suspended, None),
+            Gate::Start(..) => (
+                Admission::Ready { pools: &used },
+                Some(old.start_time.as_ref().map_or_else(Timestamp::now, |t| t.0)),
+            ),
+        };
+        if start.is_some() {
+            // The finalizer first: from the first call on, a delete must cancel.
+            self.set_finalizer(true).await?;
+        }
+        self.update_status(old, admission, &state, start, None)
+            .await?;
+        match (gate, start) {
+            (Gate::Start(endpoints, keys), Some(start)) => {
+                let run = self.start(&endpoints, &keys, start, state);
+                info!(pools = ?used, "started the job's engine");
+                self.ctx.runs.insert(self.key.clone(), Arc::new(run));
+                Ok(Action::requeue(RUNNING_RESYNC))
+            }
+            (Gate::Wait(_, next), _) => Ok(next),
+            _ => Ok(Action::await_change()),
+        }
     }
 
     /// A finished job: its pools go, its finalizer goes, and after
@@ -387,7 +395,7 @@ impl<'a> Reconciler<'a> {
                 .await
                 .map_err(api_error("list", "ModelPool", self.job.name_any()))?
                 .items;
-            self.release_pools(&pools).await?;
+            self.write_pools(plan::release(self.job, &pools)).await?;
         }
         self.set_finalizer(false).await?;
         let (Some(ttl), Some(done)) = (
@@ -409,43 +417,24 @@ impl<'a> Reconciler<'a> {
         Ok(Action::await_change())
     }
 
-    /// Creates the job-scoped pools that are missing, and applies those whose spec changed.
-    /// Returns the pools it created.
-    async fn ensure_pools(&self, existing: &[ModelPool]) -> Result<Vec<ModelPool>, Error> {
+    /// Makes the writes to the job's own pools; returns the pools it created.
+    async fn write_pools(&self, writes: Vec<plan::PoolWrite>) -> Result<Vec<ModelPool>, Error> {
+        let api = self.api::<ModelPool>();
         let mut created = Vec::new();
-        for entry in &self.job.spec.pools {
-            let want = build::job_pool(self.job, entry);
-            let name = want.name_any();
-            let uid = self.job.uid().unwrap_or_default();
-            match existing.iter().find(|p| p.name_any() == name) {
-                None => {
-                    let pool = create(&self.api::<ModelPool>(), &want).await?;
-                    info!(pool = %name, "created a job-scoped pool");
-                    created.push(pool);
+        for write in writes {
+            match write {
+                plan::PoolWrite::Create(want) => {
+                    created.push(create(&api, &want).await?);
+                    info!(pool = %want.name_any(), "created a job-scoped pool");
                 }
-                Some(current) if pool_contract::controlled_by(current, &uid) => {
-                    apply_if_changed(&self.api::<ModelPool>(), Some(current), &want).await?;
+                plan::PoolWrite::Apply(want) => apply(&api, &want).await?,
+                plan::PoolWrite::Release(name) => {
+                    delete(&api, &name).await?;
+                    info!(pool = %name, "released a job-scoped pool");
                 }
-                // Another's pool of the same name is never taken over; the job waits
-                // with NameConflict (`pools::endpoints`).
-                Some(_) => {}
             }
         }
         Ok(created)
-    }
-
-    /// Deletes the job's own pools among `existing`, so their quota returns to the queue.
-    async fn release_pools(&self, existing: &[ModelPool]) -> Result<(), Error> {
-        let uid = self.job.uid().unwrap_or_default();
-        let owned = existing.iter().filter(|p| {
-            p.metadata.deletion_timestamp.is_none() && pool_contract::controlled_by(*p, &uid)
-        });
-        for pool in owned {
-            let name = pool.name_any();
-            delete(&self.api::<ModelPool>(), &name).await?;
-            info!(pool = %name, "released a job-scoped pool");
-        }
-        Ok(())
     }
 }
 

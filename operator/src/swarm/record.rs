@@ -157,6 +157,10 @@ pub enum StoreError {
         "{place} belongs to another job ({owner}); it goes when that job's dependents are collected"
     )]
     Foreign { place: String, owner: String },
+    /// Another engine run writes the records now (a new leader's, while this one is a
+    /// deposed leader's): this one stops rather than overwrite them.
+    #[error("{place} is written by another engine run now (writer {writer}); this one stops")]
+    Superseded { place: String, writer: String },
     /// The place the records go refused them as too large (the API server's 422 or 413):
     /// writing them again cannot succeed.
     #[error("{place} refused the records as too large: {message}")]

@@ -224,6 +224,10 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                     )
                     .into());
                 }
+                // Another engine run has the records: writing again would fight it.
+                Err(err @ (StoreError::Superseded { .. } | StoreError::Foreign { .. })) => {
+                    return Err(err.into());
+                }
                 Err(err) if attempt < STORE_ATTEMPTS => {
                     tracing::warn!(error = %telemetry::chain(&err), attempt, "the job's records could not be written; trying again");
                     let options = &self.job.options;

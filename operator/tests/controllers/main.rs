@@ -6,5 +6,6 @@
 mod harness;
 mod leader;
 mod model_pool;
+mod objects;
 mod result_store;
 mod swarm_job;

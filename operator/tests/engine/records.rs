@@ -331,3 +331,63 @@ async fn records_refused_as_too_large_fail_the_job_without_a_retry() {
     assert_eq!(store.saves.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(workers.count(), 1);
 }
+
+/// A store another engine run has taken over after `allowed` writes, as a new leader's
+/// engine takes a deposed leader's records.
+struct Taken {
+    memory: Memory,
+    allowed: usize,
+    saves: std::sync::atomic::AtomicUsize,
+}
+
+impl Store for Taken {
+    async fn load(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        self.memory.load().await
+    }
+
+    async fn save(&self, entries: Vec<(String, String)>) -> Result<(), StoreError> {
+        if self.saves.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= self.allowed {
+            return Err(StoreError::Superseded {
+                place: "ConfigMap job-result".to_owned(),
+                writer: "0123456789abcdef".to_owned(),
+            });
+        }
+        self.memory.save(entries).await
+    }
+}
+
+#[tokio::test]
+async fn an_engine_whose_records_were_taken_over_stops_at_once_without_retrying() {
+    let workers = Mock::start("m", |body, _| text(part(body))).await;
+    let store = Taken {
+        memory: Memory::default(),
+        allowed: 1,
+        saves: 0.into(),
+    };
+    let pools = pools(&[("workers", vec![workers.url.clone()])]);
+    let (_tx, suspended) = watch::channel(false);
+    let job = spec(&collected().replace("subagents: 4", "subagents: 4, maxConcurrency: 1"));
+    let interrupted = Job {
+        name: "job",
+        spec: &job,
+        pools: &pools,
+        store: &store,
+        observer: &Log::default(),
+        started: Instant::now(),
+        suspended,
+        sandbox: &kubeswarm::local::sandbox::Subprocess::default(),
+        options: fast(),
+    }
+    .execute()
+    .await
+    .expect_err("the run stops");
+    let said = kubeswarm::telemetry::chain(&interrupted);
+    assert!(
+        said.contains("written by another engine run now (writer 0123456789abcdef)"),
+        "{said}"
+    );
+    // The plan written, the first subagent's record refused once: no retry, and no
+    // subagent called after it.
+    assert_eq!(store.saves.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(workers.count(), 1);
+}

@@ -4,6 +4,13 @@
 //! Each save merges its entries into the object (a JSON merge patch: other entries
 //! stay), creating it on the first save; a checkpoint is durable once the API server has
 //! accepted it.
+//!
+//! Writes are fenced. Each engine run's store has a random writer name that every save
+//! puts in the `writer` entry, and every save is conditional on the resourceVersion the
+//! store last saw. When the object changed in between, the store reads it again: another
+//! writer's name there means a newer engine has taken the job over (a new leader's, while
+//! a deposed leader's engine still runs), and the older one stops with `Superseded`
+//! instead of overwriting its records. A store that has not written yet takes over.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -16,6 +23,11 @@ use serde_json::{Value, json};
 use crate::api::SwarmJob;
 use crate::controllers::FIELD_MANAGER;
 use crate::swarm::record::{Store, StoreError};
+
+/// The entry that names the engine run writing the records.
+pub const WRITER: &str = "writer";
+/// How many times a save reads a changed object again and retries before it gives up.
+const CONFLICTS: usize = 4;
 
 /// Name of a job's result object.
 pub fn result_name(job: &SwarmJob) -> String {
@@ -101,6 +113,18 @@ pub struct ResultStore {
     template: DynamicObject,
     /// What grants the operator a namespace's Secrets, for a refusal to name.
     fix: String,
+    /// This store's name in the `writer` entry.
+    writer: String,
+    /// What this store last saw of the object; saves queue on it.
+    fence: tokio::sync::Mutex<Fence>,
+}
+
+/// The object's resourceVersion as the store last read or wrote it (None: no object), and
+/// whether this store has written it since.
+#[derive(Default)]
+struct Fence {
+    version: Option<String>,
+    claimed: bool,
 }
 
 impl ResultStore {
@@ -125,6 +149,8 @@ impl ResultStore {
                 "grant it with a RoleBinding in {namespace} to the ClusterRole {} (Helm value results.secretNamespaces)",
                 results.role
             ),
+            writer: format!("{:016x}", rand::random::<u64>()),
+            fence: tokio::sync::Mutex::default(),
         }
     }
 
@@ -143,6 +169,55 @@ impl ResultStore {
             .owner_references()
             .iter()
             .any(|o| job.iter().any(|j| j.uid == o.uid))
+    }
+
+    /// The error for an object of this name that another job owns.
+    fn foreign(&self, found: &DynamicObject) -> StoreError {
+        StoreError::Foreign {
+            place: self.place(),
+            owner: found
+                .owner_references()
+                .iter()
+                .map(|o| format!("{} {} uid {}", o.kind, o.name, o.uid))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+
+    /// The writer named in a stored object.
+    fn writer_of(&self, found: &DynamicObject) -> Option<String> {
+        let value = found.data.get("data")?.get(WRITER)?.clone();
+        self.kind.decode(WRITER, value).ok()
+    }
+
+    /// One conditional write of `data`: a merge patch at the version the store last saw,
+    /// or the object's creation when it saw none.
+    async fn write(
+        &self,
+        version: Option<&str>,
+        data: &serde_json::Map<String, Value>,
+    ) -> Result<DynamicObject, kube::Error> {
+        match version {
+            Some(version) => {
+                let params = PatchParams {
+                    field_manager: Some(FIELD_MANAGER.to_owned()),
+                    ..PatchParams::default()
+                };
+                let patch = json!({"metadata": {"resourceVersion": version}, "data": data});
+                self.api
+                    .patch(&self.template.name_any(), &params, &Patch::Merge(patch))
+                    .await
+            }
+            None => {
+                let mut first = self.template.clone();
+                first.data["data"] = Value::Object(data.clone());
+                let post = PostParams {
+                    field_manager: Some(FIELD_MANAGER.to_owned()),
+                    ..PostParams::default()
+                };
+                self.api.create(&post, &first).await
+            }
+        }
     }
 
     /// A failed request as the store's error: a Secret the operator may not touch is a
@@ -170,19 +245,16 @@ impl ResultStore {
 
 impl Store for ResultStore {
     async fn load(&self) -> Result<BTreeMap<String, String>, StoreError> {
-        match self.api.get_opt(&self.template.name_any()).await {
+        let mut fence = self.fence.lock().await;
+        let found = self.api.get_opt(&self.template.name_any()).await;
+        if let Ok(found) = &found {
+            fence.version = found.as_ref().and_then(|f| f.resource_version());
+        }
+        match found {
             Ok(None) => Ok(BTreeMap::new()),
             // A job created again under the same name must not resume, or finish with,
             // the records of the job it replaces.
-            Ok(Some(found)) if !self.owns(&found) => Err(StoreError::Foreign {
-                place: self.place(),
-                owner: found
-                    .owner_references()
-                    .iter()
-                    .map(|o| format!("{} {} uid {}", o.kind, o.name, o.uid))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }),
+            Ok(Some(found)) if !self.owns(&found) => Err(self.foreign(&found)),
             Ok(Some(mut found)) => match found.data.get_mut("data").map(Value::take) {
                 None | Some(Value::Null) => Ok(BTreeMap::new()),
                 Some(Value::Object(data)) => data
@@ -199,35 +271,50 @@ impl Store for ResultStore {
     }
 
     async fn save(&self, entries: Vec<(String, String)>) -> Result<(), StoreError> {
-        let name = self.template.name_any();
         let data: serde_json::Map<String, Value> = entries
             .into_iter()
+            .chain([(WRITER.to_owned(), self.writer.clone())])
             .map(|(key, value)| (key, self.kind.encode(value)))
             .collect();
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.to_owned()),
-            ..PatchParams::default()
-        };
-        match self
-            .api
-            .patch(&name, &params, &Patch::Merge(json!({"data": data})))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 404 => {
-                let mut first = self.template.clone();
-                first.data["data"] = Value::Object(data);
-                let post = PostParams {
-                    field_manager: Some(FIELD_MANAGER.to_owned()),
-                    ..PostParams::default()
-                };
-                self.api
-                    .create(&post, &first)
-                    .await
-                    .map(|_| ())
-                    .map_err(|err| self.failed("creating", err))
+        let mut fence = self.fence.lock().await;
+        for _ in 0..CONFLICTS {
+            let conflict = match self.write(fence.version.as_deref(), &data).await {
+                Ok(written) => {
+                    fence.version = written.resource_version();
+                    fence.claimed = true;
+                    return Ok(());
+                }
+                // Changed since this store saw it (409), or gone (404): look again.
+                Err(kube::Error::Api(status)) if status.code == 409 || status.code == 404 => status,
+                Err(err) => return Err(self.failed("writing", err)),
+            };
+            let current = self
+                .api
+                .get_opt(&self.template.name_any())
+                .await
+                .map_err(|err| self.failed("reading", err))?;
+            if let Some(current) = &current {
+                if !self.owns(current) {
+                    return Err(self.foreign(current));
+                }
+                let writer = self.writer_of(current);
+                if fence.claimed && writer.as_deref() != Some(self.writer.as_str()) {
+                    return Err(StoreError::Superseded {
+                        place: self.place(),
+                        writer: writer.unwrap_or_else(|| "nobody".to_owned()),
+                    });
+                }
             }
-            Err(err) => Err(self.failed("writing", err)),
+            tracing::debug!(
+                code = conflict.code,
+                "the job's records changed since they were read; writing again at the new version"
+            );
+            fence.version = current.and_then(|c| c.resource_version());
         }
+        Err(StoreError::backend("writing", self.place())(
+            std::io::Error::other(format!(
+                "the object changed under each of {CONFLICTS} writes"
+            )),
+        ))
     }
 }

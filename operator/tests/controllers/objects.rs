@@ -1,0 +1,141 @@
+//! An API server that keeps the objects written to it, for scenarios about concurrent
+//! writers: unlike the scripted steps of `harness`, it enforces resourceVersions as the
+//! real one does. Every write moves the version; a merge patch that names another version
+//! is refused with 409, as is a create of a name that exists; a patch of a missing object
+//! is 404.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use http::{Method, Request, Response};
+use kube::client::Body;
+use serde_json::{Value, json};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+#[derive(Default)]
+struct State {
+    /// Objects by their path (`.../configmaps/NAME`).
+    objects: BTreeMap<String, Value>,
+    version: u64,
+}
+
+/// The objects, shared by every client served from them.
+#[derive(Clone, Default)]
+pub(crate) struct Objects(Arc<Mutex<State>>);
+
+fn status(code: u16, reason: &str, message: String) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": message})
+}
+
+/// RFC 7386: what a JSON merge patch makes of `target`.
+fn merge(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let object = target.as_object_mut().expect("made an object");
+    for (key, value) in patch {
+        if value.is_null() {
+            object.remove(key);
+        } else {
+            merge(object.entry(key.clone()).or_insert(Value::Null), value);
+        }
+    }
+}
+
+impl Objects {
+    /// A new client whose requests these objects answer.
+    pub(crate) fn client(&self) -> kube::Client {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        tokio::spawn(self.clone().serve(handle));
+        kube::Client::new(service, crate::harness::NS)
+    }
+
+    /// The object at `path` as stored.
+    pub(crate) fn get(&self, path: &str) -> Option<Value> {
+        self.0.lock().unwrap().objects.get(path).cloned()
+    }
+
+    /// A change by someone else (a label added with kubectl): merges `patch` into the
+    /// object at `path` and moves its version.
+    pub(crate) fn touch(&self, path: &str, patch: &Value) {
+        let mut state = self.0.lock().unwrap();
+        state.version += 1;
+        let version = state.version.to_string();
+        let object = state.objects.get_mut(path).expect("an object to touch");
+        merge(object, patch);
+        object["metadata"]["resourceVersion"] = json!(version);
+    }
+
+    /// A delete by someone else.
+    pub(crate) fn remove(&self, path: &str) {
+        self.0.lock().unwrap().objects.remove(path);
+    }
+
+    fn answer(&self, method: &Method, path: &str, body: Value) -> (u16, Value) {
+        let mut state = self.0.lock().unwrap();
+        let next = (state.version + 1).to_string();
+        match *method {
+            Method::GET => match state.objects.get(path) {
+                Some(object) => (200, object.clone()),
+                None => (404, status(404, "NotFound", format!("{path} not found"))),
+            },
+            Method::POST => {
+                let path = format!("{path}/{}", body["metadata"]["name"].as_str().unwrap());
+                if state.objects.contains_key(&path) {
+                    return (
+                        409,
+                        status(409, "AlreadyExists", format!("{path} already exists")),
+                    );
+                }
+                let mut object = body;
+                object["metadata"]["resourceVersion"] = json!(next);
+                state.version += 1;
+                state.objects.insert(path, object.clone());
+                (201, object)
+            }
+            Method::PATCH => {
+                let Some(object) = state.objects.get_mut(path) else {
+                    return (404, status(404, "NotFound", format!("{path} not found")));
+                };
+                let asked = &body["metadata"]["resourceVersion"];
+                if !asked.is_null() && *asked != object["metadata"]["resourceVersion"] {
+                    return (
+                        409,
+                        status(
+                            409,
+                            "Conflict",
+                            format!(
+                                "Operation cannot be fulfilled on {path}: the object has been modified; please apply your changes to the latest version and try again"
+                            ),
+                        ),
+                    );
+                }
+                merge(object, &body);
+                object["metadata"]["resourceVersion"] = json!(next);
+                let object = object.clone();
+                state.version += 1;
+                (200, object)
+            }
+            _ => panic!("objects: {method} {path} is not served"),
+        }
+    }
+
+    async fn serve(self, mut handle: Handle) {
+        while let Some((request, send)) = handle.next_request().await {
+            let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+            let body = request.into_body().collect_bytes().await.unwrap();
+            let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let (code, reply) = self.answer(&method, &path, body);
+            let response = Response::builder()
+                .status(code)
+                .body(Body::from(serde_json::to_vec(&reply).unwrap()))
+                .unwrap();
+            send.send_response(response);
+        }
+    }
+}

@@ -8,4 +8,5 @@ mod leader;
 mod model_pool;
 mod objects;
 mod result_store;
+mod store_faults;
 mod swarm_job;

@@ -2,7 +2,7 @@
 //! writers: unlike the scripted steps of `harness`, it enforces resourceVersions as the
 //! real one does. Every write moves the version; a merge patch that names another version
 //! is refused with 409, as is a create of a name that exists; a patch of a missing object
-//! is 404.
+//! is 404. It can fail a share of the writes, as a loaded or restarting API server does.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,25 @@ struct State {
     /// Objects by their path (`.../configmaps/NAME`).
     objects: BTreeMap<String, Value>,
     version: u64,
+    faults: Option<Faults>,
+}
+
+/// Writes that fail: `percent` of them, with `code`, chosen by a seeded generator.
+struct Faults {
+    percent: u64,
+    code: u16,
+    seed: u64,
+    injected: usize,
+}
+
+impl Faults {
+    /// xorshift64*: the same seed gives the same faults.
+    fn roll(&mut self) -> bool {
+        self.seed ^= self.seed >> 12;
+        self.seed ^= self.seed << 25;
+        self.seed ^= self.seed >> 27;
+        self.seed.wrapping_mul(0x2545_f491_4f6c_dd1d) % 100 < self.percent
+    }
 }
 
 /// The objects, shared by every client served from them.
@@ -55,6 +74,29 @@ impl Objects {
         kube::Client::new(service, crate::harness::NS)
     }
 
+    /// Objects whose writes fail `percent` of the time with `code`. A 409 comes with a
+    /// change by someone else first, so that the conflict is real.
+    pub(crate) fn failing(percent: u64, code: u16, seed: u64) -> Self {
+        let objects = Self::default();
+        objects.0.lock().unwrap().faults = Some(Faults {
+            percent,
+            code,
+            seed: seed.max(1),
+            injected: 0,
+        });
+        objects
+    }
+
+    /// How many writes failed on purpose.
+    pub(crate) fn injected(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .faults
+            .as_ref()
+            .map_or(0, |f| f.injected)
+    }
+
     /// The object at `path` as stored.
     pub(crate) fn get(&self, path: &str) -> Option<Value> {
         self.0.lock().unwrap().objects.get(path).cloned()
@@ -78,6 +120,27 @@ impl Objects {
 
     fn answer(&self, method: &Method, path: &str, body: Value) -> (u16, Value) {
         let mut state = self.0.lock().unwrap();
+        let exists = state.objects.contains_key(path);
+        if *method != Method::GET
+            && let Some(faults) = state.faults.as_mut()
+            && faults.roll()
+        {
+            faults.injected += 1;
+            let code = faults.code;
+            if code == 409 && exists {
+                state.version += 1;
+                let version = state.version.to_string();
+                state.objects.get_mut(path).expect("exists")["metadata"]["resourceVersion"] =
+                    json!(version);
+            }
+            let reason = match code {
+                409 => "Conflict",
+                422 => "Invalid",
+                429 => "TooManyRequests",
+                _ => "InternalError",
+            };
+            return (code, status(code, reason, format!("injected {code}")));
+        }
         let next = (state.version + 1).to_string();
         match *method {
             Method::GET => match state.objects.get(path) {

@@ -78,7 +78,7 @@ async fn run_jobs(code: u16) -> Tally {
             started: Instant::now(),
             suspended,
             sandbox: &kubeswarm::local::sandbox::Subprocess::default(),
-            options: options.clone(),
+            options,
         };
         let ended = tokio::time::timeout(Duration::from_secs(30), run.execute())
             .await

@@ -4,6 +4,7 @@
 
 mod aggregate;
 mod calls;
+mod fuzz;
 mod plan;
 mod records;
 mod subagent;

@@ -71,6 +71,8 @@ pub struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     jobs: Family<FinishedLabels, Counter>,
     job_duration: Family<ConditionOnly, Histogram>,
+    leading: Gauge,
+    leadership_lost: Counter,
 }
 
 impl Default for Metrics {
@@ -128,6 +130,18 @@ impl Default for Metrics {
                 Histogram::new(exponential_buckets(1.0, 2.0, 16))
             }),
         );
+        let leading = registered(
+            &mut registry,
+            "leader",
+            "1 while this replica holds the leader Lease and runs the controllers, else 0",
+            Gauge::default(),
+        );
+        let leadership_lost = registered(
+            &mut registry,
+            "leadership_lost",
+            "Times this replica lost the leader Lease and stopped its controllers and engines",
+            Counter::default(),
+        );
         Self {
             registry: Mutex::new(registry),
             reconciles,
@@ -138,6 +152,8 @@ impl Default for Metrics {
             tokens,
             jobs,
             job_duration,
+            leading,
+            leadership_lost,
         }
     }
 }
@@ -160,6 +176,17 @@ impl Drop for Timer {
 }
 
 impl Metrics {
+    /// This replica now leads.
+    pub fn leadership_gained(&self) {
+        self.leading.set(1);
+    }
+
+    /// This replica stopped leading: its controllers and engines have stopped.
+    pub fn leadership_lost(&self) {
+        self.leading.set(0);
+        self.leadership_lost.inc();
+    }
+
     pub fn reconciled(&self, kind: &str) {
         self.reconciles
             .get_or_create(&KindLabels {

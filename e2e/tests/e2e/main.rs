@@ -10,6 +10,7 @@ mod bed;
 mod cel;
 mod columns;
 mod images;
+mod outage;
 mod quota;
 mod swarm;
 mod tenancy;
@@ -57,6 +58,10 @@ const TESTS: &[(&str, Scenario)] = &[
     }),
     ("a_higher_priority_pool_preempts", |b| {
         Box::pin(quota::preemption(b))
+    }),
+    // Last: it stops the API server twice.
+    ("the_api_server_goes_away_mid_job", |b| {
+        Box::pin(outage::outages_mid_job(b))
     }),
 ];
 

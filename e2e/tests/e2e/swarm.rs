@@ -80,7 +80,7 @@ pub fn pool_spec(bed: &Bed, replicas: u32, gpus: u32, extra: &str) -> String {
 /// and synthesized by it. The gate runs the 135M test model, which is no critic and scores
 /// most outputs near 0: `minScore: 0` leaves the verdict to its pass, as these tests are
 /// about the machinery, not the answers.
-fn job(bed: &Bed, name: &str, subagents: u32, concurrency: u32) -> String {
+pub fn job(bed: &Bed, name: &str, subagents: u32, concurrency: u32) -> String {
     let subtasks: Vec<String> = [
         "lighthouse",
         "fox",
@@ -357,7 +357,7 @@ pub async fn delete_mid_run(bed: &Bed) -> anyhow::Result<()> {
 }
 
 /// Chat completion requests the worker pods of a pool have served, and requests in flight.
-async fn served(bed: &Bed, ns: &str, pool: &str) -> anyhow::Result<(u64, u64)> {
+pub async fn served(bed: &Bed, ns: &str, pool: &str) -> anyhow::Result<(u64, u64)> {
     let pods: Api<Pod> = Api::namespaced(bed.client.clone(), ns);
     let http = reqwest::Client::new();
     let (mut requests, mut in_flight) = (0.0, 0.0);

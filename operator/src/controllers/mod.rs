@@ -67,15 +67,15 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
-    #[error("lost the leadership")]
-    LostLease(#[source] leader::Lost),
 }
 
 /// The name of the Lease the replicas compete for.
 const LEASE_NAME: &str = "kubeswarm-operator";
 
-/// Runs the operator until SIGTERM, or until it loses the leader Lease (then it exits, so
-/// that no two replicas ever act at once).
+/// Runs the operator until SIGTERM. It leads while it holds the leader Lease; a replica
+/// that loses it (another took it, or an API-server outage outlasted its claim) stops
+/// every controller and engine, then waits for the Lease again like any standby, instead
+/// of exiting: a restart would gain nothing, and an outage would crash-loop every replica.
 pub async fn run(args: Args) -> Result<(), RunError> {
     let client = kube::Client::try_default()
         .await
@@ -95,9 +95,40 @@ pub async fn run(args: Args) -> Result<(), RunError> {
         LEASE_NAME,
         args.identity.clone(),
     );
-    info!(identity = %args.identity, "waiting for the leader Lease");
-    elector.acquire(leader::LEASE_DURATION / 3).await;
+    loop {
+        info!(identity = %args.identity, "waiting for the leader Lease");
+        tokio::select! {
+            () = elector.acquire(leader::LEASE_DURATION / 3) => {}
+            () = terminated() => return Ok(()),
+        }
+        metrics.leadership_gained();
+        tokio::select! {
+            () = lead(&client, &args, &metrics) => return Ok(()),
+            lost = elector.keep() => {
+                metrics.leadership_lost();
+                warn!(error = %crate::telemetry::chain(&lost), "lost the leadership: every controller and engine has stopped");
+            }
+        }
+    }
+}
 
+/// Waits for SIGTERM or SIGINT. The controllers watch for them too while they run; this
+/// covers the time a standby waits for the Lease, once their handlers have replaced the
+/// default action.
+async fn terminated() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("a SIGTERM handler installs");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Both controllers, with state of their own (caches, backoffs, the jobs' engines), until
+/// a signal stops them. Dropping this future stops them and every engine at once.
+async fn lead(client: &kube::Client, args: &Args, metrics: &Arc<Metrics>) {
+    let client = client.clone();
+    let metrics = metrics.clone();
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -153,18 +184,8 @@ pub async fn run(args: Args) -> Result<(), RunError> {
                 warn!(err = %crate::telemetry::chain(&err), "controller");
             }
         });
-    let jobs = swarm_jobs(
-        client,
-        recorder,
-        metrics,
-        external_http,
-        &args,
-        worker_image,
-    );
-    tokio::select! {
-        _ = futures::future::join(pools, jobs) => Ok(()),
-        lost = elector.keep() => Err(RunError::LostLease(lost)),
-    }
+    let jobs = swarm_jobs(client, recorder, metrics, external_http, args, worker_image);
+    futures::future::join(pools, jobs).await;
 }
 
 /// The SwarmJob controller: woken by its jobs, by changes to the ModelPools they call,

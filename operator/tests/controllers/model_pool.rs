@@ -61,8 +61,21 @@ fn pool(replicas: i32, queue: bool, status: Option<ModelPoolStatus>) -> ModelPoo
     pool.metadata.namespace = Some(NS.to_owned());
     pool.metadata.uid = Some("pool-uid".to_owned());
     pool.metadata.generation = Some(1);
+    pool.metadata.resource_version = Some("3".to_owned());
     pool.status = status;
     pool
+}
+
+const POOL: &str = "/apis/kubeswarm.dev/v1alpha1/namespaces/team-a/modelpools/gemma";
+
+/// The read of the pool that precedes any delete: the stored pool is `stored`.
+fn read_again(stored: &ModelPool) -> Step {
+    step(
+        Method::GET,
+        POOL,
+        200,
+        typed(stored, "kubeswarm.dev/v1alpha1", "ModelPool"),
+    )
 }
 
 /// The children as the controller builds them, so their hashes match.
@@ -440,6 +453,7 @@ async fn eviction_stops_the_pod_then_gives_the_admission_back() {
                 )]),
             ),
             vec![
+                read_again(&evicted_pool),
                 step(
                     Method::DELETE,
                     &format!("{PODS}/gemma-0"),
@@ -553,6 +567,7 @@ async fn scaling_down_deletes_the_last_replicas_pod_and_workload() {
     let mut steps = settled_start(&after, pods, Some(workloads));
     steps.extend([
         step(Method::GET, FLAVOR, 200, h100()),
+        read_again(&after),
         step(
             Method::DELETE,
             &format!("{PODS}/gemma-1"),
@@ -576,6 +591,26 @@ async fn scaling_down_deletes_the_last_replicas_pod_and_workload() {
         event("AsExpected"),
     ]);
     scenario(after, steps).await;
+}
+
+/// The cache still holds the pool at 1 replica; it was scaled back to 2 since. The deletes
+/// planned from the old spec are not made, and nothing else is written: the newer pool
+/// is reconciled next.
+#[tokio::test]
+async fn deletes_planned_from_a_stale_cache_are_not_made() {
+    let current = pool(2, true, None);
+    let mut cached = pool(1, true, None);
+    cached.metadata.resource_version = Some("2".to_owned());
+    let pods: Vec<Value> = (0..2)
+        .map(|i| built_pod(&current, i, &h100_placement(), true))
+        .collect();
+    let pods_ready = json!({"type": "PodsReady", "status": "True", "reason": "Started", "message": "", "lastTransitionTime": "2026-11-21T10:02:00Z"});
+    let workloads: Vec<Value> = (0..2)
+        .map(|i| built_workload(&current, i, admitted(vec![pods_ready.clone()])))
+        .collect();
+    let mut steps = settled_start(&cached, pods, Some(workloads));
+    steps.extend([step(Method::GET, FLAVOR, 200, h100()), read_again(&current)]);
+    scenario(cached, steps).await;
 }
 
 #[tokio::test]
@@ -634,6 +669,7 @@ async fn without_a_queue_pods_are_created_directly_and_a_changed_spec_replaces_t
         step(Method::GET, SVC, 200, existing_service(&moved)),
         step(Method::GET, NETPOL, 200, existing_policy(&moved)),
         step(Method::GET, PODS, 200, list("Pod", vec![old_pod])),
+        read_again(&moved),
         step(
             Method::DELETE,
             &format!("{PODS}/gemma-0"),

@@ -69,8 +69,9 @@ fn stored_job() -> Value {
     value
 }
 
+/// The result ConfigMap as stored, at resourceVersion 7.
 fn configmap(data: Value) -> Value {
-    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "review-result", "namespace": NS, "ownerReferences": [{"apiVersion": "kubeswarm.dev/v1alpha1", "kind": "SwarmJob", "name": "review", "uid": "job-uid", "controller": true}]}, "data": data})
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "review-result", "namespace": NS, "resourceVersion": "7", "ownerReferences": [{"apiVersion": "kubeswarm.dev/v1alpha1", "kind": "SwarmJob", "name": "review", "uid": "job-uid", "controller": true}]}, "data": data})
 }
 
 struct Harness {
@@ -184,6 +185,14 @@ fn reason(body: &Value, type_: &str) -> String {
     condition(body, type_).1
 }
 
+/// A checkpoint: a merge into the result ConfigMap at the version last seen.
+fn merge() -> crate::harness::Step {
+    step(Method::PATCH, CM, 200, configmap(json!({}))).check(|body| {
+        assert_eq!(body["metadata"]["resourceVersion"], "7", "{body}");
+        assert!(body["data"]["writer"].is_string(), "{body}");
+    })
+}
+
 /// The engine's checkpoints for a collect job without a gate: each subagent is recorded
 /// with its output, then finished; then the result; then the records are read back.
 fn checkpoints(first_save_creates: bool, subagents: &[usize]) -> Vec<crate::harness::Step> {
@@ -191,17 +200,17 @@ fn checkpoints(first_save_creates: bool, subagents: &[usize]) -> Vec<crate::harn
     for (n, index) in subagents.iter().enumerate() {
         let key = format!("subagent-{index:03}.json");
         if n == 0 && first_save_creates {
-            steps.push(step(Method::PATCH, CM, 404, not_found()));
             steps.push(
                 step(Method::POST, CMS, 201, configmap(json!({}))).check(|body| {
                     assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "job-uid");
                 }),
             );
         } else {
-            steps.push(step(Method::PATCH, CM, 200, configmap(json!({}))));
+            steps.push(merge());
         }
         steps.push(
             step(Method::PATCH, CM, 200, configmap(json!({}))).check(move |body| {
+                assert_eq!(body["metadata"]["resourceVersion"], "7", "{body}");
                 let record: Value =
                     serde_json::from_str(body["data"][&key].as_str().unwrap()).unwrap();
                 assert_eq!(record["stage"], "finished", "{record}");
@@ -210,6 +219,7 @@ fn checkpoints(first_save_creates: bool, subagents: &[usize]) -> Vec<crate::harn
     }
     steps.push(
         step(Method::PATCH, CM, 200, configmap(json!({}))).check(|body| {
+            assert_eq!(body["metadata"]["resourceVersion"], "7", "{body}");
             assert!(body["data"]["answer"].is_string(), "{body}");
         }),
     );

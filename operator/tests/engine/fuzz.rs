@@ -332,7 +332,11 @@ fn answer(body: &Value, count: usize) -> Reply {
         return text(json!({ "subtasks": parts }).to_string());
     }
     if is_verdict(body) {
-        return verdict(!count.is_multiple_of(3), (count * 37 % 101) as u8, &["too short"]);
+        return verdict(
+            !count.is_multiple_of(3),
+            (count * 37 % 101) as u8,
+            &["too short"],
+        );
     }
     let outputs = [
         "The answer is 42.".to_owned(),

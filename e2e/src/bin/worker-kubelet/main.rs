@@ -22,6 +22,7 @@ use clap::Parser;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Container, Node, Pod, PodSpec};
 use kube::api::{Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -60,6 +61,11 @@ struct Args {
 
 /// How often readiness is probed, like the worker pods' readinessProbe period.
 const PROBE_PERIOD: Duration = Duration::from_secs(1);
+/// Every so many probes the pod's stored readiness is read back and written again if it
+/// differs, as a kubelet's status manager does: the node lifecycle controller marks the
+/// pods of a node it lost touch with not ready (an API-server outage does that), and
+/// nothing else would ever mark them ready again.
+const RESYNC_PROBES: u32 = 5;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -90,7 +96,10 @@ async fn main() -> anyhow::Result<()> {
     let mut listed: Vec<String> = Vec::new();
 
     let config = watcher::Config::default().labels(&args.pod_selector);
-    let mut events = watcher::watcher(pods.clone(), config).boxed();
+    // Backed off: an API server that is down is not retried in a busy loop.
+    let mut events = watcher::watcher(pods.clone(), config)
+        .default_backoff()
+        .boxed();
     loop {
         let event = match events.try_next().await {
             Ok(Some(event)) => event,
@@ -421,6 +430,7 @@ async fn watch(
         .build()
         .expect("a plain HTTP client builds");
     let mut ready = false;
+    let mut probes = 0u32;
     loop {
         tokio::select! {
             status = child.wait() => {
@@ -437,7 +447,10 @@ async fn watch(
                     .send()
                     .await
                     .is_ok_and(|r| r.status().is_success());
-                if now != ready {
+                probes = probes.wrapping_add(1);
+                let drifted = probes.is_multiple_of(RESYNC_PROBES)
+                    && api.get(&pod).await.is_ok_and(|p| stored_ready(&p) != now);
+                if now != ready || drifted {
                     match set_ready(&api, &pod, &container, now).await {
                         Ok(()) => ready = now,
                         Err(err) => warn!(pod, %err, "writing readiness"),
@@ -446,6 +459,14 @@ async fn watch(
             }
         }
     }
+}
+
+/// The pod's Ready condition as stored.
+fn stored_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 fn condition(type_: &str, status: bool) -> serde_json::Value {

@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use kube::api::{Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -33,7 +34,7 @@ pub async fn serve(
     let nodes: Api<Node> = Api::all(client.clone());
     let mut started: HashSet<String> = HashSet::new();
     let config = watcher::Config::default().labels(&selector);
-    let mut events = watcher::watcher(pods, config).boxed();
+    let mut events = watcher::watcher(pods, config).default_backoff().boxed();
     loop {
         let pod = match events.try_next().await {
             Ok(Some(Event::Apply(pod) | Event::InitApply(pod))) => pod,

@@ -48,6 +48,8 @@ const RESYNC: Duration = Duration::from_secs(300);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a pool whose child's name another object holds looks again.
 const CONFLICT_RECHECK: Duration = Duration::from_secs(60);
+/// How soon a pool read from a cache that was behind looks again.
+const STALE_RECHECK: Duration = Duration::from_secs(1);
 /// How often a pool whose queue needs a missing Kueue looks again.
 const KUEUE_RECHECK: Duration = Duration::from_secs(60);
 
@@ -142,40 +144,44 @@ impl<'a> Reconciler<'a> {
     /// Every way through the pipeline ends in one status write: `reconcile_children`
     /// decides what the status says, and when to look again.
     async fn run(&self) -> Result<Action, Error> {
-        let report = self.reconcile_children().await?;
+        let Some(report) = self.reconcile_children().await? else {
+            // The pool changed since the cache read it: its newer version comes next.
+            return Ok(Action::requeue(STALE_RECHECK));
+        };
         self.update_status(report.conditions, report.replicas, report.ready)
             .await?;
         Ok(report.next)
     }
 
     /// Makes the pool's children what its spec asks for, as far as it can, and says where
-    /// the pool stands. Writes no status.
-    async fn reconcile_children(&self) -> Result<Report, Error> {
+    /// the pool stands. Writes no status. None when the cached pool is older than the
+    /// stored one and the plan would delete: nothing was written.
+    async fn reconcile_children(&self) -> Result<Option<Report>, Error> {
         let settings = &self.ctx.settings;
         let denied = settings
             .tenancy
             .check(&self.pool.spec, &settings.worker_image);
         if !denied.is_empty() {
             // A change of the policy restarts the operator, which reconciles every pool.
-            return Ok(Report::no_workers(
+            return Ok(Some(Report::no_workers(
                 status::denied(&denied),
                 Action::await_change(),
-            ));
+            )));
         }
         if let Some(external) = &self.pool.spec.external {
             let probe = self.probe_external(external).await;
-            return Ok(Report::no_workers(
+            return Ok(Some(Report::no_workers(
                 status::external(&external.url, &external.model, probe.err().as_ref()),
                 Action::requeue(EXTERNAL_PROBE),
-            ));
+            )));
         }
         let template = match build::worker_template(self.pool, &self.ctx.settings) {
             Ok(template) => template,
             Err(invalid) => {
-                return Ok(Report::no_workers(
+                return Ok(Some(Report::no_workers(
                     status::invalid(invalid.to_string()),
                     Action::await_change(),
-                ));
+                )));
             }
         };
         let priority = match &self.pool.spec.priority_class_name {
@@ -184,10 +190,10 @@ impl<'a> Reconciler<'a> {
                 Some(value) => Some(value),
                 // The PriorityClass watch wakes the pool when the class appears.
                 None => {
-                    return Ok(Report::no_workers(
+                    return Ok(Some(Report::no_workers(
                         status::priority_class_missing(class),
                         Action::await_change(),
-                    ));
+                    )));
                 }
             },
         };
@@ -199,10 +205,10 @@ impl<'a> Reconciler<'a> {
         }
         if let Some(conflict) = conflict {
             // Nothing of another's wakes the pool: it looks again now and then.
-            return Ok(Report::no_workers(
+            return Ok(Some(Report::no_workers(
                 status::name_conflict(&conflict),
                 Action::requeue(CONFLICT_RECHECK),
-            ));
+            )));
         }
 
         let desired = plan::Blueprint {
@@ -212,24 +218,29 @@ impl<'a> Reconciler<'a> {
         };
         let Some(observed) = self.observe(&desired).await? else {
             let queue = self.pool.spec.queue_name.as_deref().unwrap_or_default();
-            return Ok(Report::no_workers(
+            return Ok(Some(Report::no_workers(
                 status::kueue_missing(queue),
                 Action::requeue(KUEUE_RECHECK),
-            ));
+            )));
         };
         let plan = plan::replicas(&desired, &observed, Timestamp::now());
+        // Deletes are read again first: planned from a cached spec older than the stored
+        // one (scaled back up, say), they would take away replicas it keeps.
+        if plan.writes.iter().any(plan::Write::destroys) && self.changed_since_read().await? {
+            return Ok(None);
+        }
         for write in plan.writes {
             self.write(write).await?;
         }
         let replicas = self.pool.spec.replicas;
         let queued = self.pool.spec.queue_name.is_some();
         let (conditions, ready) = status::workers(replicas, queued, &plan.replicas);
-        Ok(Report {
+        Ok(Some(Report {
             conditions,
             replicas,
             ready,
             next: Action::requeue(RESYNC),
-        })
+        }))
     }
 
     /// Whether an external pool's endpoint serves its model, with its API key if it names one.
@@ -330,6 +341,17 @@ impl<'a> Reconciler<'a> {
                 Ok(())
             }
         }
+    }
+
+    /// Whether the stored pool is not the one this reconcile read (changed, or gone).
+    async fn changed_since_read(&self) -> Result<bool, Error> {
+        let name = self.pool.name_any();
+        let stored = self
+            .api::<ModelPool>()
+            .get_opt(&name)
+            .await
+            .map_err(api_error("get", "ModelPool", &name))?;
+        Ok(stored.and_then(|p| p.resource_version()) != self.pool.resource_version())
     }
 
     /// The value of PriorityClass `class`, or None when there is no such class.

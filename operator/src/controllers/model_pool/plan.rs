@@ -49,6 +49,13 @@ pub enum Write {
     },
 }
 
+impl Write {
+    /// Whether the write deletes something.
+    pub fn destroys(&self) -> bool {
+        matches!(self, Write::DeletePod(_) | Write::DeleteWorkload(_))
+    }
+}
+
 /// The writes, and where each replica stands once they are made.
 #[derive(Debug, PartialEq)]
 pub struct Plan {

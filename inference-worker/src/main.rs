@@ -10,6 +10,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use tracing::{info, warn};
 
+mod access;
 mod config;
 mod metrics;
 mod preflight;

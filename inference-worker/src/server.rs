@@ -288,9 +288,15 @@ async fn models(State(app): State<Arc<AppState>>) -> Json<Value> {
     }))
 }
 
-async fn chat_completions(State(app): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn chat_completions(
+    State(app): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut served = crate::access::Served::start(&headers);
     let response = serve_chat(&app, body).await;
     let status = response.status();
+    served.answered(status.as_u16());
     // Streams record their own outcome when they end; everything else is final here.
     if !is_stream(&response) {
         app.metrics.record_outcome(match status {

@@ -9,6 +9,7 @@
 mod bed;
 mod cel;
 mod columns;
+mod failover;
 mod images;
 mod outage;
 mod quota;
@@ -59,9 +60,12 @@ const TESTS: &[(&str, Scenario)] = &[
     ("a_higher_priority_pool_preempts", |b| {
         Box::pin(quota::preemption(b))
     }),
-    // Last: it stops the API server twice.
+    // Last: these stop the API server and the operator, and leave a second replica leading.
     ("the_api_server_goes_away_mid_job", |b| {
         Box::pin(outage::outages_mid_job(b))
+    }),
+    ("a_standby_takes_over_from_a_killed_leader", |b| {
+        Box::pin(failover::standby_takes_over(b))
     }),
 ];
 

@@ -17,11 +17,11 @@ use crate::swarm::{JOB_TIMEOUT, job, served, tenant, wait_finished};
 const JOB: &str = "outlast";
 const SUBAGENTS: usize = 6;
 
-/// The job's recorded subagents, with their model calls; none while the API server is down.
-async fn recorded(bed: &Bed, ns: &str) -> anyhow::Result<BTreeMap<String, u64>> {
+/// Job `job`'s recorded subagents, with their model calls.
+pub async fn recorded(bed: &Bed, ns: &str, job: &str) -> anyhow::Result<BTreeMap<String, u64>> {
     let maps: Api<ConfigMap> = Api::namespaced(bed.client.clone(), ns);
     let data = maps
-        .get_opt(&format!("{JOB}-result"))
+        .get_opt(&format!("{job}-result"))
         .await?
         .and_then(|m| m.data)
         .unwrap_or_default();
@@ -36,12 +36,12 @@ async fn recorded(bed: &Bed, ns: &str) -> anyhow::Result<BTreeMap<String, u64>> 
     Ok(records)
 }
 
-/// Waits until the job has recorded more than `count` subagents.
-async fn more_than(bed: &Bed, ns: &str, count: usize) -> anyhow::Result<()> {
+/// Waits until job `job` has recorded more than `count` subagents.
+pub async fn more_than(bed: &Bed, ns: &str, job: &str, count: usize) -> anyhow::Result<()> {
     let maps: Api<ConfigMap> = Api::namespaced(bed.client.clone(), ns);
     until(
         &maps,
-        &format!("{JOB}-result"),
+        &format!("{job}-result"),
         JOB_TIMEOUT,
         &format!("holding more than {count} records"),
         json_condition(move |m| {
@@ -84,8 +84,8 @@ pub async fn outages_mid_job(bed: &Bed) -> anyhow::Result<()> {
     let mut figures = Vec::new();
     let mut seen = 0;
     for outage in [Duration::from_secs(10), Duration::from_secs(60)] {
-        more_than(bed, &ns, seen).await?;
-        let before = recorded(bed, &ns).await?;
+        more_than(bed, &ns, JOB, seen).await?;
+        let before = recorded(bed, &ns, JOB).await?;
         ensure!(
             before.len() < SUBAGENTS,
             "the job recorded every subagent before the {outage:?} outage"
@@ -111,9 +111,9 @@ pub async fn outages_mid_job(bed: &Bed) -> anyhow::Result<()> {
         .await?;
         let leading = back.elapsed();
         // And the job goes on: a subagent not recorded before is recorded now.
-        more_than(bed, &ns, before.len()).await?;
+        more_than(bed, &ns, JOB, before.len()).await?;
         let progressing = back.elapsed();
-        let after = recorded(bed, &ns).await?;
+        let after = recorded(bed, &ns, JOB).await?;
         for (key, attempts) in &before {
             ensure!(
                 after.get(key) == Some(attempts),
@@ -127,7 +127,7 @@ pub async fn outages_mid_job(bed: &Bed) -> anyhow::Result<()> {
         seen = after.len();
     }
     let jobs: Api<SwarmJob> = Api::namespaced(bed.client.clone(), &ns);
-    more_than(bed, &ns, SUBAGENTS - 1).await?;
+    more_than(bed, &ns, JOB, SUBAGENTS - 1).await?;
     let (served_total, in_flight) = served(bed, &ns, &format!("{JOB}-worker")).await?;
     wait_finished(&jobs, JOB).await?;
 
@@ -140,7 +140,7 @@ pub async fn outages_mid_job(bed: &Bed) -> anyhow::Result<()> {
         operator_metric(bed, "kubeswarm_leader").await? == 1.0,
         "the operator does not lead after the outages"
     );
-    let records = recorded(bed, &ns).await?;
+    let records = recorded(bed, &ns, JOB).await?;
     let needed: u64 = records.values().sum();
     // A call in flight when the engines stopped is abandoned and made again: at most one
     // per outage, the job running one subagent at a time.

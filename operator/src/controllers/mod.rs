@@ -202,7 +202,7 @@ async fn swarm_jobs(
     let (wake, woken) = futures::channel::mpsc::unbounded();
     let ctx = Arc::new(swarm_job::Context {
         client: client.clone(),
-        http: crate::swarm::endpoint::http_client(),
+        http: crate::swarm::endpoint::worker_client(&args.identity),
         external_http,
         tenancy: args.tenancy.clone(),
         api_key_role: args.api_key_role.clone(),

@@ -11,8 +11,28 @@ pub const MAX_MODELS_BYTES: usize = 1 << 20;
 
 /// The HTTP client for model endpoints: pooled connections kept while a job runs.
 pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .pool_idle_timeout(Duration::from_secs(90))
+    builder()
+        .build()
+        .expect("the HTTP client builds with its defaults")
+}
+
+fn builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(90))
+}
+
+/// The header that names the caller to kubeswarm's workers, which log it with each call.
+pub const CALLER_HEADER: &str = "kubeswarm-caller";
+
+/// The client of kubeswarm's own workers, naming `caller` (the operator replica's Lease
+/// identity) in every request, so that the workers' logs show which replica called and
+/// when. Never used for external endpoints, which are told nothing about the operator.
+pub fn worker_client(caller: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Ok(value) = reqwest::header::HeaderValue::from_str(caller) {
+        headers.insert(CALLER_HEADER, value);
+    }
+    builder()
+        .default_headers(headers)
         .build()
         .expect("the HTTP client builds with its defaults")
 }

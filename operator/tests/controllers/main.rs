@@ -4,6 +4,7 @@
 //! every request must be one the chart's RBAC allows.
 
 mod harness;
+mod kill_matrix;
 mod leader;
 mod model_pool;
 mod objects;

@@ -19,6 +19,18 @@ struct State {
     objects: BTreeMap<String, Value>,
     version: u64,
     faults: Option<Faults>,
+    /// Writes answered so far, and the one to hold (see `hold`).
+    writes: usize,
+    hold: Option<Hold>,
+}
+
+/// A write that never gets its answer, as if the writer died waiting for it.
+#[derive(Clone, Copy)]
+struct Hold {
+    /// Which write, counting from 1.
+    nth: usize,
+    /// Whether the API server made it before the writer died.
+    made: bool,
 }
 
 /// Writes that fail: `percent` of them, with `code`, chosen by a seeded generator.
@@ -85,6 +97,25 @@ impl Objects {
             injected: 0,
         });
         objects
+    }
+
+    /// Holds the `nth` write from now on (made or not) without an answer, as if its writer
+    /// died waiting; and reports that it did through `held`.
+    pub(crate) fn hold(&self, nth: usize, made: bool) {
+        let mut state = self.0.lock().unwrap();
+        let nth = state.writes + nth;
+        state.hold = Some(Hold { nth, made });
+    }
+
+    /// Whether the held write has arrived.
+    pub(crate) fn held(&self) -> bool {
+        let state = self.0.lock().unwrap();
+        state.hold.is_some_and(|h| state.writes >= h.nth)
+    }
+
+    /// Answers every write again.
+    pub(crate) fn release(&self) {
+        self.0.lock().unwrap().hold = None;
     }
 
     /// How many writes failed on purpose.
@@ -188,11 +219,29 @@ impl Objects {
         }
     }
 
+    /// Whether this write is the held one, and whether to make it.
+    fn holds(&self, method: &Method) -> Option<bool> {
+        if *method == Method::GET {
+            return None;
+        }
+        let mut state = self.0.lock().unwrap();
+        state.writes += 1;
+        let writes = state.writes;
+        state.hold.filter(|h| h.nth == writes).map(|h| h.made)
+    }
+
     async fn serve(self, mut handle: Handle) {
         while let Some((request, send)) = handle.next_request().await {
             let (method, path) = (request.method().clone(), request.uri().path().to_owned());
             let body = request.into_body().collect_bytes().await.unwrap();
             let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            if let Some(made) = self.holds(&method) {
+                if made {
+                    self.answer(&method, &path, body.clone());
+                }
+                // Its writer is gone: this client gets no answer again.
+                std::future::pending::<()>().await;
+            }
             let (code, reply) = self.answer(&method, &path, body);
             let response = Response::builder()
                 .status(code)

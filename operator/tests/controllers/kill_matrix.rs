@@ -7,27 +7,19 @@
 //! (`an_operator_killed_mid_run_resumes`); this covers every boundary.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kubeswarm::api::{SwarmJob, SwarmJobSpec};
 use kubeswarm::controllers::swarm_job::store::{ResultStore, Results};
-use kubeswarm::swarm::pool::{Pool, Server};
+use kubeswarm::swarm::Outcome;
 use kubeswarm::swarm::record::{self, Store};
-use kubeswarm::swarm::{Event, Job, Observer, Options, Outcome};
 use kubeswarm_test_support::mock::{Mock, Reply, part, text};
 use serde_json::Value;
-use tokio::sync::watch;
 
+use crate::engine::execute;
 use crate::objects::Objects;
 
 const SUBTASKS: [&str; 4] = ["red", "green", "blue", "black"];
-
-struct Quiet;
-
-impl Observer for Quiet {
-    fn event(&self, _: Event<'_>) {}
-}
 
 fn job() -> SwarmJob {
     let spec: SwarmJobSpec = serde_yaml_ng::from_str(
@@ -77,36 +69,7 @@ fn calls(workers: &Mock) -> BTreeMap<String, u64> {
 /// Runs one engine on `objects` until it ends, or until `stop` says to stop it dead.
 async fn engine(objects: &Objects, workers: &Mock, stop: impl Fn() -> bool) -> Option<Outcome> {
     let job = job();
-    let store = ResultStore::new(objects.client(), &job, &Results::default());
-    let pools: BTreeMap<String, Arc<Pool>> = [(
-        "workers".to_owned(),
-        Arc::new(Pool::new(
-            "workers",
-            "m",
-            Server::Worker,
-            std::slice::from_ref(&workers.url),
-            reqwest::Client::new(),
-        )),
-    )]
-    .into();
-    let (_tx, suspended) = watch::channel(false);
-    let sandbox = kubeswarm::local::sandbox::Subprocess::default();
-    let run = Job {
-        name: "colours",
-        spec: &job.spec,
-        pools: &pools,
-        store: &store,
-        observer: &Quiet,
-        started: Instant::now(),
-        suspended,
-        sandbox: &sandbox,
-        options: Options {
-            backoff_base: Duration::from_millis(2),
-            backoff_cap: Duration::from_millis(10),
-            ..Options::default()
-        },
-    }
-    .execute();
+    let run = execute(&job, objects, workers);
     tokio::pin!(run);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -3,6 +3,7 @@
 //! scenario does not list fails the test, so these also prove what is *not* written; and
 //! every request must be one the chart's RBAC allows.
 
+mod engine;
 mod harness;
 mod kill_matrix;
 mod leader;

@@ -1,28 +1,18 @@
 //! The engine checkpointing through the cluster's result store while the API server fails
 //! a share of its writes: no job is lost, none loops, and the calls wasted are counted.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kubeswarm::api::{SwarmJob, SwarmJobSpec};
-use kubeswarm::controllers::swarm_job::store::{ResultStore, Results};
-use kubeswarm::swarm::pool::{Pool, Server};
-use kubeswarm::swarm::{Event, Job, Observer, Options, Reason};
+use kubeswarm::swarm::Reason;
 use kubeswarm_test_support::mock::{Mock, part, text};
-use tokio::sync::watch;
 
+use crate::engine::execute;
 use crate::objects::Objects;
 
 const JOBS: usize = 20;
 const SUBAGENTS: usize = 4;
 const PERCENT: u64 = 5;
-
-struct Quiet;
-
-impl Observer for Quiet {
-    fn event(&self, _: Event<'_>) {}
-}
 
 fn job(index: usize) -> SwarmJob {
     let spec: SwarmJobSpec = serde_yaml_ng::from_str(&format!(
@@ -48,41 +38,13 @@ struct Tally {
 async fn run_jobs(code: u16) -> Tally {
     let workers = Mock::start("m", |body, _| text(part(body))).await;
     let objects = Objects::failing(PERCENT, code, 2026 + u64::from(code));
-    let pools: BTreeMap<String, Arc<Pool>> = [(
-        "workers".to_owned(),
-        Arc::new(Pool::new(
-            "workers",
-            "m",
-            Server::Worker,
-            std::slice::from_ref(&workers.url),
-            reqwest::Client::new(),
-        )),
-    )]
-    .into();
-    let options = Options {
-        backoff_base: Duration::from_millis(2),
-        backoff_cap: Duration::from_millis(10),
-        ..Options::default()
-    };
     let mut tally = Tally::default();
     for index in 0..JOBS {
         let job = job(index);
-        let store = ResultStore::new(objects.client(), &job, &Results::default());
-        let (_tx, suspended) = watch::channel(false);
-        let run = Job {
-            name: "job",
-            spec: &job.spec,
-            pools: &pools,
-            store: &store,
-            observer: &Quiet,
-            started: Instant::now(),
-            suspended,
-            sandbox: &kubeswarm::local::sandbox::Subprocess::default(),
-            options,
-        };
-        let ended = tokio::time::timeout(Duration::from_secs(30), run.execute())
-            .await
-            .unwrap_or_else(|_| panic!("job {index} looped on {code}s"));
+        let ended =
+            tokio::time::timeout(Duration::from_secs(30), execute(&job, &objects, &workers))
+                .await
+                .unwrap_or_else(|_| panic!("job {index} looped on {code}s"));
         match ended {
             Ok(outcome) => match outcome.result {
                 Ok((result, _)) => {

@@ -251,18 +251,16 @@ async fn a_store_that_fails_for_a_moment_costs_no_call_in_flight() {
     assert_eq!(workers.count(), 4, "no subagent was called again");
 }
 
-#[tokio::test]
-async fn a_store_that_stays_down_interrupts_the_run_after_five_attempts() {
-    let workers = Mock::start("m", |body, _| text(part(body))).await;
-    let store = Flaky::failing(1000);
+/// Runs four subagents one at a time on `workers` with `store`, which must interrupt it.
+async fn interrupted_on(workers: &Mock, store: &impl Store) -> kubeswarm::swarm::Interrupted {
     let pools = pools(&[("workers", vec![workers.url.clone()])]);
     let (_tx, suspended) = watch::channel(false);
     let job = spec(&collected().replace("subagents: 4", "subagents: 4, maxConcurrency: 1"));
-    let interrupted = Job {
+    Job {
         name: "job",
         spec: &job,
         pools: &pools,
-        store: &store,
+        store,
         observer: &Log::default(),
         started: Instant::now(),
         suspended,
@@ -271,7 +269,14 @@ async fn a_store_that_stays_down_interrupts_the_run_after_five_attempts() {
     }
     .execute()
     .await
-    .expect_err("the records cannot be written");
+    .expect_err("the store interrupts the run")
+}
+
+#[tokio::test]
+async fn a_store_that_stays_down_interrupts_the_run_after_five_attempts() {
+    let workers = Mock::start("m", |body, _| text(part(body))).await;
+    let store = Flaky::failing(1000);
+    let interrupted = interrupted_on(&workers, &store).await;
     assert_eq!(
         1000 - store.failures_left(),
         5,
@@ -364,23 +369,7 @@ async fn an_engine_whose_records_were_taken_over_stops_at_once_without_retrying(
         allowed: 1,
         saves: 0.into(),
     };
-    let pools = pools(&[("workers", vec![workers.url.clone()])]);
-    let (_tx, suspended) = watch::channel(false);
-    let job = spec(&collected().replace("subagents: 4", "subagents: 4, maxConcurrency: 1"));
-    let interrupted = Job {
-        name: "job",
-        spec: &job,
-        pools: &pools,
-        store: &store,
-        observer: &Log::default(),
-        started: Instant::now(),
-        suspended,
-        sandbox: &kubeswarm::local::sandbox::Subprocess::default(),
-        options: fast(),
-    }
-    .execute()
-    .await
-    .expect_err("the run stops");
+    let interrupted = interrupted_on(&workers, &store).await;
     let said = kubeswarm::telemetry::chain(&interrupted);
     assert!(
         said.contains("written by another engine run now (writer 0123456789abcdef)"),

@@ -77,7 +77,7 @@ kueue-types: ## Regenerate the Kueue Workload and ResourceFlavor Rust types (kop
 	operator/src/kueue/generate
 
 .PHONY: bench
-bench: bench-worker bench-engine bench-rss bench-gpu-cpu ## Run every benchmark (bench-gpu packs the GPU one)
+bench: bench-worker bench-engine bench-rss bench-gpu-cpu bench-operator ## Run every benchmark (bench-gpu packs the GPU one)
 
 .PHONY: bench-worker
 bench-worker: build $(MODEL) ## The inference worker against llama.cpp's server: same file, same threads
@@ -88,6 +88,10 @@ bench-worker: build $(MODEL) ## The inference worker against llama.cpp's server:
 .PHONY: bench-engine
 bench-engine: third-party ## The swarm engine's calls/s and added latency against Python asyncio + openai, same mock server
 	OPENAI_PYTHON="$$(hack/install-tool openai-python)" $(CARGO) bench --locked $(SELECT) --bench engine
+
+.PHONY: bench-operator
+bench-operator: ## 1,000 SwarmJobs on 100 ModelPools in the e2e bed: apply → first call against the Job controller's apply → Pod, peak RSS, API requests per job
+	E2E_ALLOW_LOOPBACK_EXTERNAL=1 $(MAKE) e2e E2E_ARGS=bench_operator
 
 .PHONY: bench-rss
 bench-rss: build ## Peak RSS of the caller when an endpoint answers with 1 GiB, against a polite endpoint

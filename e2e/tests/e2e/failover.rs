@@ -154,6 +154,17 @@ pub async fn standby_takes_over(bed: &Bed) -> anyhow::Result<()> {
         .map(|c| c.started_ms)
         .min()
         .unwrap_or(0);
+    // The bed as it was: the first replica leads again, the second is gone.
+    bed.part("stop", "operator-2")?;
+    bed.part("start", "operator")?;
+    until(
+        &leases,
+        "kubeswarm-operator",
+        Duration::from_secs(120),
+        "held by the first replica again",
+        json_condition(|l| l["spec"]["holderIdentity"] == LEADER),
+    )
+    .await?;
     println!(
         "  the standby led {takeover:.1?} after the leader was killed and recorded the next subagent after {progressing:.1?}; \
          the old leader's last call ended {:.1} s before the new one's first began: 0 ms with both calling; \

@@ -1,0 +1,299 @@
+//! `make bench-operator`: the operator under load in the e2e bed. A benchmark, not a test:
+//! it runs only when named. 100 external ModelPools on one instant mock OpenAI endpoint and
+//! 1,000 one-subagent SwarmJobs, applied 32 at a time; then, on the same bed and API
+//! server, the peer: Kubernetes' own Job controller given 1,000 Jobs. Reported: apply →
+//! first model call (ours) against apply → first Pod (the Job controller's), p50 and p99;
+//! the operator's peak RSS; reconciles per second; and the API requests per job.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, ResourceExt};
+use kubeswarm::api::{ModelPool, SwarmJob};
+use kubeswarm_test_support::mock::{Mock, last_user, text};
+
+use crate::bed::{Bed, has_condition};
+use crate::swarm::finished;
+
+const POOLS: usize = 100;
+const JOBS: usize = 1_000;
+const AT_ONCE: usize = 32;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// p50 and p99 of the delays from `applied` to `reacted`, by name.
+fn delays(
+    applied: &HashMap<String, Instant>,
+    reacted: &HashMap<String, Instant>,
+) -> anyhow::Result<(Duration, Duration)> {
+    let mut all: Vec<Duration> = applied
+        .iter()
+        .map(|(name, at)| {
+            reacted
+                .get(name)
+                .map(|r| r.saturating_duration_since(*at))
+                .with_context(|| format!("{name} never got a reaction"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    all.sort();
+    Ok((percentile(&all, 0.5), percentile(&all, 0.99)))
+}
+
+/// The API server's request counts by verb, resource and subresource.
+fn api_requests(bed: &Bed) -> anyhow::Result<BTreeMap<(String, String, String), f64>> {
+    let text = bed.kubectl(&["get", "--raw", "/metrics"])?;
+    let mut counts = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let (labels, value) = line.rsplit_once(' ').context("a sample")?;
+        let label = |key: &str| {
+            labels
+                .split(&format!("{key}=\""))
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        *counts
+            .entry((label("verb"), label("resource"), label("subresource")))
+            .or_default() += value.parse::<f64>()?;
+    }
+    Ok(counts)
+}
+
+/// The operator's metric `name` (with its labels), summed over its samples.
+async fn operator_metric(bed: &Bed, name: &str) -> anyhow::Result<f64> {
+    let url = format!(
+        "http://127.0.0.1:{}/metrics",
+        bed.env["OPERATOR_METRICS_PORT"]
+    );
+    let text = reqwest::get(&url).await?.text().await?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+        .sum())
+}
+
+/// A kB figure of the operator's /proc status (VmRSS, VmHWM), in MiB.
+fn operator_memory(bed: &Bed, field: &str) -> anyhow::Result<f64> {
+    let pid = std::fs::read_to_string(bed.dir.join("pids/operator"))?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim()))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .context("no such field")?
+        .trim()
+        .trim_end_matches(" kB")
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+/// Applies `documents` (name, YAML) in `ns`, `AT_ONCE` at a time; when each was stored.
+async fn apply_all(
+    bed: &Bed,
+    ns: &str,
+    documents: Vec<(String, String)>,
+) -> anyhow::Result<HashMap<String, Instant>> {
+    futures::stream::iter(documents)
+        .map(|(name, yaml)| async move {
+            bed.apply(Some(ns), &yaml).await?;
+            anyhow::Ok((name, Instant::now()))
+        })
+        .buffer_unordered(AT_ONCE)
+        .try_collect()
+        .await
+}
+
+/// Waits until `done` holds for every object `list` returns, `expected` of them.
+async fn wait_all<F, Fut>(
+    what: &str,
+    expected: usize,
+    timeout: Duration,
+    list: F,
+) -> anyhow::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<usize>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let done = list().await?;
+        if done >= expected {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{done} of {expected} {what} after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+pub async fn operator_under_load(bed: &Bed) -> anyhow::Result<()> {
+    let ns = bed.namespace("bench").await?;
+    let first_call: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let seen = first_call.clone();
+    let model = Mock::start("m", move |body, _| {
+        let job = last_user(body);
+        seen.lock()
+            .unwrap()
+            .entry(job.trim().to_owned())
+            .or_insert_with(Instant::now);
+        text("ok")
+    })
+    .await;
+
+    let pools: Vec<(String, String)> = (0..POOLS)
+        .map(|i| {
+            let name = format!("pool-{i}");
+            let yaml = format!(
+                "apiVersion: kubeswarm.dev/v1alpha1\nkind: ModelPool\nmetadata: {{name: {name}}}\nspec: {{external: {{url: '{}', model: m}}}}\n",
+                model.url
+            );
+            (name, yaml)
+        })
+        .collect();
+    apply_all(bed, &ns, pools).await?;
+    let pool_api: Api<ModelPool> = Api::namespaced(bed.client.clone(), &ns);
+    wait_all(
+        "pools available",
+        POOLS,
+        Duration::from_secs(300),
+        || async {
+            let list = pool_api.list(&ListParams::default()).await?;
+            Ok(list
+                .iter()
+                .filter(|p| {
+                    serde_json::to_value(p).is_ok_and(|v| has_condition(&v, "Available", "True"))
+                })
+                .count())
+        },
+    )
+    .await?;
+
+    let rss_idle = operator_memory(bed, "VmRSS")?;
+    let reconciles_before =
+        operator_metric(bed, "kubeswarm_reconciles_total{kind=\"SwarmJob\"}").await?;
+    let requests_before = api_requests(bed)?;
+    let started = Instant::now();
+    let jobs: Vec<(String, String)> = (0..JOBS)
+        .map(|i| {
+            let name = format!("job-{i}");
+            let yaml = format!(
+                "apiVersion: kubeswarm.dev/v1alpha1\nkind: SwarmJob\nmetadata: {{name: {name}}}\nspec:\n  task: {name}\n  fanOut: {{pool: pool-{}, subagents: 1, maxTokens: 8}}\n  verification: {{mode: none}}\n  aggregation: {{strategy: collect}}\n",
+                i % POOLS
+            );
+            (name, yaml)
+        })
+        .collect();
+    let applied = apply_all(bed, &ns, jobs).await?;
+    let applying = started.elapsed();
+    let job_api: Api<SwarmJob> = Api::namespaced(bed.client.clone(), &ns);
+    wait_all("jobs finished", JOBS, Duration::from_secs(900), || async {
+        let list = job_api.list(&ListParams::default()).await?;
+        Ok(list
+            .iter()
+            .filter(|j| serde_json::to_value(j).is_ok_and(|v| finished(&v)))
+            .count())
+    })
+    .await?;
+    let elapsed = started.elapsed();
+    let complete = job_api
+        .list(&ListParams::default())
+        .await?
+        .iter()
+        .filter(|j| serde_json::to_value(j).is_ok_and(|v| has_condition(&v, "Complete", "True")))
+        .count();
+    let reconciles = operator_metric(bed, "kubeswarm_reconciles_total{kind=\"SwarmJob\"}").await?
+        - reconciles_before;
+    let rss_peak = operator_memory(bed, "VmHWM")?;
+    let requests_after = api_requests(bed)?;
+    let (ours_p50, ours_p99) = delays(&applied, &first_call.lock().unwrap())?;
+
+    // The peer: the Job controller, on the same API server, reacting to 1,000 Jobs by
+    // creating their Pods (which stay Pending: no node matches them).
+    let peer_ns = bed.namespace("bench-peer").await?;
+    let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let watching = {
+        let created = created.clone();
+        let pods: Api<Pod> = Api::namespaced(bed.client.clone(), &peer_ns);
+        tokio::spawn(async move {
+            let mut events = watcher::watcher(pods, watcher::Config::default()).boxed();
+            while let Ok(Some(event)) = events.try_next().await {
+                if let Event::Apply(pod) | Event::InitApply(pod) = event
+                    && let Some(job) = pod.labels().get("job-name")
+                {
+                    created
+                        .lock()
+                        .unwrap()
+                        .entry(job.clone())
+                        .or_insert_with(Instant::now);
+                }
+            }
+        })
+    };
+    let peer_jobs: Vec<(String, String)> = (0..JOBS)
+        .map(|i| {
+            let name = format!("job-{i}");
+            let yaml = format!(
+                "apiVersion: batch/v1\nkind: Job\nmetadata: {{name: {name}}}\nspec:\n  template:\n    spec:\n      restartPolicy: Never\n      nodeSelector: {{kubeswarm.dev/bench: none}}\n      containers: [{{name: c, image: busybox}}]\n"
+            );
+            (name, yaml)
+        })
+        .collect();
+    let peer_applied = apply_all(bed, &peer_ns, peer_jobs).await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while created.lock().unwrap().len() < JOBS {
+        if Instant::now() > deadline {
+            bail!(
+                "the Job controller created {} of {JOBS} pods",
+                created.lock().unwrap().len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    watching.abort();
+    let (peer_p50, peer_p99) = delays(&peer_applied, &created.lock().unwrap())?;
+
+    let per_job = |verb: &str, resource: &str, subresource: &str| {
+        let key = (verb.to_owned(), resource.to_owned(), subresource.to_owned());
+        (requests_after.get(&key).unwrap_or(&0.0) - requests_before.get(&key).unwrap_or(&0.0))
+            / JOBS as f64
+    };
+    println!(
+        "  {JOBS} SwarmJobs on {POOLS} external pools: {complete} complete in {elapsed:.1?} (applied in {applying:.1?}); \
+         {:.1} SwarmJob reconciles/s, {:.1} per job",
+        reconciles / elapsed.as_secs_f64(),
+        reconciles / JOBS as f64
+    );
+    println!(
+        "  apply → first model call: p50 {ours_p50:.0?}, p99 {ours_p99:.0?}; the Job controller's apply → first Pod: \
+         p50 {peer_p50:.0?}, p99 {peer_p99:.0?}; ratio {:.2}x at p50, {:.2}x at p99",
+        ours_p50.as_secs_f64() / peer_p50.as_secs_f64().max(1e-3),
+        ours_p99.as_secs_f64() / peer_p99.as_secs_f64().max(1e-3)
+    );
+    println!(
+        "  operator RSS: {rss_idle:.1} MiB with {POOLS} pools and no job, peak {rss_peak:.1} MiB with {JOBS} jobs"
+    );
+    println!(
+        "  API requests per job: result ConfigMap {:.1} create + {:.1} patch; SwarmJob {:.1} patch (finalizer) + {:.1} status apply; \
+         {:.1} ModelPool lists, {:.1} Pod lists, {:.1} Event creates",
+        per_job("POST", "configmaps", ""),
+        per_job("PATCH", "configmaps", ""),
+        per_job("PATCH", "swarmjobs", ""),
+        per_job("APPLY", "swarmjobs", "status"),
+        per_job("LIST", "modelpools", ""),
+        per_job("LIST", "pods", ""),
+        per_job("POST", "events", "")
+    );
+    Ok(())
+}

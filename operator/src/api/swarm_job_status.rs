@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 pub struct SwarmJobStatus {
     /// Progress through the phases: `Admitted`, `Planned`, `FanOutComplete`, `Verified`,
     /// `Aggregated`, then `Complete` or `Failed`. Reasons name the cause, such as
-    /// `PoolNotFound`, `PoolUnavailable`, `BudgetExceeded`, `DeadlineExceeded` or
-    /// `VerificationFailed`.
+    /// `PoolNotFound`, `PoolUnavailable`, `BudgetExceeded`, `DeadlineExceeded`,
+    /// `SubagentsFailed` or `VerificationFailed`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

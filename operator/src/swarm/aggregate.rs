@@ -26,15 +26,22 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                     .take(3)
                     .map(|r| format!("subagent {}: {}", r.index, r.why_not()))
                     .collect();
-                return Err(Failure::new(
-                    Reason::VerificationFailed,
-                    format!(
-                        "none of the {} outputs passed verification; {}",
-                        records.len(),
-                        reasons.join("; ")
-                    ),
-                )
-                .into());
+                // Nothing to verify is not a failed verification: say the calls failed.
+                let produced_nothing = records
+                    .values()
+                    .all(|r| r.output.is_empty() && r.error.is_some());
+                let (reason, what) = if produced_nothing {
+                    (
+                        Reason::SubagentsFailed,
+                        format!("none of the {} subagents produced an output", records.len()),
+                    )
+                } else {
+                    (
+                        Reason::VerificationFailed,
+                        format!("none of the {} outputs passed verification", records.len()),
+                    )
+                };
+                return Err(Failure::new(reason, format!("{what}; {}", reasons.join("; "))).into());
             }
             let candidates: Vec<Candidate> = passing
                 .iter()

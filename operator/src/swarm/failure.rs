@@ -12,6 +12,8 @@ pub enum Reason {
     PlanFailed,
     BudgetExceeded,
     DeadlineExceeded,
+    /// No subagent produced an output: every call failed.
+    SubagentsFailed,
     VerificationFailed,
     AggregationFailed,
     ResultTooLarge,
@@ -27,6 +29,7 @@ impl Reason {
             Self::PlanFailed => "PlanFailed",
             Self::BudgetExceeded => "BudgetExceeded",
             Self::DeadlineExceeded => "DeadlineExceeded",
+            Self::SubagentsFailed => "SubagentsFailed",
             Self::VerificationFailed => "VerificationFailed",
             Self::AggregationFailed => "AggregationFailed",
             Self::ResultTooLarge => "ResultTooLarge",

@@ -74,9 +74,12 @@ async fn retries_give_up_after_the_limit_and_say_why() {
         "one call and two retries per subagent"
     );
     let failure = outcome.result.unwrap_err();
-    assert_eq!(failure.reason, Reason::VerificationFailed);
+    // Nothing was verified: the job says its subagents failed, not its verification.
+    assert_eq!(failure.reason, Reason::SubagentsFailed);
     assert!(
-        failure.message.contains("none of the 4 outputs passed"),
+        failure
+            .message
+            .starts_with("none of the 4 subagents produced an output; subagent 0: "),
         "{}",
         failure.message
     );

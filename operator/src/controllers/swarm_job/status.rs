@@ -243,8 +243,12 @@ pub fn phases(
                 failure.message.clone(),
             )
             .warning();
-            // The gate's critiques quote what the job wrote: on the job, not in Events.
-            out.push(if failure.reason == Reason::VerificationFailed {
+            // The gate's critiques quote what the job wrote, and a failed call's error may
+            // quote what its endpoint sent: on the job, not in Events.
+            out.push(if matches!(
+                failure.reason,
+                Reason::VerificationFailed | Reason::SubagentsFailed
+            ) {
                 failed.withheld()
             } else {
                 failed

@@ -343,5 +343,9 @@ fn the_gates_critiques_stay_out_of_events() {
         message.contains("the secret plan leaks"),
         "the condition keeps it: {message}"
     );
+    assert!(
+        failed(Reason::SubagentsFailed).0,
+        "a failed call's error may quote its endpoint"
+    );
     assert!(!failed(Reason::PlanFailed).0);
 }

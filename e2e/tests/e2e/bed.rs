@@ -88,6 +88,26 @@ impl Bed {
         cluster(&self.dir, &[action, part])
     }
 
+    /// The pid of a running part (its container's process, for the operator).
+    pub fn pid(&self, part: &str) -> anyhow::Result<u32> {
+        let pid = std::fs::read_to_string(self.dir.join("pids").join(part))
+            .with_context(|| format!("{part} is not running"))?;
+        Ok(pid.trim().parse()?)
+    }
+
+    /// The operator's metric `name` (with its labels, as exposed), from its metrics
+    /// endpoint; None while it has no sample (a counter never incremented).
+    pub async fn operator_metric(&self, name: &str) -> anyhow::Result<Option<f64>> {
+        let url = format!(
+            "http://127.0.0.1:{}/metrics",
+            self.env["OPERATOR_METRICS_PORT"]
+        );
+        let text = reqwest::get(&url).await?.text().await?;
+        Ok(text
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()))
+    }
+
     /// `kubectl` against the cluster as admin: its standard output, or an error with its
     /// standard error.
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {

@@ -11,8 +11,8 @@ use kube::Api;
 use kubeswarm::api::SwarmJob;
 
 use crate::bed::{Bed, json_condition, until};
-use crate::outage::{more_than, recorded};
-use crate::swarm::{job, tenant, wait_finished};
+use crate::outage::more_than;
+use crate::swarm::{job, recorded, tenant, wait_finished};
 
 const JOB: &str = "handover";
 const SUBAGENTS: usize = 6;
@@ -90,6 +90,20 @@ fn overlap(calls: &[Call]) -> u64 {
         .sum()
 }
 
+/// Waits until the operator's Lease names `who`.
+async fn held_by(bed: &Bed, who: &'static str) -> anyhow::Result<()> {
+    let leases: Api<Lease> = Api::namespaced(bed.client.clone(), "kubeswarm-system");
+    until(
+        &leases,
+        "kubeswarm-operator",
+        Duration::from_secs(120),
+        &format!("held by {who}"),
+        json_condition(move |l| l["spec"]["holderIdentity"] == who),
+    )
+    .await
+    .map(drop)
+}
+
 pub async fn standby_takes_over(bed: &Bed) -> anyhow::Result<()> {
     let ns = bed.namespace("e2e-failover").await?;
     tenant(bed, &ns, "e2e-failover", 8, 4, "").await?;
@@ -105,15 +119,7 @@ pub async fn standby_takes_over(bed: &Bed) -> anyhow::Result<()> {
 
     bed.part("stop", "operator")?;
     let killed = Instant::now();
-    let leases: Api<Lease> = Api::namespaced(bed.client.clone(), "kubeswarm-system");
-    until(
-        &leases,
-        "kubeswarm-operator",
-        Duration::from_secs(120),
-        "held by the standby",
-        json_condition(|l| l["spec"]["holderIdentity"] == STANDBY),
-    )
-    .await?;
+    held_by(bed, STANDBY).await?;
     let takeover = killed.elapsed();
     more_than(bed, &ns, JOB, before.len()).await?;
     let progressing = killed.elapsed();
@@ -157,14 +163,7 @@ pub async fn standby_takes_over(bed: &Bed) -> anyhow::Result<()> {
     // The bed as it was: the first replica leads again, the second is gone.
     bed.part("stop", "operator-2")?;
     bed.part("start", "operator")?;
-    until(
-        &leases,
-        "kubeswarm-operator",
-        Duration::from_secs(120),
-        "held by the first replica again",
-        json_condition(|l| l["spec"]["holderIdentity"] == LEADER),
-    )
-    .await?;
+    held_by(bed, LEADER).await?;
     println!(
         "  the standby led {takeover:.1?} after the leader was killed and recorded the next subagent after {progressing:.1?}; \
          the old leader's last call ended {:.1} s before the new one's first began: 0 ms with both calling; \

@@ -71,23 +71,17 @@ fn api_requests(bed: &Bed) -> anyhow::Result<BTreeMap<(String, String, String), 
     Ok(counts)
 }
 
-/// The operator's metric `name` (with its labels), summed over its samples.
-async fn operator_metric(bed: &Bed, name: &str) -> anyhow::Result<f64> {
-    let url = format!(
-        "http://127.0.0.1:{}/metrics",
-        bed.env["OPERATOR_METRICS_PORT"]
-    );
-    let text = reqwest::get(&url).await?.text().await?;
-    Ok(text
-        .lines()
-        .filter_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
-        .sum())
+/// SwarmJob reconciles the operator has started (none counted before the first).
+async fn swarm_job_reconciles(bed: &Bed) -> anyhow::Result<f64> {
+    Ok(bed
+        .operator_metric("kubeswarm_reconciles_total{kind=\"SwarmJob\"}")
+        .await?
+        .unwrap_or(0.0))
 }
 
 /// A kB figure of the operator's /proc status (VmRSS, VmHWM), in MiB.
 fn operator_memory(bed: &Bed, field: &str) -> anyhow::Result<f64> {
-    let pid = std::fs::read_to_string(bed.dir.join("pids/operator"))?;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.trim()))?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", bed.pid("operator")?))?;
     let kb: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{field}:")))
@@ -181,8 +175,7 @@ pub async fn operator_under_load(bed: &Bed) -> anyhow::Result<()> {
     .await?;
 
     let rss_idle = operator_memory(bed, "VmRSS")?;
-    let reconciles_before =
-        operator_metric(bed, "kubeswarm_reconciles_total{kind=\"SwarmJob\"}").await?;
+    let reconciles_before = swarm_job_reconciles(bed).await?;
     let requests_before = api_requests(bed)?;
     let started = Instant::now();
     let jobs: Vec<(String, String)> = (0..JOBS)
@@ -213,8 +206,7 @@ pub async fn operator_under_load(bed: &Bed) -> anyhow::Result<()> {
         .iter()
         .filter(|j| serde_json::to_value(j).is_ok_and(|v| has_condition(&v, "Complete", "True")))
         .count();
-    let reconciles = operator_metric(bed, "kubeswarm_reconciles_total{kind=\"SwarmJob\"}").await?
-        - reconciles_before;
+    let reconciles = swarm_job_reconciles(bed).await? - reconciles_before;
     let rss_peak = operator_memory(bed, "VmHWM")?;
     let requests_after = api_requests(bed)?;
     let (ours_p50, ours_p99) = delays(&applied, &first_call.lock().unwrap())?;

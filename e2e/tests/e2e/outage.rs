@@ -1,7 +1,6 @@
 //! The API server goes away mid-job, for 10 s and then for 60 s: the operator must not exit,
 //! the job must complete, and no subagent recorded before an outage is called again.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
@@ -9,32 +8,12 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kubeswarm::api::SwarmJob;
-use serde_json::Value;
 
 use crate::bed::{Bed, json_condition, until};
-use crate::swarm::{JOB_TIMEOUT, job, served, tenant, wait_finished};
+use crate::swarm::{JOB_TIMEOUT, job, recorded, served, tenant, wait_finished};
 
 const JOB: &str = "outlast";
 const SUBAGENTS: usize = 6;
-
-/// Job `job`'s recorded subagents, with their model calls.
-pub async fn recorded(bed: &Bed, ns: &str, job: &str) -> anyhow::Result<BTreeMap<String, u64>> {
-    let maps: Api<ConfigMap> = Api::namespaced(bed.client.clone(), ns);
-    let data = maps
-        .get_opt(&format!("{job}-result"))
-        .await?
-        .and_then(|m| m.data)
-        .unwrap_or_default();
-    let mut records = BTreeMap::new();
-    for (key, text) in data.into_iter().filter(|(k, _)| k.starts_with("subagent-")) {
-        let record: Value = serde_json::from_str(&text)?;
-        let attempts = record["attempts"]
-            .as_u64()
-            .context("a record without attempts")?;
-        records.insert(key, attempts);
-    }
-    Ok(records)
-}
 
 /// Waits until job `job` has recorded more than `count` subagents.
 pub async fn more_than(bed: &Bed, ns: &str, job: &str, count: usize) -> anyhow::Result<()> {
@@ -54,22 +33,10 @@ pub async fn more_than(bed: &Bed, ns: &str, job: &str, count: usize) -> anyhow::
     .map(drop)
 }
 
-/// The operator's metric `name`, read from its metrics endpoint.
-async fn operator_metric(bed: &Bed, name: &str) -> anyhow::Result<f64> {
-    let url = format!(
-        "http://127.0.0.1:{}/metrics",
-        bed.env["OPERATOR_METRICS_PORT"]
-    );
-    let text = reqwest::get(&url).await?.text().await?;
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .with_context(|| format!("{name} is not in the operator's metrics"))
-}
-
-fn operator_pid(bed: &Bed) -> anyhow::Result<u32> {
-    Ok(std::fs::read_to_string(bed.dir.join("pids/operator"))?
-        .trim()
-        .parse()?)
+async fn leadership_lost(bed: &Bed) -> anyhow::Result<f64> {
+    bed.operator_metric("kubeswarm_leadership_lost_total")
+        .await?
+        .context("the operator does not count lost leaderships")
 }
 
 pub async fn outages_mid_job(bed: &Bed) -> anyhow::Result<()> {
@@ -78,8 +45,8 @@ pub async fn outages_mid_job(bed: &Bed) -> anyhow::Result<()> {
     // One subagent at a time, so that each outage falls between records.
     bed.apply(Some(&ns), &job(bed, JOB, SUBAGENTS as u32, 1))
         .await?;
-    let pid = operator_pid(bed)?;
-    let lost_before = operator_metric(bed, "kubeswarm_leadership_lost_total").await?;
+    let pid = bed.pid("operator")?;
+    let lost_before = leadership_lost(bed).await?;
     let leases: Api<Lease> = Api::namespaced(bed.client.clone(), "kubeswarm-system");
     let mut figures = Vec::new();
     let mut seen = 0;
@@ -132,12 +99,12 @@ pub async fn outages_mid_job(bed: &Bed) -> anyhow::Result<()> {
     wait_finished(&jobs, JOB).await?;
 
     ensure!(
-        operator_pid(bed)? == pid && std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        bed.pid("operator")? == pid && std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "the operator exited during the outages"
     );
-    let lost = operator_metric(bed, "kubeswarm_leadership_lost_total").await? - lost_before;
+    let lost = leadership_lost(bed).await? - lost_before;
     ensure!(
-        operator_metric(bed, "kubeswarm_leader").await? == 1.0,
+        bed.operator_metric("kubeswarm_leader").await? == Some(1.0),
         "the operator does not lead after the outages"
     );
     let records = recorded(bed, &ns, JOB).await?;

@@ -392,18 +392,30 @@ pub async fn served(bed: &Bed, ns: &str, pool: &str) -> anyhow::Result<(u64, u64
     Ok((requests as u64, in_flight as u64))
 }
 
-/// Recorded subagents of a job's result Secret (its namespace keeps results in Secrets),
-/// by key, with their model calls.
-async fn recorded(bed: &Bed, ns: &str, job: &str) -> anyhow::Result<BTreeMap<String, u64>> {
-    let secrets: Api<Secret> = Api::namespaced(bed.client.clone(), ns);
-    let data = secrets
-        .get_opt(&format!("{job}-result"))
-        .await?
-        .and_then(|m| m.data)
-        .unwrap_or_default();
+/// Recorded subagents of a job's result object (its ConfigMap, or its Secret in a
+/// namespace that keeps results in Secrets), by key, with their model calls.
+pub async fn recorded(bed: &Bed, ns: &str, job: &str) -> anyhow::Result<BTreeMap<String, u64>> {
+    let name = format!("{job}-result");
+    let maps: Api<ConfigMap> = Api::namespaced(bed.client.clone(), ns);
+    let data: Vec<(String, Vec<u8>)> = match maps.get_opt(&name).await? {
+        Some(map) => map
+            .data
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k, v.into_bytes()))
+            .collect(),
+        None => Api::<Secret>::namespaced(bed.client.clone(), ns)
+            .get_opt(&name)
+            .await?
+            .and_then(|s| s.data)
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k, v.0))
+            .collect(),
+    };
     let mut records = BTreeMap::new();
     for (key, value) in data.into_iter().filter(|(k, _)| k.starts_with("subagent-")) {
-        let record: Value = serde_json::from_slice(&value.0)?;
+        let record: Value = serde_json::from_slice(&value)?;
         records.insert(
             key,
             record["attempts"]

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use http::{Method, Request, Response};
 use kube::client::Body;
+use kubeswarm_test_support::cel_cases::merge_patch;
 use serde_json::{Value, json};
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
@@ -57,25 +58,6 @@ pub(crate) struct Objects(Arc<Mutex<State>>);
 
 fn status(code: u16, reason: &str, message: String) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": message})
-}
-
-/// RFC 7386: what a JSON merge patch makes of `target`.
-fn merge(target: &mut Value, patch: &Value) {
-    let Value::Object(patch) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = json!({});
-    }
-    let object = target.as_object_mut().expect("made an object");
-    for (key, value) in patch {
-        if value.is_null() {
-            object.remove(key);
-        } else {
-            merge(object.entry(key.clone()).or_insert(Value::Null), value);
-        }
-    }
 }
 
 impl Objects {
@@ -140,7 +122,7 @@ impl Objects {
         state.version += 1;
         let version = state.version.to_string();
         let object = state.objects.get_mut(path).expect("an object to touch");
-        merge(object, patch);
+        merge_patch(object, patch);
         object["metadata"]["resourceVersion"] = json!(version);
     }
 
@@ -209,7 +191,7 @@ impl Objects {
                         ),
                     );
                 }
-                merge(object, &body);
+                merge_patch(object, &body);
                 object["metadata"]["resourceVersion"] = json!(next);
                 let object = object.clone();
                 state.version += 1;

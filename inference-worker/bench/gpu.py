@@ -89,11 +89,11 @@ def delta(before, after, name):
     return after.get(name, 0.0) - before.get(name, 0.0)
 
 
-def job(concurrency, max_tokens):
+def job(concurrency, max_tokens, name=None):
     subtasks = ", ".join(json.dumps(f"Chapter {i + 1}: the storm, told by voice {i + 1}.") for i in range(concurrency))
     return (
         "apiVersion: kubeswarm.dev/v1alpha1\nkind: SwarmJob\n"
-        f"metadata: {{name: bench-c{concurrency}}}\n"
+        f"metadata: {{name: {name or f'bench-c{concurrency}'}}}\n"
         "spec:\n"
         "  task: Write a long story about a lighthouse keeper in a storm.\n"
         f"  subtasks: [{subtasks}]\n"
@@ -102,6 +102,70 @@ def job(concurrency, max_tokens):
         "  verification: {mode: none}\n"
         "  aggregation: {strategy: collect}\n"
     )
+
+
+def swarm(args, port, work, concurrency, max_tokens, name):
+    """Starts `kubeswarm run` on a SwarmJob of `concurrency` subagents against the worker."""
+    manifest = work / f"{name}.yaml"
+    manifest.write_text(job(concurrency, max_tokens, name))
+    return subprocess.Popen(
+        [args.kubeswarm, "run", str(manifest), "--pool", f"workers=http://127.0.0.1:{port}/v1",
+         "--out", str(work / "runs")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def finished(run, what):
+    _, stderr = run.communicate()
+    # Exit 3: the job ran, and its answers, all cut off at maxTokens as random weights make
+    # them, failed verification. Anything else is a failure.
+    if run.returncode not in (0, 3):
+        sys.exit(f"bench-gpu: kubeswarm run ({what}) exited {run.returncode}:\n{stderr[-2000:]}")
+
+
+def hang_up(args, port, work, level):
+    """What a client that goes away costs the GPU: the worker must stop decoding a call
+    nobody waits for (an operator killed, a job deleted, a timeout).
+
+    At the top concurrency C, with every one of the worker's --max-seqs slots taken: C
+    short calls are timed on the idle worker; then C long calls start, their client is
+    SIGKILLed a tenth of a whole run after they are all in, and the same C short calls are
+    timed again. They wait for free slots, so if the abandoned sequences decoded on, they
+    would wait out nine tenths of a whole run. The extra wait over the idle time, at the
+    decode step time measured at C, bounds the tokens each abandoned sequence decoded after
+    its client went away."""
+    c, short = level["concurrency"], 8
+    idle = []
+    for attempt in range(2):  # the second with the prefix cache as warm as it will be after
+        began = time.monotonic()
+        finished(swarm(args, port, work, c, short, f"short-idle-{attempt}"), "short calls, idle worker")
+        idle.append(time.monotonic() - began)
+    abandoned = swarm(args, port, work, c, args.max_tokens, "abandoned")
+    # Killed a tenth of a whole run after all C calls are in, not counted from the
+    # process's start: a kill before they arrive would measure nothing.
+    deadline = time.monotonic() + 60
+    while metrics(port).get("kubeswarm_worker_running_sequences", 0) < c:
+        if time.monotonic() > deadline or abandoned.poll() is not None:
+            sys.exit(f"bench-gpu: the {c} calls to abandon never all ran at once")
+        time.sleep(0.01)
+    time.sleep(level["wall_seconds"] / 10)
+    abandoned.kill()
+    abandoned.wait()
+    began = time.monotonic()
+    finished(swarm(args, port, work, c, short, "short-after"), "short calls after a hang-up")
+    after = time.monotonic() - began
+    step = 1 / level["decode_tokens_per_second_per_sequence"] if level["decode_tokens_per_second_per_sequence"] else 0
+    extra = max(after - idle[-1], 0.0)
+    return {
+        "concurrency": c,
+        "killed_after_seconds": round(level["wall_seconds"] / 10, 2),
+        "short_calls_idle_seconds": round(idle[-1], 2),
+        "short_calls_after_hang_up_seconds": round(after, 2),
+        "whole_run_seconds": level["wall_seconds"],
+        # Steps of the abandoned sequences the short calls could have waited behind.
+        "tokens_decoded_after_hang_up_at_most": round(extra / step) if step else None,
+        "tokens_left_at_hang_up": round(args.max_tokens * 0.9),
+    }
 
 
 def main():
@@ -116,6 +180,7 @@ def main():
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--work", default="/tmp/kubeswarm-bench-gpu", help="where the model and runs go")
     parser.add_argument("--out", required=True, help="where the figures go (bench-gpu.json, bench-gpu.md)")
+    parser.add_argument("--no-hang-up", action="store_true", help="skip the hang-up measurement")
     parser.add_argument("--deadline", type=float, default=450.0,
                         help="seconds after which no further concurrency level starts")
     args = parser.parse_args()
@@ -160,21 +225,11 @@ def main():
             if time.monotonic() - started > args.deadline:
                 say(f"skipping concurrency {c}: past the {args.deadline:.0f}s deadline")
                 continue
-            manifest = work / f"job-c{c}.yaml"
-            manifest.write_text(job(c, args.max_tokens))
             before = metrics(port)
             began = time.monotonic()
-            run = subprocess.run(
-                [args.kubeswarm, "run", str(manifest), "--pool", f"workers=http://127.0.0.1:{port}/v1",
-                 "--out", str(work / "runs")],
-                capture_output=True, text=True,
-            )
+            finished(swarm(args, port, work, c, args.max_tokens, f"bench-c{c}"), f"concurrency {c}")
             wall = time.monotonic() - began
             after = metrics(port)
-            # Exit 3: the job ran, and its answers, all cut off at maxTokens as random
-            # weights make them, failed verification. Anything else is a failure.
-            if run.returncode not in (0, 3):
-                sys.exit(f"bench-gpu: kubeswarm run at concurrency {c} exited {run.returncode}:\n{run.stderr[-2000:]}")
             tokens = delta(before, after, "kubeswarm_worker_completion_tokens_total")
             itl = delta(before, after, "kubeswarm_worker_inter_token_latency_seconds_sum") / max(
                 delta(before, after, "kubeswarm_worker_inter_token_latency_seconds_count"), 1)
@@ -198,6 +253,10 @@ def main():
             }
             rows.append(row)
             say(json.dumps(row))
+        hung = None
+        if rows and not args.no_hang_up:
+            hung = hang_up(args, port, work, rows[-1])
+            say(json.dumps({"hang_up": hung}))
     finally:
         worker.terminate()
         try:
@@ -212,6 +271,7 @@ def main():
         "model_gb": round(model.stat().st_size / 1e9, 2),
         "load_seconds": round(load_seconds, 1),
         "levels": rows,
+        "hang_up": hung,
         "seconds": round(time.monotonic() - started, 1),
     }
     (out / "bench-gpu.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -227,6 +287,16 @@ def main():
         f"| {r['roofline_fraction']:.1%} |"
         for r in rows
     ]
+    if hung:
+        table += [
+            "",
+            f"A client killed {hung['killed_after_seconds']} s into {hung['concurrency']} answers of "
+            f"{args.max_tokens} tokens ({hung['tokens_left_at_hang_up']} left each): {hung['concurrency']} "
+            f"calls of 8 tokens then took {hung['short_calls_after_hang_up_seconds']} s, against "
+            f"{hung['short_calls_idle_seconds']} s on the idle worker and {hung['whole_run_seconds']} s for a "
+            f"whole run: at most {hung['tokens_decoded_after_hang_up_at_most']} tokens decoded per abandoned "
+            "sequence after its client went away.",
+        ]
     (out / "bench-gpu.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     say(f"done in {result['seconds']:.0f}s; figures in {out}")

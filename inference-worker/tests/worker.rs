@@ -297,6 +297,39 @@ async fn a_client_that_hangs_up_stops_its_decoding_and_the_worker_keeps_serving(
 }
 
 #[tokio::test]
+async fn clients_that_hang_up_before_their_prompt_is_tokenized_leave_the_worker_serving() {
+    // The worker asks the engine to count a prompt's tokens before it admits it. While the
+    // engine prefills a long prompt, those asks queue; a client that hangs up meanwhile
+    // drops the receiver of its count. The engine's send of that count used to be an
+    // expect: the engine thread panicked, the long request got a 500, and every request
+    // after it a 400 ("the engine dropped the request"). Found by `make bench-gpu`'s
+    // hang-up measurement, which kills a `kubeswarm run` mid-job.
+    let worker = Worker::ready(&["--max-seqs=1"]).await;
+    let long = tokio::spawn(answer(worker.post_json(chat_request(&"word ".repeat(600), 16))));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let mut abandoned = Vec::new();
+    for i in 1..=8u64 {
+        let call = tokio::spawn(answer(
+            client()
+                .post(format!("{}/v1/chat/completions", worker.base))
+                .json(&chat_request(&format!("Say hi {i}."), 8)),
+        ));
+        abandoned.push(tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(5 * i)).await;
+            call.abort();
+            let _ = call.await;
+        }));
+    }
+    for hang_up in abandoned {
+        hang_up.await.unwrap();
+    }
+    let (status, body) = long.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "the long request: {body}");
+    let (status, body) = answer(worker.post_json(chat_request("Say hi.", 8))).await;
+    assert_eq!(status, StatusCode::OK, "the next request: {body}");
+}
+
+#[tokio::test]
 async fn idle_and_slow_connections_are_closed_and_never_crowd_out_a_request() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let worker = Worker::ready(&["--header-timeout=2s"]).await;

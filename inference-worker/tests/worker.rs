@@ -305,7 +305,9 @@ async fn clients_that_hang_up_before_their_prompt_is_tokenized_leave_the_worker_
     // after it a 400 ("the engine dropped the request"). Found by `make bench-gpu`'s
     // hang-up measurement, which kills a `kubeswarm run` mid-job.
     let worker = Worker::ready(&["--max-seqs=1"]).await;
-    let long = tokio::spawn(answer(worker.post_json(chat_request(&"word ".repeat(600), 16))));
+    let long = tokio::spawn(answer(
+        worker.post_json(chat_request(&"word ".repeat(600), 16)),
+    ));
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let mut abandoned = Vec::new();
     for i in 1..=8u64 {

@@ -195,13 +195,18 @@ async fn peer(
 
 /// Waits until every SwarmJob in `ns` has finished, `expected` of them; how many completed.
 async fn all_finished(api: &Api<SwarmJob>, expected: usize) -> anyhow::Result<usize> {
-    wait_all("jobs finished", expected, Duration::from_secs(900), || async {
-        let list = api.list(&ListParams::default()).await?;
-        Ok(list
-            .iter()
-            .filter(|j| serde_json::to_value(j).is_ok_and(|v| finished(&v)))
-            .count())
-    })
+    wait_all(
+        "jobs finished",
+        expected,
+        Duration::from_secs(900),
+        || async {
+            let list = api.list(&ListParams::default()).await?;
+            Ok(list
+                .iter()
+                .filter(|j| serde_json::to_value(j).is_ok_and(|v| finished(&v)))
+                .count())
+        },
+    )
     .await?;
     Ok(api
         .list(&ListParams::default())
@@ -297,8 +302,13 @@ pub async fn operator_under_load(bed: &Bed) -> anyhow::Result<()> {
     let (paced_p50, paced_p99) = delays(&paced, &first_call.lock().unwrap())?;
 
     let (peer_p50, peer_p99) = peer(bed, "bench-peer", peer_jobs("job", JOBS), None).await?;
-    let (peer_paced_p50, peer_paced_p99) =
-        peer(bed, "bench-peer-paced", peer_jobs("paced", PACED), Some(RATE)).await?;
+    let (peer_paced_p50, peer_paced_p99) = peer(
+        bed,
+        "bench-peer-paced",
+        peer_jobs("paced", PACED),
+        Some(RATE),
+    )
+    .await?;
 
     let per_job = |verb: &str, resource: &str, subresource: &str| {
         let key = (verb.to_owned(), resource.to_owned(), subresource.to_owned());

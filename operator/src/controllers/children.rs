@@ -75,6 +75,14 @@ pub struct ApiError {
     pub source: kube::Error,
 }
 
+impl ApiError {
+    /// Whether the API server refused a conditional write because the object changed since
+    /// the version the write named: what was read is stale, not the request wrong.
+    pub(crate) fn is_conflict(&self) -> bool {
+        matches!(&self.source, kube::Error::Api(status) if status.code == 409 && status.reason == "Conflict")
+    }
+}
+
 /// Names a failed request: `.map_err(api_error("list", "Pod", &name))`.
 pub(crate) fn api_error(
     action: &'static str,
@@ -136,18 +144,25 @@ pub(crate) async fn delete<K: Child>(api: &Api<K>, name: &str) -> Result<(), Api
     }
 }
 
-/// Writes `status` to `name`'s status by server-side apply, owning every field in it.
-/// Returns the object as the API server stored it, with its new resourceVersion.
+/// Writes `status` to `name`'s status by server-side apply, owning every field in it, on
+/// the condition that the object is still at `resource_version`: a status worked out from
+/// a stale cache, or from a read that a write since has overtaken, is refused with 409
+/// (`ApiError::is_conflict`) instead of written over the newer object's. Returns the
+/// object as the API server stored it, with its new resourceVersion.
 pub(crate) async fn apply_status<K: Child>(
     api: &Api<K>,
     name: &str,
+    resource_version: Option<String>,
     status: &impl serde::Serialize,
 ) -> Result<K, ApiError> {
-    let patch = serde_json::json!({
+    let mut patch = serde_json::json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
         "status": status,
     });
+    if let Some(version) = resource_version {
+        patch["metadata"] = serde_json::json!({ "resourceVersion": version });
+    }
     api.patch_status(
         name,
         &kube::api::PatchParams::apply(FIELD_MANAGER).force(),
@@ -175,12 +190,14 @@ impl Conditioned for crate::api::SwarmJobStatus {
 }
 
 /// A status change, written and announced: `new` goes to `object`'s status (unless equal to
-/// `old`, as `conditions::merge` keeps transition times for what did not change) and each
-/// condition that changed becomes an Event as `desired` asks. Returns the stored object,
-/// None when there was nothing to write.
+/// `old`, as `conditions::merge` keeps transition times for what did not change) if the
+/// object is still at `resource_version` (see `apply_status`), and each condition that
+/// changed becomes an Event as `desired` asks. Returns the stored object, None when there
+/// was nothing to write.
 pub(crate) async fn write_status<K: Child, S: Conditioned>(
     api: &Api<K>,
     object: &K,
+    resource_version: Option<String>,
     recorder: &kube::runtime::events::Recorder,
     old: &S,
     new: &S,
@@ -189,7 +206,13 @@ pub(crate) async fn write_status<K: Child, S: Conditioned>(
     if old == new {
         return Ok(None);
     }
-    let stored = apply_status(api, &kube::ResourceExt::name_any(object), new).await?;
+    let stored = apply_status(
+        api,
+        &kube::ResourceExt::name_any(object),
+        resource_version,
+        new,
+    )
+    .await?;
     crate::conditions::announce(
         recorder,
         &object.object_ref(&()),

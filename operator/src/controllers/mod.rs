@@ -296,6 +296,11 @@ pub(crate) fn key(object: &impl kube::Resource) -> String {
     )
 }
 
+/// How soon a reconcile whose conditional write met a newer object (409) looks again. The
+/// newer object's watch event usually brings it back sooner; this is the floor. Nothing is
+/// broken, the read was only behind, so the per-object backoff does not grow.
+pub(crate) const AFTER_CONFLICT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Per-object backoff after failed reconciles: 5 s, doubling to at most 5 minutes, and
 /// forgotten after a success, so one broken object neither spins nor delays the others.
 #[derive(Default)]

@@ -141,6 +141,18 @@ async fn scenario(pool: ModelPool, steps: Vec<Step>) {
 
 /// Runs one reconcile of `pool` against `steps`, with the operator configured by `settings`.
 async fn scenario_under(settings: Settings, pool: ModelPool, steps: Vec<Step>) {
+    attempt(settings, pool, steps).await.0.expect("reconcile");
+}
+
+/// One reconcile of `pool` against `steps`: its outcome, and the context it ran in.
+async fn attempt(
+    settings: Settings,
+    pool: ModelPool,
+    steps: Vec<Step>,
+) -> (
+    Result<kube::runtime::controller::Action, model_pool::Error>,
+    Arc<Context>,
+) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, NS);
     let ctx = Arc::new(Context {
@@ -152,11 +164,14 @@ async fn scenario_under(settings: Settings, pool: ModelPool, steps: Vec<Step>) {
         backoff: Default::default(),
     });
     let server = tokio::spawn(serve(handle, steps));
-    let result = tokio::time::timeout(Duration::from_secs(10), reconcile(Arc::new(pool), ctx))
-        .await
-        .expect("the reconcile waited on a request the scenario does not answer");
-    result.expect("reconcile");
+    let result = tokio::time::timeout(
+        Duration::from_secs(10),
+        reconcile(Arc::new(pool), ctx.clone()),
+    )
+    .await
+    .expect("the reconcile waited on a request the scenario does not answer");
     server.await.expect("the mock API server's checks");
+    (result, ctx)
 }
 
 /// Keeps what a check saw, for the next reconcile's input.
@@ -714,6 +729,77 @@ async fn a_queue_without_kueue_is_reported_and_rechecked() {
         event("AsExpected"),
     ]);
     scenario(queued, steps).await;
+}
+
+/// A reconcile of a queued pool with no Kueue whose status write gets `code`: the write
+/// must name the version the pool was read at.
+fn status_write_answered(queued: &ModelPool, code: u16, reason: &str, message: &str) -> Vec<Step> {
+    let mut steps = settled_start(queued, vec![], None);
+    steps.extend([
+        step(
+            Method::GET,
+            WORKLOADS,
+            404,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "the server could not find the requested resource"}),
+        ),
+        step(
+            Method::PATCH,
+            STATUS,
+            code,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": message}),
+        )
+        .check(|body| {
+            assert_eq!(body["metadata"]["resourceVersion"], "3", "{body}");
+            says(
+                body,
+                "Admitted",
+                ("False", "KueueNotInstalled", "install Kueue or remove spec.queueName"),
+            );
+        }),
+    ]);
+    steps
+}
+
+#[tokio::test]
+async fn a_status_worked_out_from_a_stale_read_is_refused_and_read_again_soon() {
+    // The cache holds the pool at resourceVersion 3; the API server has moved on (another
+    // replica's last write, or this one's not yet seen). The status write names version 3,
+    // so the API server refuses it instead of letting an older view overwrite a newer one,
+    // and no Event announces a transition worked out from that view (the scripted server
+    // fails the scenario on any request it was not given).
+    use kube::runtime::controller::Action;
+    let queued = pool(1, true, None);
+    let steps = status_write_answered(
+        &queued,
+        409,
+        "Conflict",
+        "Operation cannot be fulfilled on modelpools.kubeswarm.dev \"gemma\": the object has been modified; please apply your changes to the latest version and try again",
+    );
+    let (result, ctx) = attempt(settings(), queued.clone(), steps).await;
+    let error = result.expect_err("the refused write fails the reconcile");
+    assert!(error.is_conflict(), "{error:?}");
+    // Read again in a second, every time: nothing is broken, so no backoff grows.
+    for _ in 0..3 {
+        assert_eq!(
+            model_pool::error_policy(Arc::new(queued.clone()), &error, ctx.clone()),
+            Action::requeue(Duration::from_secs(1))
+        );
+    }
+
+    // A write that fails for another reason still backs off, from 5 s.
+    let steps = status_write_answered(
+        &queued,
+        500,
+        "InternalError",
+        "etcdserver: request timed out",
+    );
+    let (result, ctx) = attempt(settings(), queued.clone(), steps).await;
+    let error = result.expect_err("a failed write fails the reconcile");
+    assert!(!error.is_conflict(), "{error:?}");
+    assert_eq!(
+        model_pool::error_policy(Arc::new(queued), &error, ctx),
+        Action::requeue(Duration::from_secs(5))
+    );
 }
 
 fn urgent_pool() -> ModelPool {

@@ -243,6 +243,8 @@ async fn a_job_runs_through_every_phase_to_complete_and_lets_go_of_its_finalizer
             );
         }),
         step(Method::PATCH, JOB_STATUS, 200, stored_job()).check(move |body| {
+            // Conditional on the version the finalizer patch left.
+            assert_eq!(body["metadata"]["resourceVersion"], "5", "{body}");
             assert_eq!(reason(body, "Admitted"), "PoolsReady");
             assert_eq!(reason(body, "Planned"), "Pending");
             assert!(body["status"]["startTime"].is_string());
@@ -261,6 +263,7 @@ async fn a_job_runs_through_every_phase_to_complete_and_lets_go_of_its_finalizer
             next
         })
         .check(move |body| {
+            assert_eq!(body["metadata"]["resourceVersion"], "5", "{body}");
             for (type_, want) in [
                 ("Planned", "SubtasksGiven"),
                 ("FanOutComplete", "OutputsReceived"),

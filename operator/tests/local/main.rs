@@ -443,9 +443,18 @@ fn the_gpu_benchmark_runs_end_to_end_on_a_tiny_random_model() {
     // through, and the bound on tokens decoded after the hang-up was worked out.
     let hung = &figures["hang_up"];
     assert_eq!(hung["concurrency"], 3, "{figures:#}");
-    assert!(hung["short_calls_after_hang_up_seconds"].as_f64().unwrap() > 0.0, "{hung}");
-    assert!(hung["tokens_decoded_after_hang_up_at_most"].is_u64(), "{hung}");
+    assert!(
+        hung["short_calls_after_hang_up_seconds"].as_f64().unwrap() > 0.0,
+        "{hung}"
+    );
+    assert!(
+        hung["tokens_decoded_after_hang_up_at_most"].is_u64(),
+        "{hung}"
+    );
     let table = std::fs::read_to_string(dir.join("out/bench-gpu.md")).unwrap();
     assert!(table.contains("| 3 |"), "{table}");
-    assert!(table.contains("tokens decoded per abandoned sequence"), "{table}");
+    assert!(
+        table.contains("tokens decoded per abandoned sequence"),
+        "{table}"
+    );
 }

@@ -27,7 +27,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use thiserror::Error;
-use tracing::{Instrument, warn};
+use tracing::{Instrument, debug, warn};
 
 use self::build::Settings;
 use crate::api::{ExternalEndpoint, ModelPool, ModelPoolStatus};
@@ -60,6 +60,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether a conditional write found the object changed since it was read.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Api(err) if err.is_conflict())
+    }
+
     /// A short label for the reconcile-error metric.
     pub fn kind(&self) -> &str {
         match self {
@@ -93,6 +98,11 @@ pub async fn reconcile(pool: Arc<ModelPool>, ctx: Arc<Context>) -> Result<Action
 
 /// Transient errors back off per object; kube-runtime retries after the returned delay.
 pub fn error_policy(pool: Arc<ModelPool>, error: &Error, ctx: Arc<Context>) -> Action {
+    if error.is_conflict() {
+        debug!(pool = %key(pool.as_ref()), error = %crate::telemetry::chain(error), "read behind a newer ModelPool; reading it again");
+        ctx.metrics.reconcile_failed("ModelPool", "Conflict");
+        return Action::requeue(crate::controllers::AFTER_CONFLICT);
+    }
     let delay = ctx.backoff.failed(&key(pool.as_ref()));
     warn!(pool = %key(pool.as_ref()), error = %crate::telemetry::chain(error), retry_in = ?delay, "reconcile failed");
     ctx.metrics.reconcile_failed("ModelPool", error.kind());
@@ -423,6 +433,7 @@ impl<'a> Reconciler<'a> {
         let written = write_status(
             &self.api::<ModelPool>(),
             self.pool,
+            self.pool.resource_version(),
             &self.ctx.recorder,
             &old,
             &new,

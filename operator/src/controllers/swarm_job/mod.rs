@@ -37,7 +37,7 @@ use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use thiserror::Error;
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use self::pools::{Endpoints, Waiting};
 use self::progress::State;
@@ -76,6 +76,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether a conditional write found the object changed since it was read.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Api(err) if err.is_conflict())
+    }
+
     /// A short label for the reconcile-error metric.
     pub fn kind(&self) -> &str {
         match self {
@@ -130,6 +135,11 @@ pub async fn reconcile(job: Arc<SwarmJob>, ctx: Arc<Context>) -> Result<Action, 
 
 /// Transient errors back off per object; kube-runtime retries after the returned delay.
 pub fn error_policy(job: Arc<SwarmJob>, error: &Error, ctx: Arc<Context>) -> Action {
+    if error.is_conflict() {
+        debug!(job = %key(job.as_ref()), error = %crate::telemetry::chain(error), "read behind a newer SwarmJob; reading it again");
+        ctx.metrics.reconcile_failed("SwarmJob", "Conflict");
+        return Action::requeue(crate::controllers::AFTER_CONFLICT);
+    }
     let delay = ctx.backoff.failed(&key(job.as_ref()));
     warn!(job = %key(job.as_ref()), error = %crate::telemetry::chain(error), retry_in = ?delay, "reconcile failed");
     ctx.metrics.reconcile_failed("SwarmJob", error.kind());

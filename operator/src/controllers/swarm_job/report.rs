@@ -113,6 +113,7 @@ impl Reconciler<'_> {
         if let Some(stored) = write_status(
             &self.api::<SwarmJob>(),
             self.job,
+            self.resource_version(),
             &self.ctx.recorder,
             old,
             &new,

@@ -305,9 +305,16 @@ async fn clients_that_hang_up_before_their_prompt_is_tokenized_leave_the_worker_
     // after it a 400 ("the engine dropped the request"). Found by `make bench-gpu`'s
     // hang-up measurement, which kills a `kubeswarm run` mid-job.
     let worker = Worker::ready(&["--max-seqs=1"]).await;
+    // A prompt whose prefill keeps the engine in one step for seconds on a CPU.
     let long = tokio::spawn(answer(
         worker.post_json(chat_request(&"word ".repeat(600), 16)),
     ));
+    let deadline = Instant::now() + support::PATIENCE;
+    while worker.metric("kubeswarm_worker_running_sequences").await < 1.0 {
+        assert!(Instant::now() < deadline, "the long request never started");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Its own count is done by now; its prefill has begun.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let mut abandoned = Vec::new();
     for i in 1..=8u64 {
@@ -329,6 +336,10 @@ async fn clients_that_hang_up_before_their_prompt_is_tokenized_leave_the_worker_
     assert_eq!(status, StatusCode::OK, "the long request: {body}");
     let (status, body) = answer(worker.post_json(chat_request("Say hi.", 8))).await;
     assert_eq!(status, StatusCode::OK, "the next request: {body}");
+    assert!(
+        worker.logged("the tokenization's requester hung up"),
+        "no count was answered to a client that had gone: the test missed its window"
+    );
 }
 
 #[tokio::test]

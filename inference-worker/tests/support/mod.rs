@@ -3,8 +3,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -61,6 +61,8 @@ pub struct Worker {
     child: Child,
     pub base: String,
     pub http: reqwest::Client,
+    /// Its log so far.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Worker {
@@ -77,10 +79,13 @@ impl Worker {
             .expect("starting inference-worker");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let keep = log.clone();
         // The worker logs its bound address; echo its log so a failing test shows it.
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 println!("worker: {line}");
+                keep.lock().unwrap().push(line.clone());
                 if line.contains("listening")
                     && let Some(addr) = line.split("listen=").nth(1)
                 {
@@ -95,7 +100,17 @@ impl Worker {
             child,
             base: format!("http://{addr}"),
             http: client(),
+            log,
         }
+    }
+
+    /// Whether a line the worker logged so far contains `text`.
+    pub fn logged(&self, text: &str) -> bool {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains(text))
     }
 
     /// Starts the worker and waits until `/ready` answers 200.

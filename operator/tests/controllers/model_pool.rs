@@ -786,19 +786,26 @@ async fn a_status_worked_out_from_a_stale_read_is_refused_and_read_again_soon() 
         );
     }
 
-    // A write that fails for another reason still backs off, from 5 s.
+    // A write that fails for another reason backs off, and from its first step, 5 s: the
+    // three conflicts before it (in the same context) did not count as failures.
     let steps = status_write_answered(
         &queued,
         500,
         "InternalError",
         "etcdserver: request timed out",
     );
-    let (result, ctx) = attempt(settings(), queued.clone(), steps).await;
-    let error = result.expect_err("a failed write fails the reconcile");
-    assert!(!error.is_conflict(), "{error:?}");
+    let failed = attempt(settings(), queued.clone(), steps)
+        .await
+        .0
+        .expect_err("a failed write fails the reconcile");
+    assert!(!failed.is_conflict(), "{failed:?}");
     assert_eq!(
-        model_pool::error_policy(Arc::new(queued), &error, ctx),
+        model_pool::error_policy(Arc::new(queued.clone()), &failed, ctx.clone()),
         Action::requeue(Duration::from_secs(5))
+    );
+    assert_eq!(
+        model_pool::error_policy(Arc::new(queued), &failed, ctx),
+        Action::requeue(Duration::from_secs(10))
     );
 }
 

@@ -62,6 +62,13 @@ fn external_pool(name: &str, url: &str) -> Value {
     pool
 }
 
+/// The stored job at `version`, as the API server answers a write that moved it.
+fn at_version(version: &str) -> Value {
+    let mut stored = stored_job();
+    stored["metadata"]["resourceVersion"] = json!(version);
+    stored
+}
+
 fn stored_job() -> Value {
     let mut value = serde_json::to_value(job(TWO, true, Value::Null)).unwrap();
     value["apiVersion"] = json!("kubeswarm.dev/v1alpha1");
@@ -137,13 +144,19 @@ fn harness_keeping(steps: Vec<crate::harness::Step>, results: Results) -> Harnes
 
 impl Harness {
     async fn reconcile(&self, job: SwarmJob) -> Action {
+        self.attempt(job).await.expect("reconcile")
+    }
+
+    async fn attempt(
+        &self,
+        job: SwarmJob,
+    ) -> Result<Action, kubeswarm::controllers::swarm_job::Error> {
         tokio::time::timeout(
             Duration::from_secs(10),
             reconcile(Arc::new(job), self.ctx.clone()),
         )
         .await
         .expect("the reconcile waited on a request the scenario does not answer")
-        .expect("reconcile")
     }
 
     /// Waits until the job's engine has ended (it wakes the controller last).
@@ -236,15 +249,15 @@ async fn a_job_runs_through_every_phase_to_complete_and_lets_go_of_its_finalizer
     let mut steps = vec![
         step(Method::GET, POOLS, 200, pools),
         step(Method::GET, PODS, 200, list("Pod", vec![])),
-        step(Method::PATCH, JOB, 200, stored_job()).check(|body| {
+        step(Method::PATCH, JOB, 200, at_version("6")).check(|body| {
             assert_eq!(
                 body,
                 &json!({"metadata": {"finalizers": [FINALIZER], "resourceVersion": "5"}})
             );
         }),
         step(Method::PATCH, JOB_STATUS, 200, stored_job()).check(move |body| {
-            // Conditional on the version the finalizer patch left.
-            assert_eq!(body["metadata"]["resourceVersion"], "5", "{body}");
+            // Conditional on the version the finalizer patch left, not the one read.
+            assert_eq!(body["metadata"]["resourceVersion"], "6", "{body}");
             assert_eq!(reason(body, "Admitted"), "PoolsReady");
             assert_eq!(reason(body, "Planned"), "Pending");
             assert!(body["status"]["startTime"].is_string());
@@ -257,12 +270,7 @@ async fn a_job_runs_through_every_phase_to_complete_and_lets_go_of_its_finalizer
     steps.extend(checkpoints(true, &[0, 1]));
     steps.extend([
         // The API server answers the status write with the job's next resourceVersion.
-        step(Method::PATCH, JOB_STATUS, 200, {
-            let mut next = stored_job();
-            next["metadata"]["resourceVersion"] = json!("6");
-            next
-        })
-        .check(move |body| {
+        step(Method::PATCH, JOB_STATUS, 200, at_version("6")).check(move |body| {
             assert_eq!(body["metadata"]["resourceVersion"], "5", "{body}");
             for (type_, want) in [
                 ("Planned", "SubtasksGiven"),
@@ -326,6 +334,67 @@ async fn a_job_runs_through_every_phase_to_complete_and_lets_go_of_its_finalizer
         Action::await_change()
     );
     quiet.done().await;
+}
+
+#[tokio::test]
+async fn an_outcome_whose_status_write_meets_a_newer_job_is_written_on_the_next_reconcile() {
+    let model = Mock::start("m", |body, _| text(part(body).to_uppercase())).await;
+    let pools = list("ModelPool", vec![external_pool("ext", &model.url)]);
+    let (started, keep_started) = kept();
+    let mut steps = vec![
+        step(Method::GET, POOLS, 200, pools),
+        step(Method::GET, PODS, 200, list("Pod", vec![])),
+        step(Method::PATCH, JOB, 200, stored_job()),
+        step(Method::PATCH, JOB_STATUS, 200, stored_job()).check(move |body| keep_started(body)),
+        event("PoolsReady"),
+        step(Method::GET, CM, 404, not_found()),
+    ];
+    steps.extend(checkpoints(true, &[0, 1]));
+    steps.extend([
+        // The reconcile read the job at version 5; it has moved on since.
+        step(
+            Method::PATCH,
+            JOB_STATUS,
+            409,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+                   "message": "Operation cannot be fulfilled on swarmjobs.kubeswarm.dev \"review\": the object has been modified; please apply your changes to the latest version and try again"}),
+        )
+        .check(|body| assert_eq!(body["metadata"]["resourceVersion"], "5", "{body}")),
+        // The next reconcile, on the job as it now is, writes the same outcome: no records
+        // read, no model called, no engine started again.
+        step(Method::PATCH, JOB_STATUS, 200, at_version("9")).check(|body| {
+            assert_eq!(body["metadata"]["resourceVersion"], "8", "{body}");
+            assert_eq!(reason(body, "Complete"), "Succeeded", "{body}");
+            assert_eq!(body["status"]["usage"][0]["calls"], 2, "{body}");
+        }),
+        event("SubtasksGiven"),
+        event("OutputsReceived"),
+        event("ChecksOnly"),
+        event("Aggregated"),
+        event("Succeeded"),
+        step(Method::PATCH, JOB, 200, stored_job())
+            .check(|body| assert_eq!(body["metadata"]["resourceVersion"], "9", "{body}")),
+    ]);
+    let mut harness = harness(steps);
+    harness.reconcile(job(TWO, false, Value::Null)).await;
+    harness.engine_ended().await;
+    let status = started.lock().unwrap().clone();
+    let error = harness
+        .attempt(job(TWO, true, status.clone()))
+        .await
+        .expect_err("the status write was refused");
+    assert!(error.is_conflict(), "{error:?}");
+    assert!(
+        !harness.ctx.runs.is_empty(),
+        "the run and its outcome are kept"
+    );
+
+    let mut newer = job(TWO, true, status);
+    newer.metadata.resource_version = Some("8".to_owned());
+    assert_eq!(harness.reconcile(newer).await, Action::await_change());
+    assert!(harness.ctx.runs.is_empty());
+    assert_eq!(model.count(), 2, "each subagent called once");
+    harness.done().await;
 }
 
 #[tokio::test]

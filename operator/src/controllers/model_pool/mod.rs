@@ -99,9 +99,14 @@ pub async fn reconcile(pool: Arc<ModelPool>, ctx: Arc<Context>) -> Result<Action
 /// Transient errors back off per object; kube-runtime retries after the returned delay.
 pub fn error_policy(pool: Arc<ModelPool>, error: &Error, ctx: Arc<Context>) -> Action {
     if error.is_conflict() {
-        debug!(pool = %key(pool.as_ref()), error = %crate::telemetry::chain(error), "read behind a newer ModelPool; reading it again");
+        let (delay, persistent) = ctx.backoff.conflicted(&key(pool.as_ref()));
+        if persistent {
+            warn!(pool = %key(pool.as_ref()), error = %crate::telemetry::chain(error), retry_in = ?delay, "writes keep meeting newer objects");
+        } else {
+            debug!(pool = %key(pool.as_ref()), error = %crate::telemetry::chain(error), retry_in = ?delay, "a write met a newer object; reading again");
+        }
         ctx.metrics.reconcile_failed("ModelPool", "Conflict");
-        return Action::requeue(crate::controllers::AFTER_CONFLICT);
+        return Action::requeue(delay);
     }
     let delay = ctx.backoff.failed(&key(pool.as_ref()));
     warn!(pool = %key(pool.as_ref()), error = %crate::telemetry::chain(error), retry_in = ?delay, "reconcile failed");

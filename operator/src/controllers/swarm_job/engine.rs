@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -22,6 +24,9 @@ use crate::controllers::api_keys;
 use crate::swarm::pool::{Pool, Server};
 use crate::swarm::record::{Store, StoreError};
 use crate::swarm::{Job, Outcome, pools_used};
+
+/// How long a running job's progress is gathered before the reconcile that writes it.
+const PROGRESS_FOLD: Duration = Duration::from_millis(500);
 
 impl Reconciler<'_> {
     /// The API keys of the job's external pools that name one, by the name the job uses,
@@ -103,9 +108,22 @@ impl Reconciler<'_> {
         let wake = {
             let sender = self.ctx.wake.clone();
             let job = ObjectRef::from_obj(self.job);
+            let pending = Arc::new(AtomicBool::new(false));
             Box::new(move || {
-                // Closed only when the controller stops, and then nobody needs waking.
-                let _ = sender.unbounded_send(job.clone());
+                // Progress comes in bursts (a fan-out's subagents finishing within moments
+                // of each other): one reconcile, so one status write, a PROGRESS_FOLD
+                // after the first of them carries all that came meanwhile. What comes
+                // after the flag is cleared wakes again, so nothing is left unwritten.
+                if pending.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+                let (sender, job, pending) = (sender.clone(), job.clone(), pending.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(PROGRESS_FOLD).await;
+                    pending.store(false, Ordering::Release);
+                    // Closed only when the controller stops, and then nobody needs waking.
+                    let _ = sender.unbounded_send(job);
+                });
             })
         };
         let progress = Arc::new(Progress::new(
@@ -171,7 +189,7 @@ impl Reconciler<'_> {
         };
         let state = run.progress.state();
         let now = Timestamp::now();
-        let result = outcome.result;
+        let result = &outcome.result;
         let preview = result
             .as_ref()
             .ok()
@@ -183,7 +201,7 @@ impl Reconciler<'_> {
         let admission = Admission::Ready {
             pools: &pools_used(&self.job.spec),
         };
-        let new = self
+        let written = self
             .update_status(
                 old,
                 admission,
@@ -195,7 +213,16 @@ impl Reconciler<'_> {
                     preview,
                 }),
             )
-            .await?;
+            .await;
+        let new = match written {
+            Ok(new) => new,
+            Err(err) => {
+                // Not written (a 409 from a stale read, say): the run keeps its outcome
+                // for the next reconcile, which writes it instead of starting again.
+                run.unwritten(outcome);
+                return Err(err);
+            }
+        };
         let (condition, reason) = match &verdict {
             Ok(result) if result.truncated() => {
                 (status::COMPLETE, status::reason::ANSWER_TRUNCATED)

@@ -136,9 +136,14 @@ pub async fn reconcile(job: Arc<SwarmJob>, ctx: Arc<Context>) -> Result<Action, 
 /// Transient errors back off per object; kube-runtime retries after the returned delay.
 pub fn error_policy(job: Arc<SwarmJob>, error: &Error, ctx: Arc<Context>) -> Action {
     if error.is_conflict() {
-        debug!(job = %key(job.as_ref()), error = %crate::telemetry::chain(error), "read behind a newer SwarmJob; reading it again");
+        let (delay, persistent) = ctx.backoff.conflicted(&key(job.as_ref()));
+        if persistent {
+            warn!(job = %key(job.as_ref()), error = %crate::telemetry::chain(error), retry_in = ?delay, "writes keep meeting newer objects");
+        } else {
+            debug!(job = %key(job.as_ref()), error = %crate::telemetry::chain(error), retry_in = ?delay, "a write met a newer object; reading again");
+        }
         ctx.metrics.reconcile_failed("SwarmJob", "Conflict");
-        return Action::requeue(crate::controllers::AFTER_CONFLICT);
+        return Action::requeue(delay);
     }
     let delay = ctx.backoff.failed(&key(job.as_ref()));
     warn!(job = %key(job.as_ref()), error = %crate::telemetry::chain(error), retry_in = ?delay, "reconcile failed");
@@ -262,9 +267,14 @@ impl<'a> Reconciler<'a> {
                 self.after_finish(&old).await
             }
             Stage::Ended(old, run) => {
-                self.ctx.runs.remove(&self.key);
                 let ended = run.ended().await;
-                self.conclude(&old, &run, ended).await
+                let concluded = self.conclude(&old, &run, ended).await;
+                // An outcome whose write failed stays with its run for the next attempt:
+                // without it, that attempt would find no run and start the job again.
+                if !run.has_unwritten() {
+                    self.ctx.runs.remove(&self.key);
+                }
+                concluded
             }
             Stage::Running(old, run) => self.keep_running(&old, &run).await,
             Stage::NotStarted(old) => self.start_when_ready(&old).await,

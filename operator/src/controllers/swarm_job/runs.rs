@@ -25,6 +25,8 @@ pub struct Running {
     pub progress: Arc<Progress>,
     suspended: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<Result<Outcome, Interrupted>>>>,
+    /// The outcome, once read, until the job's status holds it.
+    unwritten: Mutex<Option<Outcome>>,
 }
 
 impl Running {
@@ -49,6 +51,7 @@ impl Running {
             progress,
             suspended,
             task: Mutex::new(Some(task)),
+            unwritten: Mutex::new(None),
         }
     }
 
@@ -70,10 +73,24 @@ impl Running {
             .is_none_or(JoinHandle::is_finished)
     }
 
-    /// The run's end, once `is_finished`; `None` if it was taken already.
+    /// The run's end, once `is_finished`: the engine's, or the outcome whose write
+    /// failed (`unwritten`); `None` if it was taken already.
     pub async fn ended(&self) -> Option<Ended> {
+        if let Some(outcome) = self.unwritten.lock().expect("run lock").take() {
+            return Some(Ok(Ok(outcome)));
+        }
         let task = self.task.lock().expect("run lock").take()?;
         Some(task.await)
+    }
+
+    /// Keeps `outcome`, which could not be written, for the next `ended`.
+    pub fn unwritten(&self, outcome: Outcome) {
+        *self.unwritten.lock().expect("run lock") = Some(outcome);
+    }
+
+    /// Whether an outcome waits to be written.
+    pub fn has_unwritten(&self) -> bool {
+        self.unwritten.lock().expect("run lock").is_some()
     }
 }
 

@@ -705,22 +705,33 @@ async fn without_a_queue_pods_are_created_directly_and_a_changed_spec_replaces_t
     scenario(moved, steps).await;
 }
 
+/// The reads of a reconcile of a queued pool on a cluster without Kueue, up to its
+/// status write: the Workload list is a 404 for the whole resource.
+fn without_kueue(queued: &ModelPool) -> Vec<Step> {
+    let mut steps = settled_start(queued, vec![], None);
+    steps.push(step(
+        Method::GET,
+        WORKLOADS,
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "the server could not find the requested resource"}),
+    ));
+    steps
+}
+
 #[tokio::test]
 async fn a_queue_without_kueue_is_reported_and_rechecked() {
     let queued = pool(1, true, None);
-    let mut steps = settled_start(&queued, vec![], None);
+    let mut steps = without_kueue(&queued);
     steps.extend([
-        step(
-            Method::GET,
-            WORKLOADS,
-            404,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "the server could not find the requested resource"}),
-        ),
         step(Method::PATCH, STATUS, 200, stored()).check(|body| {
             says(
                 body,
                 "Admitted",
-                ("False", "KueueNotInstalled", "install Kueue or remove spec.queueName"),
+                (
+                    "False",
+                    "KueueNotInstalled",
+                    "install Kueue or remove spec.queueName",
+                ),
             );
         }),
         event("KueueNotInstalled"),
@@ -734,14 +745,8 @@ async fn a_queue_without_kueue_is_reported_and_rechecked() {
 /// A reconcile of a queued pool with no Kueue whose status write gets `code`: the write
 /// must name the version the pool was read at.
 fn status_write_answered(queued: &ModelPool, code: u16, reason: &str, message: &str) -> Vec<Step> {
-    let mut steps = settled_start(queued, vec![], None);
+    let mut steps = without_kueue(queued);
     steps.extend([
-        step(
-            Method::GET,
-            WORKLOADS,
-            404,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "the server could not find the requested resource"}),
-        ),
         step(
             Method::PATCH,
             STATUS,

@@ -77,6 +77,16 @@ impl Mock {
         model: &str,
         script: impl Fn(&Value, usize) -> Reply + Send + Sync + 'static,
     ) -> Mock {
+        Self::start_on("127.0.0.1:0", model, script).await
+    }
+
+    /// Serves on `address` (an IP and port, 0 for any): a test whose endpoint must pass a
+    /// policy that allows one address only.
+    pub async fn start_on(
+        address: &str,
+        model: &str,
+        script: impl Fn(&Value, usize) -> Reply + Send + Sync + 'static,
+    ) -> Mock {
         let shared = Shared {
             script: Arc::new(script),
             model: model.to_owned(),
@@ -89,7 +99,7 @@ impl Mock {
             .route("/v1/chat/completions", post(chat))
             .route("/v1/models", get(models))
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(address).await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();

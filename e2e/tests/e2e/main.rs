@@ -11,6 +11,7 @@ mod cel;
 mod columns;
 mod failover;
 mod images;
+mod kills;
 mod load;
 mod outage;
 mod quota;
@@ -57,6 +58,9 @@ const TESTS: &[(&str, Scenario)] = &[
     }),
     ("an_operator_killed_mid_run_resumes", |b| {
         Box::pin(swarm::operator_killed_mid_run(b))
+    }),
+    ("an_operator_killed_at_each_boundary_resumes", |b| {
+        Box::pin(kills::operator_killed_at_each_boundary(b))
     }),
     ("a_higher_priority_pool_preempts", |b| {
         Box::pin(quota::preemption(b))

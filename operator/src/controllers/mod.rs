@@ -25,7 +25,7 @@ use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::api::{ModelPool, SwarmJob};
 use crate::kueue::Workload;
@@ -349,6 +349,38 @@ impl Backoff {
         } else {
             (Self::AFTER_CONFLICT, false)
         }
+    }
+
+    /// The next attempt at the object `key` of `kind` after its reconcile failed with
+    /// `error`: soon after a write met a newer object, backing off after a real failure
+    /// (and after too many conflicts in a row). Logged and counted here, once for both
+    /// controllers.
+    pub fn retry(
+        &self,
+        metrics: &Metrics,
+        kind: &str,
+        key: &str,
+        error: &dyn std::error::Error,
+        conflict: bool,
+        error_kind: &str,
+    ) -> kube::runtime::controller::Action {
+        let error = crate::telemetry::chain(error);
+        let delay = if conflict {
+            let (delay, persistent) = self.conflicted(key);
+            if persistent {
+                warn!(kind, object = %key, %error, retry_in = ?delay, "writes keep meeting newer objects");
+            } else {
+                debug!(kind, object = %key, %error, retry_in = ?delay, "a write met a newer object; reading again");
+            }
+            metrics.reconcile_failed(kind, "Conflict");
+            delay
+        } else {
+            let delay = self.failed(key);
+            warn!(kind, object = %key, %error, retry_in = ?delay, "reconcile failed");
+            metrics.reconcile_failed(kind, error_kind);
+            delay
+        };
+        kube::runtime::controller::Action::requeue(delay)
     }
 
     pub fn succeeded(&self, key: &str) {

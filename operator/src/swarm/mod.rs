@@ -138,6 +138,16 @@ impl<S: Store, O: Observer> Job<'_, S, O> {
         let entries = self.store.load().await?;
         let checkpoint = record::decode(&entries)?;
         if let Some(result) = checkpoint.result.clone() {
+            // The run ended before, and the operator that ran it may have died before a
+            // status said so: the status written from these events must still count
+            // every subagent and the usage, as the one it would have written.
+            run::report_records(
+                self.observer,
+                self.spec.fan_out.subagents.max(0) as usize,
+                &checkpoint.subagents,
+                &checkpoint.usage,
+            );
+            self.observer.event(Event::Aggregating);
             return Ok(Outcome {
                 result: Ok(result),
                 checkpoint,

@@ -55,6 +55,29 @@ impl Rules {
     }
 }
 
+/// Tells the observer what a run resumes from: how many subagents the plan has, each one
+/// recorded before, and the usage recorded with them, so that a status written from the
+/// events counts work a killed operator did.
+pub(super) fn report_records<O: Observer>(
+    observer: &O,
+    subagents: usize,
+    records: &BTreeMap<usize, SubagentRecord>,
+    usage: &BTreeMap<String, call::Usage>,
+) {
+    observer.event(Event::Planned { subagents });
+    for record in records.values() {
+        observer.event(match record.stage {
+            Stage::Generated => Event::Generated {
+                index: record.index,
+            },
+            Stage::Finished => Event::Finished { record },
+        });
+    }
+    if !records.is_empty() {
+        observer.event(Event::Recorded { usage });
+    }
+}
+
 /// The state of one run of a job: what it has spent and recorded so far.
 pub(super) struct Run<'r, 'a, S: Store, O: Observer> {
     pub(super) job: &'r Job<'a, S, O>,
@@ -125,23 +148,12 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                 ),
             )));
         }
-        self.job.observer.event(Event::Planned { subagents: n });
-        {
-            let records = self.records.lock().expect("records lock");
-            for record in records.values() {
-                self.job.observer.event(match record.stage {
-                    Stage::Generated => Event::Generated {
-                        index: record.index,
-                    },
-                    Stage::Finished => Event::Finished { record },
-                });
-            }
-            if !records.is_empty() {
-                self.job.observer.event(Event::Recorded {
-                    usage: &self.ledger.snapshot(),
-                });
-            }
-        }
+        report_records(
+            self.job.observer,
+            n,
+            &self.records.lock().expect("records lock"),
+            &self.ledger.snapshot(),
+        );
 
         let concurrency = self
             .spec()

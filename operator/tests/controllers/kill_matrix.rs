@@ -3,8 +3,9 @@
 //! mid-await, as SIGKILL drops the process: nothing it held in memory survives, only the
 //! records in the result ConfigMap (the real store, on an API server that keeps objects).
 //! Six kills at each side of a checkpoint write (each write of the run), five during
-//! aggregation and five after the result. The e2e suite kills the real process once
-//! (`an_operator_killed_mid_run_resumes`); this covers every boundary.
+//! aggregation and five after the result. The e2e suite SIGKILLs the real process at five
+//! boundaries, five times each (`an_operator_killed_at_each_boundary_resumes`); this covers
+//! each write of the run.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -40,7 +40,14 @@ impl Observer for Log {
             }
             Event::Aggregating => "aggregating".to_owned(),
             Event::Call { pool, outcome, .. } => format!("call {pool} {}", outcome.as_str()),
-            Event::Recorded { .. } => return,
+            Event::Recorded { usage } => format!(
+                "recorded {}",
+                usage
+                    .iter()
+                    .map(|(pool, u)| format!("{pool}={}", u.calls))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
         };
         self.0.lock().unwrap().push(line);
     }

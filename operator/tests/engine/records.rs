@@ -96,14 +96,29 @@ async fn a_resumed_run_never_repeats_or_recounts_a_finished_subagent() {
         }
     );
     assert_eq!(outcome.result.unwrap().0.chosen, [0, 1, 2, 3]);
-    // A finished job run again makes no call at all.
-    let again = run_job(
+    // A finished job run again makes no call at all, and reports what it recorded as a
+    // resumed run does: the status of a job whose operator died after storing the result
+    // and before writing the status still counts every subagent and the usage.
+    let (again, log) = run_logged(
         &job,
         &pools(&[("workers", vec![workers.url.clone()])]),
         &store,
+        fast(),
     )
     .await;
     assert_eq!(workers.count(), 1);
+    assert_eq!(
+        log,
+        [
+            "planned 4",
+            "finished 0 passed=true",
+            "finished 1 passed=true",
+            "finished 2 passed=true",
+            "finished 3 passed=true",
+            "recorded workers=4",
+            "aggregating"
+        ]
+    );
     assert_eq!(
         again.result.unwrap().1,
         store.0.lock().unwrap()[record::ANSWER]

@@ -27,7 +27,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use thiserror::Error;
-use tracing::{Instrument, debug, warn};
+use tracing::Instrument;
 
 use self::build::Settings;
 use crate::api::{ExternalEndpoint, ModelPool, ModelPoolStatus};
@@ -98,20 +98,14 @@ pub async fn reconcile(pool: Arc<ModelPool>, ctx: Arc<Context>) -> Result<Action
 
 /// Transient errors back off per object; kube-runtime retries after the returned delay.
 pub fn error_policy(pool: Arc<ModelPool>, error: &Error, ctx: Arc<Context>) -> Action {
-    if error.is_conflict() {
-        let (delay, persistent) = ctx.backoff.conflicted(&key(pool.as_ref()));
-        if persistent {
-            warn!(pool = %key(pool.as_ref()), error = %crate::telemetry::chain(error), retry_in = ?delay, "writes keep meeting newer objects");
-        } else {
-            debug!(pool = %key(pool.as_ref()), error = %crate::telemetry::chain(error), retry_in = ?delay, "a write met a newer object; reading again");
-        }
-        ctx.metrics.reconcile_failed("ModelPool", "Conflict");
-        return Action::requeue(delay);
-    }
-    let delay = ctx.backoff.failed(&key(pool.as_ref()));
-    warn!(pool = %key(pool.as_ref()), error = %crate::telemetry::chain(error), retry_in = ?delay, "reconcile failed");
-    ctx.metrics.reconcile_failed("ModelPool", error.kind());
-    Action::requeue(delay)
+    ctx.backoff.retry(
+        &ctx.metrics,
+        "ModelPool",
+        &key(pool.as_ref()),
+        error,
+        error.is_conflict(),
+        error.kind(),
+    )
 }
 
 /// Where a reconcile leaves the pool: what its status says, and when to look again.

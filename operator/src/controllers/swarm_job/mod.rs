@@ -37,7 +37,7 @@ use kube::runtime::events::Recorder;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use thiserror::Error;
-use tracing::{Instrument, debug, info, warn};
+use tracing::{Instrument, info};
 
 use self::pools::{Endpoints, Waiting};
 use self::progress::State;
@@ -135,20 +135,14 @@ pub async fn reconcile(job: Arc<SwarmJob>, ctx: Arc<Context>) -> Result<Action, 
 
 /// Transient errors back off per object; kube-runtime retries after the returned delay.
 pub fn error_policy(job: Arc<SwarmJob>, error: &Error, ctx: Arc<Context>) -> Action {
-    if error.is_conflict() {
-        let (delay, persistent) = ctx.backoff.conflicted(&key(job.as_ref()));
-        if persistent {
-            warn!(job = %key(job.as_ref()), error = %crate::telemetry::chain(error), retry_in = ?delay, "writes keep meeting newer objects");
-        } else {
-            debug!(job = %key(job.as_ref()), error = %crate::telemetry::chain(error), retry_in = ?delay, "a write met a newer object; reading again");
-        }
-        ctx.metrics.reconcile_failed("SwarmJob", "Conflict");
-        return Action::requeue(delay);
-    }
-    let delay = ctx.backoff.failed(&key(job.as_ref()));
-    warn!(job = %key(job.as_ref()), error = %crate::telemetry::chain(error), retry_in = ?delay, "reconcile failed");
-    ctx.metrics.reconcile_failed("SwarmJob", error.kind());
-    Action::requeue(delay)
+    ctx.backoff.retry(
+        &ctx.metrics,
+        "SwarmJob",
+        &key(job.as_ref()),
+        error,
+        error.is_conflict(),
+        error.kind(),
+    )
 }
 
 /// The jobs a ModelPool change concerns: those in its namespace that call it and have

@@ -25,7 +25,8 @@ pub struct Running {
     pub progress: Arc<Progress>,
     suspended: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<Result<Outcome, Interrupted>>>>,
-    /// The outcome, once read, until the job's status holds it.
+    /// The engine's outcome when the status write that was to hold it failed: kept for
+    /// the next reconcile to write (None otherwise, and once taken).
     unwritten: Mutex<Option<Outcome>>,
 }
 

@@ -4,10 +4,12 @@
 //! first makes each kill land where it was aimed, and names the boundary from what the API
 //! server holds rather than from timing.
 //!
-//! Each job is frozen at five points: a subagent's call answered and its record not stored;
-//! a record stored and not yet in the status; the synthesis answered and the result not
-//! stored; the result stored and the status not final; the final status written and the
-//! finalizer still on. Jobs run until every boundary has had `KILLS` kills.
+//! Each job is frozen at five points: a subagent's call answered by the model and its record
+//! not stored; a record stored and not yet in the status; the synthesis answered and the
+//! result not stored; the result stored and the status not final; the final status written
+//! and the finalizer still on. At the first and the third the answer reaches a frozen
+//! process: what SIGKILL loses is the same as when the process has read it, since nothing
+//! in its memory survives. Jobs run until every boundary has had `KILLS` kills.
 //!
 //! The model is an instant mock on 127.0.0.77, the one loopback address the bed's tenancy
 //! policy lets external pools reach: a real model adds nothing to what a kill loses.
@@ -22,6 +24,7 @@ use anyhow::{Context, bail, ensure};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kubeswarm::api::SwarmJob;
+use kubeswarm::controllers::swarm_job::FINALIZER;
 use kubeswarm_test_support::mock::{Mock, Reply, part, text};
 use serde_json::Value;
 use tokio::sync::oneshot;
@@ -41,6 +44,11 @@ const MAX_JOBS: usize = 8;
 /// How long a frozen operator's last requests get to reach the API server before the
 /// snapshot: what it sent whole is applied, and nothing after.
 const SETTLE: Duration = Duration::from_millis(300);
+/// How long the mock holds the answer to the call a kill aims at: time for a restarted
+/// operator's start to return and the test to freeze it before the answer goes out.
+const HOLD: Duration = Duration::from_secs(2);
+/// How long a kill waits for what it aims at.
+const AIM_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Where a frozen operator stood, read from what the API server held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -62,14 +70,15 @@ enum Boundary {
 /// What the API server and the mock held while the operator was frozen.
 #[derive(Debug)]
 struct Frozen {
-    /// The call the mock froze the operator at, before answering it.
-    answering: Option<String>,
+    /// The call the operator was frozen at, answered by the mock after the freeze.
+    answered: Option<String>,
     /// Calls the mock had received for this job, by subtask, and the synthesis.
     calls: BTreeMap<String, u64>,
     /// Subagents (indices) whose records were stored.
     recorded: BTreeSet<usize>,
     answer: bool,
-    finished_subagents: i64,
+    /// Subagents the status says have their output or have failed.
+    in_status: usize,
     complete: bool,
     finalizer: bool,
     status: Value,
@@ -87,14 +96,14 @@ impl Frozen {
         if self.answer {
             return Boundary::AfterResult;
         }
-        match self.answering.as_deref() {
+        match self.answered.as_deref() {
             Some(SYNTHESIS) => return Boundary::DuringAggregation,
-            Some(subtask) if !self.recorded.contains(&index(subtask)) => {
+            Some(subtask) if !index(subtask).is_some_and(|i| self.recorded.contains(&i)) => {
                 return Boundary::BeforeCheckpoint;
             }
             _ => {}
         }
-        if self.recorded.len() as i64 > self.finished_subagents {
+        if self.recorded.len() > self.in_status {
             Boundary::AfterCheckpoint
         } else {
             Boundary::Elsewhere
@@ -102,11 +111,8 @@ impl Frozen {
     }
 }
 
-fn index(subtask: &str) -> usize {
-    SUBTASKS
-        .iter()
-        .position(|s| *s == subtask)
-        .unwrap_or(usize::MAX)
+fn index(subtask: &str) -> Option<usize> {
+    SUBTASKS.iter().position(|s| *s == subtask)
 }
 
 fn is_synthesis(body: &Value) -> bool {
@@ -140,14 +146,20 @@ fn freeze(pid_file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A call the mock freezes the operator at, before answering it; told when it has.
-type Armed = Arc<Mutex<Option<(String, oneshot::Sender<anyhow::Result<()>>)>>>;
+/// A call the mock holds its answer to for `HOLD`, telling the test it came.
+type Armed = Arc<Mutex<Option<(String, oneshot::Sender<()>)>>>;
 
-/// Arms the mock to freeze the operator at the next call for `key`.
-fn arm(armed: &Armed, key: &str) -> oneshot::Receiver<anyhow::Result<()>> {
+/// Arms the mock to hold the next call for `key`.
+fn arm(armed: &Armed, key: &str) -> oneshot::Receiver<()> {
     let (tx, rx) = oneshot::channel();
     *armed.lock().unwrap() = Some((key.to_owned(), tx));
     rx
+}
+
+fn has_our_finalizer(job: &Value) -> bool {
+    job["metadata"]["finalizers"]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|f| f == FINALIZER))
 }
 
 struct Matrix<'a> {
@@ -175,46 +187,85 @@ impl Matrix<'_> {
         &self,
         name: &str,
         from: usize,
-        answering: Option<&str>,
+        answered: Option<&str>,
     ) -> anyhow::Result<Frozen> {
         tokio::time::sleep(SETTLE).await;
-        let map = Api::<ConfigMap>::namespaced(self.bed.client.clone(), &self.ns)
-            .get_opt(&format!("{name}-result"))
-            .await?
-            .and_then(|m| m.data)
-            .unwrap_or_default();
+        let map = self.result_map(name).await?;
         let job = serde_json::to_value(
             Api::<SwarmJob>::namespaced(self.bed.client.clone(), &self.ns)
                 .get(name)
                 .await?,
         )?;
         let frozen = Frozen {
-            answering: answering.map(str::to_owned),
+            answered: answered.map(str::to_owned),
             calls: calls(&self.model, from),
             recorded: (0..SUBTASKS.len())
                 .filter(|i| map.contains_key(&format!("subagent-{i:03}.json")))
                 .collect(),
             answer: map.contains_key("answer"),
-            finished_subagents: job["status"]["finishedSubagents"].as_i64().unwrap_or(0),
-            complete: has_condition(&job, "Complete", "True"),
-            finalizer: job["metadata"]["finalizers"]
+            in_status: job["status"]["subagents"]
                 .as_array()
-                .is_some_and(|f| !f.is_empty()),
+                .into_iter()
+                .flatten()
+                .filter(|s| s["state"] == "Succeeded" || s["state"] == "Failed")
+                .count(),
+            complete: has_condition(&job, "Complete", "True"),
+            finalizer: has_our_finalizer(&job),
             status: job["status"].clone(),
         };
         self.bed.part("stop", "operator")?;
         Ok(frozen)
     }
 
-    /// Starts the operator again, freezes it when the mock is asked for `key`, and kills it.
-    async fn at_call(&self, name: &str, from: usize, key: &str) -> anyhow::Result<Frozen> {
-        let fired = arm(&self.armed, key);
-        self.start_if_stopped()?;
-        match tokio::time::timeout(JOB_TIMEOUT, fired).await {
-            Ok(Ok(frozen)) => frozen?,
-            _ => bail!("{name}: no call for {key} came"),
+    /// Starts the operator again, freezes it while the mock holds its call for `key`,
+    /// lets the answer go out to the frozen process, and kills it. None when the work of
+    /// `key` was stored before (an earlier freeze landed late), so no call for it comes.
+    async fn at_call(&self, name: &str, from: usize, key: &str) -> anyhow::Result<Option<Frozen>> {
+        // The operator is stopped (or has not reached this job's calls yet): what is
+        // stored cannot change under this read.
+        let stored = self.result_map(name).await?;
+        let done = match index(key) {
+            Some(i) => stored.contains_key(&format!("subagent-{i:03}.json")),
+            None => stored.contains_key("answer"),
+        };
+        if done {
+            return Ok(None);
         }
-        self.snapshot_and_kill(name, from, Some(key)).await
+        let came = arm(&self.armed, key);
+        let aimed = async {
+            self.start_if_stopped()?;
+            tokio::time::timeout(AIM_TIMEOUT, came)
+                .await
+                .map_err(|_| anyhow::anyhow!("{name}: no call for {key} came in {AIM_TIMEOUT:?}"))?
+                .context("the mock went away")?;
+            freeze(&self.pid_file)
+        };
+        if let Err(err) = aimed.await {
+            self.armed.lock().unwrap().take();
+            return Err(err);
+        }
+        // The answer goes out once the hold ends: wait until the mock has sent it.
+        let deadline = Instant::now() + HOLD + Duration::from_secs(10);
+        while self.model.in_flight() > 0 {
+            ensure!(
+                Instant::now() < deadline,
+                "{name}: the mock still holds {key}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.snapshot_and_kill(name, from, Some(key))
+            .await
+            .map(Some)
+    }
+
+    async fn result_map(&self, name: &str) -> anyhow::Result<BTreeMap<String, String>> {
+        Ok(
+            Api::<ConfigMap>::namespaced(self.bed.client.clone(), &self.ns)
+                .get_opt(&format!("{name}-result"))
+                .await?
+                .and_then(|m| m.data)
+                .unwrap_or_default(),
+        )
     }
 
     /// Starts the operator again, freezes it once `holds` holds for the job's result
@@ -257,28 +308,57 @@ impl Matrix<'_> {
         Ok(())
     }
 
+    /// After a failure: whatever state it left the operator in (frozen, stopped), a
+    /// running one for the tests after this.
+    fn restart(&self) -> anyhow::Result<()> {
+        self.armed.lock().unwrap().take();
+        self.bed.part("stop", "operator")?;
+        self.bed.part("start", "operator")
+    }
+
     /// One job, frozen and killed at each boundary in turn; the freezes, after checking
     /// what the operator did after each.
     async fn job(&self, name: &str) -> anyhow::Result<(Vec<(Frozen, u64)>, u64)> {
         let from = self.model.requests().len();
-        self.bed.apply(Some(&self.ns), &self.job_yaml(name)).await?;
+        // Armed while the job is applied: its call for the second subtask comes after the
+        // first's, which the mock holds 100 ms.
+        let first = self.at_call(name, from, SUBTASKS[1]);
+        let yaml = self.job_yaml(name);
+        let apply = self.bed.apply(Some(&self.ns), &yaml);
+        let (first, applied) = tokio::join!(first, apply);
+        applied?;
         let result = format!("{name}-result");
-        let frozen = vec![
-            self.at_call(name, from, SUBTASKS[1]).await?,
-            self.at_write::<ConfigMap>(name, from, &result, "holding subagent 2's record", |m| {
-                m["data"].get("subagent-002.json").is_some()
-            })
-            .await?,
+        // The final status's Events are posted between its write and the finalizer's
+        // removal, which keeps the last boundary wide enough to freeze in.
+        let frozen: Vec<Frozen> = [
+            first?,
+            Some(
+                self.at_write::<ConfigMap>(
+                    name,
+                    from,
+                    &result,
+                    "holding subagent 2's record",
+                    |m| m["data"].get("subagent-002.json").is_some(),
+                )
+                .await?,
+            ),
             self.at_call(name, from, SYNTHESIS).await?,
-            self.at_write::<ConfigMap>(name, from, &result, "holding the answer", |m| {
-                m["data"].get("answer").is_some()
-            })
-            .await?,
-            self.at_write::<SwarmJob>(name, from, name, "complete", |j| {
-                has_condition(j, "Complete", "True")
-            })
-            .await?,
-        ];
+            Some(
+                self.at_write::<ConfigMap>(name, from, &result, "holding the answer", |m| {
+                    m["data"].get("answer").is_some()
+                })
+                .await?,
+            ),
+            Some(
+                self.at_write::<SwarmJob>(name, from, name, "complete", |j| {
+                    has_condition(j, "Complete", "True")
+                })
+                .await?,
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         self.start_if_stopped()?;
         let jobs: Api<SwarmJob> = Api::namespaced(self.bed.client.clone(), &self.ns);
         wait_finished(&jobs, name).await?;
@@ -287,11 +367,7 @@ impl Matrix<'_> {
             name,
             JOB_TIMEOUT,
             "without its finalizer",
-            json_condition(|j| {
-                j["metadata"]["finalizers"]
-                    .as_array()
-                    .is_none_or(|f| f.is_empty())
-            }),
+            json_condition(|j| !has_our_finalizer(j)),
         )
         .await?;
         let (again, lost) = self.check(name, from, &frozen).await?;
@@ -317,10 +393,9 @@ impl Matrix<'_> {
             let mut repeated = 0;
             for (key, &after) in next {
                 let before = kill.calls.get(key).copied().unwrap_or(0);
-                let done = if key == SYNTHESIS {
-                    kill.answer
-                } else {
-                    kill.recorded.contains(&index(key))
+                let done = match index(key) {
+                    Some(i) => kill.recorded.contains(&i),
+                    None => kill.answer,
                 };
                 let limit = if done { 0 } else { 1 };
                 ensure!(
@@ -372,31 +447,47 @@ impl Matrix<'_> {
             usage == attempts + 1,
             "{name}: the usage counts {usage} calls; the records {attempts} and the synthesis 1"
         );
-        Ok((again, end.values().sum::<u64>() - usage))
+        let succeeded = status["subagents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["state"] == "Succeeded")
+            .count();
+        ensure!(
+            status["finishedSubagents"] == SUBTASKS.len() && succeeded == SUBTASKS.len(),
+            "{name}: the final status does not count every subagent: {status}"
+        );
+        let made: u64 = end.values().sum();
+        let lost = made
+            .checked_sub(usage)
+            .with_context(|| format!("{name}: the usage counts {usage} calls of {made} made"))?;
+        Ok((again, lost))
     }
 }
 
 pub async fn operator_killed_at_each_boundary(bed: &Bed) -> anyhow::Result<()> {
     let ns = bed.namespace("e2e-kills").await?;
     let armed: Armed = Arc::default();
-    let pid_file = bed.dir.join("pids").join("operator");
     let model = {
-        let (armed, pid_file) = (armed.clone(), pid_file.clone());
+        let armed = armed.clone();
         Mock::start_on(ADDRESS, "m", move |body, _| {
             let key = key(body);
+            let answer = text(if key == SYNTHESIS {
+                MERGED.to_owned()
+            } else {
+                format!("{key} light")
+            });
             let mut armed = armed.lock().unwrap();
             if armed.as_ref().is_some_and(|(k, _)| *k == key) {
-                let (_, fired) = armed.take().expect("armed");
-                let _ = fired.send(freeze(&pid_file));
+                let (_, came) = armed.take().expect("armed");
+                let _ = came.send(());
+                return Reply::After(HOLD, Box::new(answer));
             }
+            // Subagents take a moment, so that a freeze at a record lands before the next.
             if key == SYNTHESIS {
-                text(MERGED)
+                answer
             } else {
-                // Long enough that a freeze at a record lands before the next one.
-                Reply::After(
-                    Duration::from_millis(100),
-                    Box::new(text(format!("{key} light"))),
-                )
+                Reply::After(Duration::from_millis(100), Box::new(answer))
             }
         })
         .await
@@ -416,7 +507,7 @@ pub async fn operator_killed_at_each_boundary(bed: &Bed) -> anyhow::Result<()> {
         ns,
         model,
         armed,
-        pid_file,
+        pid_file: bed.dir.join("pids").join("operator"),
     };
     let started = Instant::now();
     // Kills at each boundary, and the calls made again after them.
@@ -437,10 +528,15 @@ pub async fn operator_killed_at_each_boundary(bed: &Bed) -> anyhow::Result<()> {
             bail!("after {jobs} jobs the kills were {kills:?}; each boundary needs {KILLS}");
         }
         jobs += 1;
-        let result = matrix.job(&format!("kill-{jobs}")).await;
-        // A failed job leaves the operator frozen or stopped; the tests after need it.
-        matrix.start_if_stopped()?;
-        let (frozen, wasted) = result?;
+        let (frozen, wasted) = match matrix.job(&format!("kill-{jobs}")).await {
+            Ok(done) => done,
+            Err(err) => {
+                if let Err(restart) = matrix.restart() {
+                    eprintln!("the operator did not start again: {restart:#}");
+                }
+                return Err(err);
+            }
+        };
         lost += wasted;
         for (frozen, again) in frozen {
             let entry = kills.entry(frozen.boundary()).or_default();

@@ -147,7 +147,6 @@ impl<S: Store, O: Observer> Job<'_, S, O> {
                 &checkpoint.subagents,
                 &checkpoint.usage,
             );
-            self.observer.event(Event::Aggregating);
             return Ok(Outcome {
                 result: Ok(result),
                 checkpoint,

@@ -115,8 +115,7 @@ async fn a_resumed_run_never_repeats_or_recounts_a_finished_subagent() {
             "finished 1 passed=true",
             "finished 2 passed=true",
             "finished 3 passed=true",
-            "recorded workers=4",
-            "aggregating"
+            "recorded workers=4"
         ]
     );
     assert_eq!(

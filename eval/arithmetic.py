@@ -95,7 +95,8 @@ def last_number(text):
     return int(value) if value == int(value) else value
 
 
-def swarm(kubeswarm, url, question, n, strategy, max_tokens, workdir, first="sampled"):
+def swarm(kubeswarm, url, question, n, strategy, max_tokens, workdir, first="sampled",
+          temperature=0.7):
     """One SwarmJob through `kubeswarm run`: its answer, every subagent's output, usage."""
     spec = {
         "task": PROMPT + question,
@@ -104,7 +105,7 @@ def swarm(kubeswarm, url, question, n, strategy, max_tokens, workdir, first="sam
             "subagents": n,
             "maxTokens": max_tokens,
             # One subagent decodes greedily, like the direct call; a vote needs variety.
-            "temperature": 0.0 if n == 1 else 0.7,
+            "temperature": 0.0 if n == 1 else temperature,
             "timeoutSeconds": 600,
             "firstSubagent": first,
         },
@@ -124,6 +125,8 @@ def main():
                         help="selections of the N>1 arms (vote, weightedVote, bestOf)")
     parser.add_argument("--first-subagent", default="sampled", choices=["greedy", "sampled"],
                         help="fanOut.firstSubagent of the N>1 arms")
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="fanOut.temperature of the N>1 arms: lower agrees more, varies less")
     run(parser.parse_args(), run_arms)
 
 
@@ -146,7 +149,8 @@ def run_arms(args, counts, url, out):
             for strategy in strategies:
                 with tempfile.TemporaryDirectory() as work:
                     result = swarm(args.kubeswarm, url, problem["question"], n,
-                                   strategy, args.max_tokens, work, args.first_subagent)
+                                   strategy, args.max_tokens, work, args.first_subagent,
+                                   args.temperature)
                 arm = "kubeswarm, 1 subagent" if n == 1 else f"kubeswarm {strategy}, N={n}"
                 score(arm, problem, result, n, f"kubeswarm {strategy}")
                 if strategy == "vote" and n > 1:

@@ -236,6 +236,13 @@ pub fn is_verdict(body: &Value) -> bool {
     body["response_format"]["json_schema"]["name"] == "verdict"
 }
 
+/// Whether a request is the aggregation's synthesis (its system turn asks to merge).
+pub fn is_synthesis(body: &Value) -> bool {
+    body["messages"][0]["content"]
+        .as_str()
+        .is_some_and(|s| s.contains("merge several"))
+}
+
 pub fn is_plan(body: &Value) -> bool {
     body["response_format"]["json_schema"]["name"] == "subtasks"
 }

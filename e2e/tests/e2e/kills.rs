@@ -25,7 +25,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kubeswarm::api::SwarmJob;
 use kubeswarm::controllers::swarm_job::FINALIZER;
-use kubeswarm_test_support::mock::{Mock, Reply, part, text};
+use kubeswarm_test_support::mock::{Mock, Reply, is_synthesis, part, text};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -113,12 +113,6 @@ impl Frozen {
 
 fn index(subtask: &str) -> Option<usize> {
     SUBTASKS.iter().position(|s| *s == subtask)
-}
-
-fn is_synthesis(body: &Value) -> bool {
-    body["messages"][0]["content"]
-        .as_str()
-        .is_some_and(|s| s.contains("merge several"))
 }
 
 fn key(body: &Value) -> String {

@@ -14,8 +14,7 @@ use kubeswarm::api::{SwarmJob, SwarmJobSpec};
 use kubeswarm::controllers::swarm_job::store::{ResultStore, Results};
 use kubeswarm::swarm::Outcome;
 use kubeswarm::swarm::record::{self, Store};
-use kubeswarm_test_support::mock::{Mock, Reply, part, text};
-use serde_json::Value;
+use kubeswarm_test_support::mock::{Mock, Reply, is_synthesis, part, text};
 
 use crate::engine::execute;
 use crate::objects::Objects;
@@ -31,12 +30,6 @@ fn job() -> SwarmJob {
     job.metadata.namespace = Some(crate::harness::NS.to_owned());
     job.metadata.uid = Some("colours-uid".to_owned());
     job
-}
-
-fn is_synthesis(body: &Value) -> bool {
-    body["messages"][0]["content"]
-        .as_str()
-        .is_some_and(|s| s.contains("merge several"))
 }
 
 /// Where the engine is stopped.

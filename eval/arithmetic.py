@@ -95,19 +95,18 @@ def last_number(text):
     return int(value) if value == int(value) else value
 
 
-def swarm(kubeswarm, url, question, n, strategy, max_tokens, workdir, first="sampled",
-          temperature=0.7):
+def swarm(args, question, n, strategy, workdir):
     """One SwarmJob through `kubeswarm run`: its answer, every subagent's output, usage."""
     spec = {
         "task": PROMPT + question,
         "fanOut": {
             "pool": "worker",
             "subagents": n,
-            "maxTokens": max_tokens,
+            "maxTokens": args.max_tokens,
             # One subagent decodes greedily, like the direct call; a vote needs variety.
-            "temperature": 0.0 if n == 1 else temperature,
+            "temperature": 0.0 if n == 1 else args.temperature,
             "timeoutSeconds": 600,
-            "firstSubagent": first,
+            "firstSubagent": args.first_subagent,
         },
         "verification": {"mode": "none"},
         "aggregation": {"strategy": strategy},
@@ -116,7 +115,20 @@ def swarm(kubeswarm, url, question, n, strategy, max_tokens, workdir, first="sam
         spec["verification"] = {"mode": "adversarial", "pool": "gate", "repairRounds": 0}
     if strategy in ("vote", "weightedVote"):
         spec["aggregation"]["answer"] = {"type": "lastNumber"}
-    return kubeswarm_run(kubeswarm, url, spec, workdir)
+    return kubeswarm_run(args, spec, workdir)
+
+
+def first_given_vote(result):
+    """The answer a vote of the same outputs gives when a tie goes to the first output, as
+    kubeswarm's did before it broke ties by the model's confidence: the comparison on the
+    very same samples, to isolate what the confidence does."""
+    counts = {}
+    for output, passed in zip(result["outputs"], result["passed"]):
+        answer = last_number(output) if passed else None
+        if answer is not None:
+            counts[answer] = counts.get(answer, 0) + 1
+    # dicts keep first-seen order, and max keeps the first of equal counts.
+    return str(max(counts, key=counts.get)) if counts else ""
 
 
 def main():
@@ -148,12 +160,14 @@ def run_arms(args, counts, url, out):
             strategies = ["vote"] if n == 1 else args.strategies.split(",")
             for strategy in strategies:
                 with tempfile.TemporaryDirectory() as work:
-                    result = swarm(args.kubeswarm, url, problem["question"], n,
-                                   strategy, args.max_tokens, work, args.first_subagent,
-                                   args.temperature)
+                    result = swarm(args, problem["question"], n, strategy, work)
                 arm = "kubeswarm, 1 subagent" if n == 1 else f"kubeswarm {strategy}, N={n}"
                 score(arm, problem, result, n, f"kubeswarm {strategy}")
                 if strategy == "vote" and n > 1:
+                    first = {"output": first_given_vote(result), "tokens": result["tokens"],
+                             "seconds": result["seconds"]}
+                    score(f"same outputs, ties to the first, N={n}", problem, first, n,
+                          "vote, ties to the first")
                     oracle = {
                         "output": str(problem["answer"]) if any(
                             last_number(o) == problem["answer"] for o in result["outputs"]

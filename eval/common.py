@@ -92,9 +92,12 @@ class Direct:
         }
 
 
-def kubeswarm_run(kubeswarm, url, spec, workdir, *extra):
-    """One SwarmJob through `kubeswarm run`, its pools `worker` and `gate` served by `url`:
-    its answer, every subagent's output, usage, time, and whether it failed."""
+def kubeswarm_run(args, spec, workdir, *extra):
+    """One SwarmJob through `kubeswarm run`, its pools `worker` and `gate` on the model
+    `args.model`, served by inference-workers it starts itself, as a user's `kubeswarm run`
+    does (a worker is a pool's own server: kubeswarm asks it for the log-probabilities a
+    vote's ties are broken by): its answer, every subagent's output and confidence, usage,
+    time, and whether it failed."""
     manifest = {
         "apiVersion": "kubeswarm.dev/v1alpha1",
         "kind": "SwarmJob",
@@ -107,8 +110,8 @@ def kubeswarm_run(kubeswarm, url, spec, workdir, *extra):
     out = Path(workdir) / "out"
     started = time.monotonic()
     run = subprocess.run(
-        [kubeswarm, "run", str(job), "--out", str(out),
-         "--pool", f"worker={url}", "--pool", f"gate={url}", *extra],
+        [args.kubeswarm, "run", str(job), "--out", str(out), "--worker", args.worker,
+         "--model", args.model, *extra],
         capture_output=True,
         text=True,
     )
@@ -116,14 +119,17 @@ def kubeswarm_run(kubeswarm, url, spec, workdir, *extra):
     folder = out / "eval"
     usage = folder / "usage.json"
     answer = folder / "answer.md"
-    outputs = [
-        json.loads(record.read_text()).get("output", "")
-        for record in sorted((folder / "subagents").glob("*.json"))
-    ]
+    records = [json.loads(record.read_text())
+               for record in sorted((folder / "subagents").glob("*.json"))]
+    outputs = [record.get("output", "") for record in records]
     return {
         # answer.md ends with kubeswarm's own lines (the tally); the answer is above them.
         "output": answer.read_text().split("\n\n> kubeswarm:")[0] if answer.exists() else "",
         "outputs": outputs,
+        "confidences": [record.get("confidence") for record in records],
+        # The outputs the job's verification passed: the ones that voted.
+        "passed": [not record.get("error") and (record.get("verdict") or {}).get("pass", False)
+                   for record in records],
         "tokens": json.loads(usage.read_text()).get("totalTokens", 0) if usage.exists() else 0,
         "seconds": seconds,
         "failed": run.returncode != 0,

@@ -108,8 +108,9 @@ def passes(problem, output, timeout=10):
 
 def job(problem, n, tests, repair, max_tokens, first="sampled"):
     """A SwarmJob spec: N subagents on the problem; the visible tests (if any) as a
-    `tests` check that outputs must pass; the first passing output is the answer. With
-    `first` greedy, subagent 0 decodes at temperature 0 and wins when it passes."""
+    `tests` check that outputs must pass; of the passing outputs, the one the model was
+    surest of is the answer. With `first` greedy, subagent 0 decodes at temperature 0, and
+    its tokens, each the likeliest, usually make it the surest when it passes."""
     spec = {
         "task": INSTRUCTION + problem["prompt"],
         "fanOut": {
@@ -123,8 +124,8 @@ def job(problem, n, tests, repair, max_tokens, first="sampled"):
         },
         "verification": {"mode": "none", "repairRounds": 1 if repair else 0,
                          "truncated": "accept"},
-        # Outputs that differ are not votes for one answer: the vote falls to the first
-        # output that passed, which is selection by the tests.
+        # Outputs that differ are not votes for one answer: the vote falls to the output
+        # that passed the model was surest of, which is selection by the tests.
         "aggregation": {"strategy": "vote"},
     }
     if tests:
@@ -166,9 +167,8 @@ def run_arms(args, counts, url, out):
 
     def swarm(problem, n, tests, repair):
         with tempfile.TemporaryDirectory() as work:
-            result = kubeswarm_run(args.kubeswarm, url, job(problem, n, tests, repair,
-                                                            args.max_tokens,
-                                                            args.first_subagent), work)
+            result = kubeswarm_run(args, job(problem, n, tests, repair, args.max_tokens,
+                                             args.first_subagent), work)
         # A sandbox that cannot run is the machine's fault, not the swarm's: stop.
         if "TestsUnavailable" in result["error"]:
             raise SystemExit(f"kubeswarm cannot run tests here: {result['error']}")

@@ -45,6 +45,11 @@ pub struct Limits {
 /// engine's lock, so one huge prompt would stall every sequence decoding.
 const BYTES_PER_TOKEN_BOUND: usize = 128;
 
+/// The most alternatives per token `top_logprobs` may ask for, as in OpenAI's API. Each is
+/// sorted out of the whole vocabulary and decoded at every step: unbounded, one request
+/// could ask for every token of a 150k vocabulary at each of its steps.
+const MAX_TOP_LOGPROBS: usize = 20;
+
 pub struct AppState {
     served_model_name: String,
     /// What `Authorization: Bearer` must say on /v1, when set.
@@ -194,9 +199,9 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// Parses a request and applies the checks that need no engine: the served name, `n` and
-/// `max_tokens`. A request without `max_tokens` gets the cap, so no request generates
-/// without bound.
+/// Parses a request and applies the checks that need no engine: the served name, `n`,
+/// `top_logprobs` and `max_tokens`. A request without `max_tokens` gets the cap, so no
+/// request generates without bound.
 fn admit(body: &[u8], served: &str, limits: &Limits) -> Result<ChatCompletionRequest, Refusal> {
     let mut request: ChatCompletionRequest = serde_json::from_slice(body).map_err(|e| Refusal {
         status: StatusCode::BAD_REQUEST,
@@ -220,6 +225,13 @@ fn admit(body: &[u8], served: &str, limits: &Limits) -> Result<ChatCompletionReq
             "n",
             "invalid_value",
             format!("n must be between 1 and {}", limits.max_n),
+        ));
+    }
+    if let Some(k) = request.top_logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+        return Err(Refusal::invalid(
+            "top_logprobs",
+            "invalid_value",
+            format!("top_logprobs is {k}, above the most allowed, {MAX_TOP_LOGPROBS}"),
         ));
     }
     match request.max_tokens {
@@ -544,8 +556,13 @@ mod tests {
     }
 
     #[test]
-    fn n_and_max_tokens_outside_the_limits_are_400s_naming_the_field() {
+    fn n_top_logprobs_and_max_tokens_outside_the_limits_are_400s_naming_the_field() {
         for (extra, param, message) in [
+            (
+                json!({"logprobs": true, "top_logprobs": 21}),
+                "top_logprobs",
+                "top_logprobs is 21, above the most allowed, 20",
+            ),
             (json!({"n": 0}), "n", "n must be between 1 and 2"),
             (json!({"n": 3}), "n", "n must be between 1 and 2"),
             (

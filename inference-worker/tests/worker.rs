@@ -179,7 +179,8 @@ async fn ten_concurrent_requests_get_the_answers_they_get_alone() {
 async fn bad_requests_get_openai_errors_and_the_worker_keeps_serving() {
     let worker = Worker::ready(&["--max-prompt-tokens=64", "--max-tokens-cap=128"]).await;
     let long_prompt = "Please summarise this sentence. ".repeat(40);
-    let cases: Vec<(&str, reqwest::RequestBuilder, StatusCode, &str)> = vec![
+    let cases: Vec<(&str, reqwest::RequestBuilder, StatusCode, &str)> =
+        vec![
         (
             "malformed JSON",
             worker.post_raw(r#"{"model": "smol", "messages": ["#),
@@ -221,6 +222,13 @@ async fn bad_requests_get_openai_errors_and_the_worker_keeps_serving() {
             "invalid_value",
         ),
         (
+            "top_logprobs over the limit",
+            worker.post_json(json!({"model": SERVED, "logprobs": true, "top_logprobs": 1000,
+                "messages": [{"role": "user", "content": "Hi"}]})),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+        (
             "n over the limit",
             worker.post_json(
                 json!({"model": SERVED, "messages": [{"role": "user", "content": "Hi"}], "n": 5}),
@@ -249,6 +257,91 @@ async fn bad_requests_get_openai_errors_and_the_worker_keeps_serving() {
             .await,
         refused as f64
     );
+}
+
+/// A token's text and its log-probability.
+type Figure = (String, f64);
+
+/// The log-probabilities of each token of a completion, and of the alternatives listed,
+/// with each one's text.
+fn logprobs(body: &Value) -> Vec<(Figure, Vec<Figure>)> {
+    let content = body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no logprobs content: {body}"));
+    content
+        .iter()
+        .map(|token| {
+            // A NaN reaches JSON as null: as_f64 is None and the test names the token.
+            let chosen = token["logprob"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("a logprob that is not a number: {token}"));
+            let text = token["token"].as_str().unwrap().to_owned();
+            // OpenAI's shape, which typed clients (async-openai, the operator's) insist on:
+            // the alternative's text as `token` and its UTF-8 bytes as numbers.
+            let top = token["top_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| {
+                    let text = t["token"].as_str().unwrap_or_else(|| panic!("{t}"));
+                    let bytes: Vec<u8> = serde_json::from_value(t["bytes"].clone())
+                        .unwrap_or_else(|e| panic!("{e}: {t}"));
+                    assert_eq!(bytes, text.as_bytes(), "{t}");
+                    let logprob = t["logprob"].as_f64().unwrap_or_else(|| panic!("{t}"));
+                    (text.to_owned(), logprob)
+                })
+                .collect();
+            ((text, chosen), top)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn logprobs_are_the_natural_log_probabilities_of_the_chosen_tokens() {
+    let worker = Worker::ready(&[]).await;
+    let mut greedy = chat_request("Name three colours.", 24);
+    greedy["logprobs"] = json!(true);
+    greedy["top_logprobs"] = json!(3);
+    let (status, body) = answer(worker.post_json(greedy)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let tokens = logprobs(&body);
+    assert_eq!(
+        tokens.len() as u64,
+        body["usage"]["completion_tokens"].as_u64().unwrap(),
+        "one entry per generated token"
+    );
+    for ((_, chosen), top) in &tokens {
+        assert!(*chosen <= 0.0, "a probability's log is at most 0: {chosen}");
+        // Greedy decoding takes the likeliest token: it heads the alternatives, and the
+        // alternatives' probabilities add up to at most 1 (natural logs, not base 10).
+        assert_eq!(top.len(), 3);
+        assert!((top[0].1 - chosen).abs() < 1e-3, "{chosen} against {top:?}");
+        assert!(top.windows(2).all(|w| w[0].1 >= w[1].1), "{top:?}");
+        let mass: f64 = top.iter().map(|(_, l)| l.exp()).sum();
+        assert!(mass <= 1.0 + 1e-3, "{top:?}");
+    }
+    // A sampled call's figures are on the model's own distribution too, not the one
+    // sharpened by its temperature: the first token, drawn from the same prompt, has the
+    // greedy call's figure for it whichever token it is.
+    let mut sampled = chat_request("Name three colours.", 24);
+    sampled["temperature"] = json!(0.3);
+    sampled["logprobs"] = json!(true);
+    sampled["top_logprobs"] = json!(3);
+    let (status, body) = answer(worker.post_json(sampled)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let sampled = logprobs(&body);
+    let ((first, logprob), top) = &sampled[0];
+    assert_eq!(
+        top, &tokens[0].1,
+        "the same alternatives, with the same figures"
+    );
+    if let Some((_, greedy)) = tokens[0].1.iter().find(|(text, _)| text == first) {
+        assert!(
+            (greedy - logprob).abs() < 1e-3,
+            "{first}: {logprob} against {greedy}"
+        );
+    }
+    assert!(sampled.iter().all(|((_, l), _)| *l <= 0.0), "{sampled:?}");
 }
 
 #[tokio::test]

@@ -37,6 +37,9 @@ pub enum Reply {
     Text(String),
     /// 200 with this message content, cut off at the token limit (`finish_reason: length`).
     Truncated(String),
+    /// 200 with this message content and, when the request asks for `logprobs`, these
+    /// entries as its `logprobs.content`, as given: a test may send what no server should.
+    Logprobs(String, Vec<Value>),
     /// This status with an OpenAI error body (or a plain one for 5xx, as proxies send).
     Status(u16),
     /// Waits, then replies.
@@ -184,20 +187,41 @@ async fn chat(
                     (status, Json(error)).into_response()
                 };
             }
-            Reply::Text(content) => return completion(&shared, n, content, "stop"),
-            Reply::Truncated(content) => return completion(&shared, n, content, "length"),
+            Reply::Text(content) => return completion(&shared, n, content, "stop", None),
+            Reply::Truncated(content) => {
+                return completion(&shared, n, content, "length", None);
+            }
+            Reply::Logprobs(content, logprobs) => {
+                let asked = body["logprobs"] == json!(true);
+                let logprobs = asked.then(|| json!({"content": logprobs}));
+                return completion(&shared, n, content, "stop", logprobs);
+            }
         }
     }
 }
 
-/// A chat completion with `content`, stopped for `finish`.
-fn completion(shared: &Shared, n: usize, content: String, finish: &str) -> Response {
+/// `logprobs.content` entries as OpenAI writes them, one token of text "t" per figure.
+pub fn token_logprobs(logprobs: &[f64]) -> Vec<Value> {
+    logprobs
+        .iter()
+        .map(|l| json!({"token": "t", "logprob": l, "bytes": [116], "top_logprobs": []}))
+        .collect()
+}
+
+/// A chat completion with `content`, stopped for `finish`, with `logprobs` when given.
+fn completion(
+    shared: &Shared,
+    n: usize,
+    content: String,
+    finish: &str,
+    logprobs: Option<Value>,
+) -> Response {
     Json(json!({
         "id": format!("chatcmpl-{n}"),
         "object": "chat.completion",
         "created": 1_700_000_000u32,
         "model": shared.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish, "logprobs": logprobs}],
         "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS, "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS}
     }))
     .into_response()

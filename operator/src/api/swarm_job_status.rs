@@ -181,8 +181,9 @@ pub struct Tally {
     /// Passing outputs in which no answer was found; they did not vote.
     pub unanswered: i32,
     /// What decided between the answers: `Majority` (the most votes), `GateScore` (the
-    /// most gate score: a weighted vote, or a tie in votes), `FirstGiven` (a tie nothing
-    /// else broke, to the first subagent's answer).
+    /// most gate score: a weighted vote, or a tie in votes), `Confidence` (a tie in both,
+    /// to the answer the model was surest of), `FirstGiven` (a tie nothing else broke, to
+    /// the first subagent's answer).
     pub decided_by: Decision,
 }
 
@@ -193,6 +194,9 @@ pub enum Decision {
     Majority,
     /// The answer carried the most gate score.
     GateScore,
+    /// A tie in votes and gate score went to the answer the model was surest of: the
+    /// most confidence (the geometric mean of its tokens' probabilities) over its outputs.
+    Confidence,
     /// A tie nothing else broke went to the first subagent's answer.
     FirstGiven,
 }

@@ -89,6 +89,7 @@ pub fn tally_line(tally: &Tally) -> String {
     let decided = match tally.decided_by {
         Decision::Majority => "the most votes",
         Decision::GateScore => "the most gate score",
+        Decision::Confidence => "a tie, to the answer the model was surest of",
         Decision::FirstGiven => "a tie, to the first subagent's answer",
     };
     let unanswered = match tally.unanswered {

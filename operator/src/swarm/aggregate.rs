@@ -49,6 +49,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                     index: r.index,
                     output: &r.output,
                     score: r.verdict.as_ref().and_then(|v| v.score),
+                    confidence: r.confidence,
                 })
                 .collect();
             let strategy = spec.aggregation.strategy;
@@ -113,6 +114,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                         schema: None,
                         grammar: None,
                         affinity: None,
+                        logprobs: false,
                     };
                     self.wait_unsuspended().await;
                     let reply = self.caller().call(pool, &prompt).await.map_err(|err| {
@@ -176,6 +178,8 @@ pub struct Candidate<'a> {
     pub index: usize,
     pub output: &'a str,
     pub score: Option<u8>,
+    /// How sure the model was of the output, from 0 to 1, when its server said.
+    pub confidence: Option<f64>,
 }
 
 /// The output with the highest gate score; the first given wins a tie.
@@ -196,6 +200,7 @@ pub(super) mod tests {
             index,
             output,
             score,
+            confidence: None,
         }
     }
 

@@ -193,6 +193,10 @@ pub struct Prompt {
     pub grammar: Option<Grammar>,
     /// Hash of the prompt prefix shared with other calls, for replica affinity.
     pub affinity: Option<u64>,
+    /// Asks the pool's server for its tokens' log-probabilities, to measure the model's
+    /// confidence. Only kubeswarm's worker is asked: some OpenAI-compatible endpoints
+    /// refuse `logprobs` for some models, and a vote is whole without confidence.
+    pub logprobs: bool,
 }
 
 /// A completed call.
@@ -205,6 +209,9 @@ pub struct Reply {
     pub completion_tokens: u64,
     /// HTTP calls made, the successful one included.
     pub attempts: u32,
+    /// How sure the model was of `content`, from 0 to 1 (see `confidence`); None when
+    /// the server sent no log-probabilities.
+    pub confidence: Option<f64>,
 }
 
 impl Reply {
@@ -246,7 +253,9 @@ impl Caller<'_> {
             let request = request(pool, prompt, max_tokens);
             let answer = pool.send(request, prompt.affinity, timeout).await;
             let failure = match answer {
-                Answer::Ok(response) => {
+                Answer::Ok(completion) => {
+                    let confidence = confidence(completion.logprobs.as_deref());
+                    let response = completion.response;
                     let (prompt_tokens, completion_tokens) =
                         response.usage.as_ref().map_or((0, 0), |u| {
                             (u64::from(u.prompt_tokens), u64::from(u.completion_tokens))
@@ -274,6 +283,7 @@ impl Caller<'_> {
                                 prompt_tokens,
                                 completion_tokens,
                                 attempts,
+                                confidence,
                             });
                         }
                         None => "the answer had no message content".to_owned(),
@@ -377,9 +387,16 @@ fn request(pool: &Pool, prompt: &Prompt, max_tokens: u32) -> Request {
             }),
         ..Default::default()
     };
-    let grammar = match pool.server() {
-        Server::Worker => prompt.grammar.clone(),
-        Server::OpenAi => None,
+    let (grammar, logprobs) = match pool.server() {
+        Server::Worker => (prompt.grammar.clone(), prompt.logprobs),
+        Server::OpenAi => (None, false),
+    };
+    let chat = CreateChatCompletionRequest {
+        logprobs: logprobs.then_some(true),
+        // The chosen tokens' figures are all a confidence needs; alternatives are sorted
+        // out of the whole vocabulary at every step.
+        top_logprobs: logprobs.then_some(0),
+        ..chat
     };
     Request {
         chat,
@@ -402,6 +419,20 @@ fn one_line(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     line
+}
+
+/// The lowest log-probability one token counts for: OpenAI reports -9999 for a token
+/// outside its top 20, and one such token should not outweigh a whole output.
+const LOWEST_LOGPROB: f64 = -20.0;
+
+/// How sure the model was of what it wrote: the geometric mean of its tokens'
+/// probabilities (the exponential of their mean log-probability), from 0 to 1. None
+/// without log-probabilities. A log-probability is at most 0 and at least
+/// `LOWEST_LOGPROB` here, whatever the server sent.
+fn confidence(logprobs: Option<&[f64]>) -> Option<f64> {
+    let tokens = logprobs.filter(|t| !t.is_empty())?;
+    let sum: f64 = tokens.iter().map(|l| l.clamp(LOWEST_LOGPROB, 0.0)).sum();
+    Some((sum / tokens.len() as f64).exp())
 }
 
 /// The API's name for why a model stopped, from the OpenAI one.

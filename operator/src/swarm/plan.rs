@@ -32,6 +32,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
             schema: Some(("subtasks", schema)),
             grammar: None,
             affinity: None,
+            logprobs: false,
         };
         let mut last = String::new();
         for _ in 0..STRUCTURED_ATTEMPTS {

@@ -10,6 +10,7 @@ use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
 use async_openai::types::chat::{CreateChatCompletionRequest, CreateChatCompletionResponse};
 use serde::Serialize;
+use serde_json::Value;
 
 use super::balance::{self, Load};
 use super::bounded::{self, Bounded};
@@ -70,7 +71,7 @@ struct Replica {
 
 /// What one HTTP call to a replica returned.
 pub enum Answer {
-    Ok(Box<CreateChatCompletionResponse>),
+    Ok(Box<Completion>),
     /// No replica is ready.
     NoReplica,
     /// The replica did not answer within the call's timeout; the call was dropped.
@@ -215,11 +216,14 @@ impl Pool {
             InFlight::new(&self.in_flight),
         );
         let chat = replica.client.chat();
-        let call = chat.create_byot::<_, CreateChatCompletionResponse>(request);
-        match tokio::time::timeout(timeout, call).await {
-            Ok(Ok(response)) => {
+        let call = chat.create_byot::<_, Value>(request);
+        match tokio::time::timeout(timeout, call)
+            .await
+            .map(|r| r.and_then(Completion::read))
+        {
+            Ok(Ok(completion)) => {
                 replica.failures.store(0, Ordering::Relaxed);
-                Answer::Ok(Box::new(response))
+                Answer::Ok(Box::new(completion))
             }
             Ok(Err(err)) => {
                 if replica_at_fault(&err) {
@@ -251,6 +255,40 @@ impl Pool {
             .collect();
         let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
         balance::pick(&ids, &loads, key, rotation).map(|i| replicas[i].clone())
+    }
+}
+
+/// A chat completion, and its first choice's token log-probabilities.
+#[derive(Debug)]
+pub struct Completion {
+    pub response: CreateChatCompletionResponse,
+    /// None unless every token has a number for a log-probability.
+    pub logprobs: Option<Vec<f64>>,
+}
+
+impl Completion {
+    /// Reads a response. Log-probabilities only measure, so they are read apart and
+    /// leniently: a server that writes them in another shape than OpenAI's (an older
+    /// worker: `null` for a greedy token, alternatives as ids) still answers, and its
+    /// confidence is unknown. The rest is read as strictly as ever.
+    fn read(mut body: Value) -> Result<Self, OpenAIError> {
+        let mut logprobs = None;
+        if let Some(choices) = body.get_mut("choices").and_then(Value::as_array_mut) {
+            for (i, choice) in choices.iter_mut().enumerate() {
+                let Some(taken) = choice.as_object_mut().and_then(|c| c.remove("logprobs")) else {
+                    continue;
+                };
+                if i == 0 {
+                    logprobs = taken["content"]
+                        .as_array()
+                        .and_then(|tokens| tokens.iter().map(|t| t["logprob"].as_f64()).collect());
+                }
+            }
+        }
+        let response = serde_json::from_value(body).map_err(|err| {
+            OpenAIError::JSONDeserialize(err, "a chat completion with a wrong field".to_owned())
+        })?;
+        Ok(Self { response, logprobs })
     }
 }
 

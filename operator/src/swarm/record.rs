@@ -51,6 +51,10 @@ pub struct SubagentRecord {
     /// Why the model stopped writing `output`, when the server said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<FinishReason>,
+    /// How sure the model was of `output`: the geometric mean of its tokens'
+    /// probabilities, from 0 to 1, when the pool's server reported them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confidence: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verdict: Option<VerdictRecord>,
     /// Whether the output is a repair after a failed verdict.

@@ -8,7 +8,7 @@ use super::failure::{Fail, Failure};
 use super::record::{Stage, Store, SubagentRecord};
 use super::run::{Rules, Run};
 use super::{Event, Observer, balance, grammar, prompts};
-use crate::api::FirstSubagent;
+use crate::api::{AggregationStrategy, FirstSubagent};
 
 impl<S: Store, O: Observer> Run<'_, '_, S, O> {
     /// One subagent from where its record left it to finished, recorded.
@@ -50,6 +50,11 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                     None => grammar::for_checks(&spec.verification.checks),
                 },
                 affinity: Some(balance::prefix_key(&spec.task)),
+                // A vote's ties go to the answer the model was surest of.
+                logprobs: matches!(
+                    spec.aggregation.strategy,
+                    AggregationStrategy::Vote | AggregationStrategy::WeightedVote
+                ),
             };
             let mut record = match recorded {
                 Some(record) => record,
@@ -65,6 +70,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                         completion_tokens: 0,
                         attempts: 0,
                         finish_reason: None,
+                        confidence: None,
                         verdict: None,
                         repaired: false,
                         error: None,
@@ -128,6 +134,7 @@ impl SubagentRecord {
     pub(super) fn add(&mut self, reply: &call::Reply) {
         self.output.push_str(&reply.content);
         self.finish_reason = reply.finish_reason;
+        self.confidence = reply.confidence;
         self.prompt_tokens += reply.prompt_tokens;
         self.completion_tokens += reply.completion_tokens;
         self.attempts += reply.attempts;

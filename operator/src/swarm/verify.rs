@@ -103,6 +103,7 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                 schema: Some(("verdict", schema)),
                 grammar: None,
                 affinity: Some(balance::prefix_key(&spec.task)),
+                logprobs: false,
             };
             let mut last = String::new();
             for _ in 0..STRUCTURED_ATTEMPTS {

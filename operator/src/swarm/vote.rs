@@ -22,11 +22,20 @@ struct Group {
     best: u8,
     votes: usize,
     score: u32,
+    /// The outputs' confidences added up, in millionths, so the keys stay integers.
+    confidence: u64,
 }
 
 /// Groups the candidates by the answer `extract` finds in them and picks the winner: by
-/// votes, then total gate score (`weighted` puts the score first), then the first given,
-/// so the result does not depend on timing. `None` when no candidate has an answer.
+/// votes, then total gate score (`weighted` puts the score first), then the model's total
+/// confidence in the outputs that gave it, then the first given, so the result does not
+/// depend on timing. `None` when no candidate has an answer.
+///
+/// Confidence only breaks ties: when every sample gives a different answer (a small model
+/// sampled warm), the model's own certainty is the signal left, as in confidence-based
+/// selection (self-certainty, arXiv 2502.18581; DeepConf, arXiv 2508.15260); it never
+/// outvotes a majority. Outputs without one (other servers, records written before it was
+/// kept) count as 0.
 pub fn vote(candidates: &[Candidate], extract: &Extractor, weighted: bool) -> Option<Won> {
     let mut sorted = candidates.to_vec();
     sorted.sort_by_key(|c| c.index);
@@ -38,10 +47,14 @@ pub fn vote(candidates: &[Candidate], extract: &Extractor, weighted: bool) -> Op
             continue;
         };
         let score = candidate.score.unwrap_or(0);
+        let confidence = candidate
+            .confidence
+            .map_or(0, |c| (c.clamp(0.0, 1.0) * 1e6).round() as u64);
         match groups.iter_mut().find(|g| g.answer == answer) {
             Some(group) => {
                 group.votes += 1;
                 group.score += u32::from(score);
+                group.confidence += confidence;
                 if score > group.best {
                     (group.index, group.best) = (candidate.index, score);
                 }
@@ -52,38 +65,47 @@ pub fn vote(candidates: &[Candidate], extract: &Extractor, weighted: bool) -> Op
                 best: score,
                 votes: 1,
                 score: u32::from(score),
+                confidence,
             }),
         }
     }
     let of = groups.iter().map(|g| g.votes).sum::<usize>();
-    let key = |g: &Group| {
+    // The ranking key, and what each of its parts stands for, in order.
+    let key = |g: &Group| -> [u64; 3] {
+        let (votes, score) = (g.votes as u64, u64::from(g.score));
         if weighted {
-            (g.score, g.votes as u32)
+            [score, votes, g.confidence]
         } else {
-            (g.votes as u32, g.score)
+            [votes, score, g.confidence]
         }
+    };
+    let decisions = if weighted {
+        [
+            Decision::GateScore,
+            Decision::Majority,
+            Decision::Confidence,
+        ]
+    } else {
+        [
+            Decision::Majority,
+            Decision::GateScore,
+            Decision::Confidence,
+        ]
     };
     // Groups are in first-given order, so on equal keys the earliest stays ahead.
     let mut ranked: Vec<&Group> = groups.iter().collect();
     ranked.sort_by_key(|g| std::cmp::Reverse(key(g)));
     let winner = *ranked.first()?;
-    let decided_by = match ranked.get(1).map(|second| (key(winner), key(second))) {
+    let decided_by = match ranked.get(1) {
         None => Decision::Majority,
-        Some(((first, _), (second, _))) if first > second => {
-            if weighted {
-                Decision::GateScore
-            } else {
-                Decision::Majority
-            }
+        Some(second) => {
+            let (a, b) = (key(winner), key(second));
+            // The first part of the key that differs decided.
+            a.iter()
+                .zip(b)
+                .position(|(a, b)| *a != b)
+                .map_or(Decision::FirstGiven, |i| decisions[i])
         }
-        Some((a, b)) if a > b => {
-            if weighted {
-                Decision::Majority
-            } else {
-                Decision::GateScore
-            }
-        }
-        Some(_) => Decision::FirstGiven,
     };
     Some(Won {
         index: winner.index,
@@ -196,6 +218,65 @@ mod tests {
         assert_eq!(
             tally(vote(&even, &Extractor::Whole, true)),
             (0, "7".into(), 2, 3, 0, Decision::Majority)
+        );
+    }
+
+    /// A candidate the model was `confidence` sure of.
+    fn sure(index: usize, output: &str, confidence: f64) -> Candidate<'_> {
+        Candidate {
+            confidence: Some(confidence),
+            ..c(index, output, None)
+        }
+    }
+
+    #[test]
+    fn a_tie_goes_to_the_answer_the_model_was_surest_of_and_never_outvotes() {
+        // Every sample a different answer: the surest wins, not the first.
+        let apart = [
+            sure(0, "so 41", 0.62),
+            sure(1, "so 42", 0.91),
+            sure(2, "43", 0.7),
+        ];
+        assert_eq!(
+            tally(vote(&apart, &last_number(), false)),
+            (1, "42".into(), 1, 3, 0, Decision::Confidence)
+        );
+        // Two against two: the pair the model was surer of in all.
+        let pairs = [
+            sure(0, "7", 0.9),
+            sure(1, "9", 0.8),
+            sure(2, "7", 0.5),
+            sure(3, "9", 0.8),
+        ];
+        assert_eq!(
+            tally(vote(&pairs, &Extractor::Whole, false)),
+            (1, "9".into(), 2, 4, 0, Decision::Confidence)
+        );
+        // Two unsure votes still beat one sure one, and the gate's score comes first.
+        let majority = [sure(0, "7", 0.2), sure(1, "9", 0.99), sure(2, "7", 0.3)];
+        assert_eq!(
+            tally(vote(&majority, &Extractor::Whole, false)),
+            (0, "7".into(), 2, 3, 0, Decision::Majority)
+        );
+        let scored = [
+            Candidate {
+                score: Some(90),
+                ..sure(0, "7", 0.2)
+            },
+            Candidate {
+                score: Some(60),
+                ..sure(1, "9", 0.99)
+            },
+        ];
+        assert_eq!(
+            tally(vote(&scored, &Extractor::Whole, true)),
+            (0, "7".into(), 1, 2, 0, Decision::GateScore)
+        );
+        // A server with no log-probabilities: the first given, as before.
+        let unknown = [c(0, "7", None), sure(1, "9", 0.0)];
+        assert_eq!(
+            tally(vote(&unknown, &Extractor::Whole, false)),
+            (0, "7".into(), 1, 2, 0, Decision::FirstGiven)
         );
     }
 

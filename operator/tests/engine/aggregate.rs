@@ -2,6 +2,8 @@
 
 use super::*;
 use kubeswarm::api::Decision;
+use kubeswarm_test_support::mock::token_logprobs;
+use serde_json::json;
 
 #[tokio::test]
 async fn vote_and_best_of_choose_by_majority_and_score() {
@@ -263,4 +265,99 @@ aggregation: {strategy: vote, answer: {type: jsonField, field: result}}
         // The schema replaces the json check's grammar: one constraint per request.
         assert!(request.get("grammar").is_none(), "{request}");
     }
+}
+
+/// Four samples, four answers: each sure of itself to a different degree, in
+/// log-probabilities per token, some of them what no server should send (above 0, past
+/// f32's range, OpenAI's -9999 for a token outside its top 20), and one in the shape an
+/// older worker wrote (a greedy token's NaN as null, alternatives by id).
+fn apart(_: &Value, n: usize) -> Reply {
+    let (content, logprobs) = match n % 4 {
+        0 => ("6 + 6 = 12, so 12", token_logprobs(&[-0.5, -0.5, -0.5])),
+        1 => (
+            "4 * 3 = 12, no: 13",
+            token_logprobs(&[-0.1, 5.0, 1e39, -0.1]),
+        ),
+        2 => ("14", token_logprobs(&[-9999.0, -0.1])),
+        _ => (
+            "15",
+            vec![json!({"token": "15", "logprob": null, "bytes": [49, 53],
+                "top_logprobs": [{"token": 868, "logprob": -0.2, "bytes": "15"}]})],
+        ),
+    };
+    Reply::Logprobs(content.to_owned(), logprobs)
+}
+
+#[tokio::test]
+async fn a_tie_goes_to_the_output_the_worker_was_surest_of() {
+    let job = r#"
+task: How many pens are in 3 boxes of 4?
+fanOut: {pool: workers, subagents: 4, maxConcurrency: 1}
+verification: {mode: none}
+aggregation: {strategy: vote, answer: {type: lastNumber}}
+"#;
+    let workers = Mock::start("m", apart).await;
+    let store = Memory::default();
+    let pools = pools(&[("workers", vec![workers.url.clone()])]);
+    let (result, answer) = run_job(&spec(job), &pools, &store).await.result.unwrap();
+    let tally = result.tally.unwrap();
+    assert_eq!(
+        (answer.as_str(), tally.answer.as_str(), tally.decided_by),
+        ("4 * 3 = 12, no: 13", "13", Decision::Confidence)
+    );
+    assert!(
+        workers
+            .requests()
+            .iter()
+            .all(|r| r["logprobs"] == true && r["top_logprobs"] == 0)
+    );
+    // Recorded: the geometric mean of the tokens' probabilities, each log-probability
+    // held to [-20, 0] whatever the server sent.
+    let confidence = |index: usize| {
+        let records = store.0.lock().unwrap();
+        let record: SubagentRecord =
+            serde_json::from_str(&records[&record::subagent_key(index)]).unwrap();
+        record.confidence
+    };
+    // The older worker's answer stands; its confidence is unknown.
+    assert_eq!(confidence(3), None);
+    for (index, expected) in [
+        (0, (-0.5f64).exp()),
+        (1, (-0.05f64).exp()),
+        (2, (-10.05f64).exp()),
+    ] {
+        let recorded = confidence(index).unwrap();
+        assert!(
+            (recorded - expected).abs() < 1e-6,
+            "subagent {index}: {recorded}"
+        );
+    }
+
+    // An OpenAI-compatible endpoint is not asked (some refuse logprobs): the tie falls
+    // to the first answer, as it did before.
+    let external = Mock::start("m", apart).await;
+    let pools = BTreeMap::from([(
+        "workers".to_owned(),
+        Arc::new(Pool::new(
+            "workers",
+            "m",
+            Server::OpenAi,
+            std::slice::from_ref(&external.url),
+            reqwest::Client::new(),
+        )),
+    )]);
+    let (result, answer) = run_job(&spec(job), &pools, &Memory::default())
+        .await
+        .result
+        .unwrap();
+    assert_eq!(
+        (answer.as_str(), result.tally.unwrap().decided_by),
+        ("6 + 6 = 12, so 12", Decision::FirstGiven)
+    );
+    assert!(
+        external
+            .requests()
+            .iter()
+            .all(|r| r.get("logprobs").is_none())
+    );
 }

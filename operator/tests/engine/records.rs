@@ -25,6 +25,7 @@ async fn a_resumed_run_never_repeats_or_recounts_a_finished_subagent() {
         completion_tokens: 50,
         attempts: 1,
         finish_reason: None,
+        confidence: None,
         verdict: (stage == Stage::Finished).then(|| VerdictRecord {
             pass: true,
             score: None,

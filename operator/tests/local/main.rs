@@ -372,7 +372,7 @@ kind: SwarmJob
 metadata: {name: unanswered}
 spec:
   task: Name a colour.
-  fanOut: {pool: workers, subagents: 2, maxTokens: 8}
+  fanOut: {pool: workers, subagents: 2, maxTokens: 8, firstSubagent: greedy}
   verification: {mode: none, truncated: accept}
   aggregation: {strategy: vote, answer: {type: regex, pattern: 'ZZZ(\d+)QQQ'}}
 "#,
@@ -386,7 +386,14 @@ spec:
         "{stderr}"
     );
     let job = dir.join("kubeswarm-out/unanswered");
-    assert!(job.join("subagents/000.json").exists() && job.join("subagents/001.json").exists());
+    // A vote asks the worker for log-probabilities, greedy (subagent 0) and sampled: each
+    // output's confidence, the geometric mean of its tokens' probabilities, is recorded.
+    for record in ["subagents/000.json", "subagents/001.json"] {
+        let record: Value =
+            serde_json::from_str(&std::fs::read_to_string(job.join(record)).unwrap()).unwrap();
+        let confidence = record["confidence"].as_f64();
+        assert!(confidence.is_some_and(|c| c > 0.0 && c <= 1.0), "{record}");
+    }
     let usage: Value =
         serde_json::from_str(&std::fs::read_to_string(job.join("usage.json")).unwrap()).unwrap();
     assert_eq!(usage["result"]["reason"], "AggregationFailed", "{usage}");

@@ -259,6 +259,7 @@ mod tests {
             completion_tokens: 5,
             attempts: 2,
             finish_reason: None,
+            confidence: None,
             verdict: pass.map(|pass| VerdictRecord {
                 pass,
                 score: Some(if pass { 90 } else { 20 }),

@@ -304,6 +304,7 @@ fn aggregated(result: &JobResult, kept_in: Kind) -> String {
             match tally.decided_by {
                 Decision::Majority => "majority",
                 Decision::GateScore => "gate score",
+                Decision::Confidence => "a tie, to the model's confidence",
                 Decision::FirstGiven => "a tie, to the first given",
             },
             match tally.unanswered {

@@ -23,6 +23,7 @@ fn finished(
         completion_tokens: 1,
         attempts: 1,
         finish_reason,
+        confidence: None,
         verdict: Some(crate::swarm::record::VerdictRecord {
             pass,
             score: Some(50),

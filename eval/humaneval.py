@@ -197,6 +197,16 @@ def run_arms(args, counts, url, out):
                     "seconds": result["seconds"],
                 }
                 score(f"oracle (any of N={n} right)", problem, oracle, n, "oracle (any right)")
+                # The same outputs, the first that passed the visible tests chosen, as
+                # kubeswarm's vote did before it broke ties by the model's confidence.
+                first = {
+                    "output": next((o for o, ok in zip(result["outputs"], result["passed"])
+                                    if ok), ""),
+                    "tokens": result["tokens"],
+                    "seconds": result["seconds"],
+                }
+                score(f"same outputs, the first that passed, N={n}", problem, first, n,
+                      "the first that passed")
             if "matched" in arms_run:
                 matched = direct.ask(text, args.max_tokens * n)
                 score(f"one call, N={n} tokens", problem, matched, n, "one call, N x tokens")

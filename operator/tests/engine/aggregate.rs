@@ -336,16 +336,7 @@ aggregation: {strategy: vote, answer: {type: lastNumber}}
     // An OpenAI-compatible endpoint is not asked (some refuse logprobs): the tie falls
     // to the first answer, as it did before.
     let external = Mock::start("m", apart).await;
-    let pools = BTreeMap::from([(
-        "workers".to_owned(),
-        Arc::new(Pool::new(
-            "workers",
-            "m",
-            Server::OpenAi,
-            std::slice::from_ref(&external.url),
-            reqwest::Client::new(),
-        )),
-    )]);
+    let pools = pools_of(Server::OpenAi, &[("workers", vec![external.url.clone()])]);
     let (result, answer) = run_job(&spec(job), &pools, &Memory::default())
         .await
         .result

@@ -66,13 +66,18 @@ fn fast() -> Options {
 }
 
 fn pools(entries: &[(&str, Vec<String>)]) -> BTreeMap<String, Arc<Pool>> {
+    pools_of(Server::Worker, entries)
+}
+
+/// Pools whose servers are of the kind `server`.
+fn pools_of(server: Server, entries: &[(&str, Vec<String>)]) -> BTreeMap<String, Arc<Pool>> {
     let http = reqwest::Client::new();
     entries
         .iter()
         .map(|(name, urls)| {
             (
                 (*name).to_owned(),
-                Arc::new(Pool::new(name, "m", Server::Worker, urls, http.clone())),
+                Arc::new(Pool::new(name, "m", server, urls, http.clone())),
             )
         })
         .collect()

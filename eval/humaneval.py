@@ -42,37 +42,111 @@ def problems(seed, count):
 
 
 def visible_tests(problem):
-    """Asserts made from the docstring's examples (`>>> f(x)` then the result, or
-    `f(x) => result`, `f(x) ➞ result`, `f(x) == result`): what a user writing this job
-    would have. An example that is not a call of the function on literals is skipped."""
+    """Asserts made from the docstring's examples, as a user writing this job would
+    transcribe them: `>>> f(x)` with the result on the next line or after `==`; `f(x) =>
+    result` (or `==>`, `➞`, `==`, `->`, "should return") anywhere in a line; `Input:` then
+    `Output:` blocks; and "For x = 1, y = 2 the result should be 3". An example that is not
+    a call on literals is skipped; HumanEval's own tests are never read here."""
     entry = problem["entry_point"]
+    params = parameters(problem["prompt"], entry)
     lines = problem["prompt"].splitlines()
     pairs = []
-    for i, line in enumerate(lines):
-        text = line.strip()
-        if text.startswith(">>>"):
-            call = text[3:].strip()
-            following = lines[i + 1].strip() if i + 1 < len(lines) else ""
-            if following and not following.startswith(">>>") and not following.startswith('"""'):
-                pairs.append((call, following))
-            continue
-        match = re.match(rf"^({re.escape(entry)}\(.*\))\s*(?:=>|==>|➞|==|->|should return)\s*(.+?)\.?$", text)
-        if match:
-            pairs.append((match.group(1), match.group(2)))
+    i = 0
+    while i < len(lines):
+        text = lines[i].strip()
+        following = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        stated = re.search(rf"([A-Za-z_]\w*\(.*\))\s*{SEPARATOR}\s*(.+?)\.?$", text)
+        given = re.match(r"(?i)^for\s+(.+?),?\s+the (?:output|result) should be\s+(.+?)\.?$",
+                         text)
+        if text.startswith(">>>") and not stated:
+            if following and not following.startswith((">>>", '"""')):
+                pairs.append((call_of(entry, text[3:], params), following))
+        elif stated:
+            pairs.append((call_of(entry, stated.group(1), params), stated.group(2)))
+        elif given:
+            pairs.append((call_of(entry, f"{entry}({given.group(1)})", params), given.group(2)))
+        elif text.startswith("Input:"):
+            # `Input: 3`, or `Input:` then a `name : value` line per argument.
+            arguments = [text[len("Input:"):].strip()] if text[len("Input:"):].strip() else []
+            j = i + 1
+            while j < len(lines) and not lines[j].strip().startswith("Output:"):
+                named = re.match(r"^(\w+)\s*[:=]\s*(.+)$", lines[j].strip())
+                if named and not arguments[:1] == [None]:
+                    arguments.append(f"{named.group(1)}={named.group(2)}")
+                elif lines[j].strip():
+                    break
+                j += 1
+            if j < len(lines) and lines[j].strip().startswith("Output:") and arguments:
+                call = call_of(entry, f"{entry}({', '.join(arguments)})", params)
+                pairs.append((call, lines[j].strip()[len("Output:"):]))
+                i = j
+        i += 1
     asserts = []
     for call, expected in pairs:
-        try:
-            tree = ast.parse(call, mode="eval").body
-            if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name)
-                    and tree.func.id == entry):
-                continue
-            for arg in tree.args:
-                ast.literal_eval(arg)
-            ast.literal_eval(expected)
-        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        expected = literal(expected)
+        if call is None or expected is None:
             continue
-        asserts.append(f"assert {call} == {expected}, {f'{call} should be {expected}'!r}")
+        assertion = f"assert {call} == {expected}, {f'{call} should be {expected}'!r}"
+        if assertion not in asserts:
+            asserts.append(assertion)
     return asserts
+
+
+SEPARATOR = r"(?:==>|=>|➞|==|->|should return)"
+
+
+def parameters(prompt, entry):
+    """The names of the function's parameters, in order ([] if it does not parse)."""
+    try:
+        tree = ast.parse(prompt)
+    except SyntaxError:
+        return []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == entry:
+            return [arg.arg for arg in node.args.args]
+    return []
+
+
+def literal(text):
+    """The literal a docstring writes, as Python source, or None."""
+    try:
+        value = ast.parse(text.strip().rstrip(".,;"), mode="eval").body
+        ast.literal_eval(value)
+        return ast.unparse(value)
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        return None
+
+
+def call_of(entry, text, params):
+    """`text` as a call of the function on literals, or None. A docstring that calls the
+    function by another name (HumanEval/81's `grade_equation`) means this one; bare words
+    as arguments (`is_happy(abcd)`) mean strings; named arguments whose names are not the
+    parameters' (`bucket_capacity` for `capacity`) are taken in order."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+    if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name)):
+        return None
+    if tree.func.id != entry and (tree.func.id in dir(__builtins__) or not params):
+        return None
+    values = []
+    for arg in [*tree.args, *(k.value for k in tree.keywords)]:
+        if isinstance(arg, ast.Name) and arg.id not in ("None", "True", "False"):
+            values.append(repr(arg.id))
+            continue
+        try:
+            ast.literal_eval(arg)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return None
+        values.append(ast.unparse(arg))
+    names = [k.arg for k in tree.keywords]
+    if names and all(name in params for name in names):
+        keywords = [f"{n}={v}" for n, v in zip(names, values[len(tree.args):])]
+        return f"{entry}({', '.join([*values[:len(tree.args)], *keywords])})"
+    if names and len(values) != len(params):
+        return None
+    return f"{entry}({', '.join(values)})"
 
 
 def code(output):
@@ -81,7 +155,7 @@ def code(output):
     return (match.group(1) if match else (output or "")).strip()
 
 
-def passes(problem, output, timeout=10):
+def passes(problem, output):
     """Whether a reply's code passes HumanEval's held-back tests."""
     body = code(output)
     if re.search(rf"^def {re.escape(problem['entry_point'])}\(", body, re.M):
@@ -90,7 +164,18 @@ def passes(problem, output, timeout=10):
     else:
         # A completion of the prompt's body.
         program = problem["prompt"] + (output or "")
-    program += "\n\n" + problem["test"] + f"\n\ncheck({problem['entry_point']})\n"
+    return runs(program + "\n\n" + problem["test"] + f"\n\ncheck({problem['entry_point']})\n")
+
+
+def contradicts_reference(problem, tests):
+    """Whether the visible tests fail HumanEval's own solution: a docstring example that is
+    wrong (HumanEval/47's median is one). Only reported, never used to select."""
+    return not runs(problem["prompt"] + problem["canonical_solution"] + "\n\n" + "\n".join(tests))
+
+
+def runs(program, timeout=10):
+    """Whether a Python program exits 0 within its time, with no network where the
+    machine allows it."""
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "program.py"
         path.write_text(program)
@@ -146,6 +231,9 @@ def main():
     parser = arguments(__doc__, limit=20, n="3", max_tokens=768)
     parser.add_argument("--first-subagent", default="greedy", choices=["greedy", "sampled"],
                         help="fanOut.firstSubagent of the N>1 arms")
+    parser.add_argument("--swarm-repair", type=int, default=1, choices=[0, 1],
+                        help="verification.repairRounds of the N>1 arms: a subagent whose code "
+                             "fails the visible tests is sent the failure once")
     parser.add_argument("--arms", default="direct,single,repair,swarm,matched",
                         help="which arms run: direct, single, repair, swarm (with its oracle), matched")
     run(parser.parse_args(), run_arms)
@@ -155,6 +243,7 @@ def run_arms(args, counts, url, out):
     direct = Direct(url, "worker")
     arms = {}
     with_tests = 0
+    contradicted = []
 
     def score(arm, problem, result, n=1, family=None):
         result["correct"] = passes(problem, result["output"])
@@ -179,6 +268,8 @@ def run_arms(args, counts, url, out):
         text = INSTRUCTION + problem["prompt"]
         tests = visible_tests(problem)
         with_tests += bool(tests)
+        if tests and contradicts_reference(problem, tests):
+            contradicted.append(problem["task_id"])
         if "direct" in arms_run:
             score("direct call", problem, direct.ask(text, args.max_tokens))
         if "single" in arms_run:
@@ -188,9 +279,10 @@ def run_arms(args, counts, url, out):
                   swarm(problem, 1, tests, True), 1, "kubeswarm tests + repair")
         for n in counts:
             if "swarm" in arms_run:
-                result = swarm(problem, n, tests, False)
-                score(f"kubeswarm, N={n} ({args.first_subagent} first), selected by visible "
-                      "tests", problem, result, n, "kubeswarm tests selection")
+                result = swarm(problem, n, tests, bool(args.swarm_repair))
+                repaired = " + 1 repair" if args.swarm_repair else ""
+                score(f"kubeswarm, N={n} ({args.first_subagent} first{repaired}), selected by "
+                      "visible tests", problem, result, n, "kubeswarm tests selection")
                 oracle = {
                     "output": next((o for o in result["outputs"] if passes(problem, o)), ""),
                     "tokens": result["tokens"],
@@ -215,8 +307,10 @@ def run_arms(args, counts, url, out):
             f"{arm} {sum(r['correct'] for r in rs)}/{len(rs)}" for arm, rs in arms.items()
         ), file=sys.stderr, flush=True)
 
+    wrong = (f", {len(contradicted)} of them contradicting HumanEval's own solution "
+             f"({', '.join(contradicted)})" if contradicted else "")
     summarize(arms, f"HumanEval, {len(chosen)} problems (seed {args.seed}; {with_tests} with "
-                    f"docstring examples as visible tests), maxTokens {args.max_tokens}",
+                    f"docstring examples as visible tests{wrong}), maxTokens {args.max_tokens}",
               "humaneval", out)
 
 

@@ -441,7 +441,8 @@ pub enum AggregationStrategy {
     Vote,
     /// Majority over the answers found, each output's vote weighing its gate score.
     WeightedVote,
-    /// The output with the highest verifier score.
+    /// The output with the highest verifier score; on equal scores, the one the model was
+    /// surest of (on pools served by kubeswarm's inference-worker), then the first.
     BestOf,
     /// Every passing output, kept side by side.
     Collect,

@@ -182,11 +182,26 @@ pub struct Candidate<'a> {
     pub confidence: Option<f64>,
 }
 
-/// The output with the highest gate score; the first given wins a tie.
+impl Candidate<'_> {
+    /// The confidence in millionths, so selection keys stay integers; 0 when unknown
+    /// (other servers, records written before it was kept).
+    pub fn confidence_ppm(&self) -> u64 {
+        self.confidence
+            .map_or(0, |c| (c.clamp(0.0, 1.0) * 1e6).round() as u64)
+    }
+}
+
+/// The output with the highest gate score; on equal scores the one the model was surest
+/// of (a gate often gives several outputs the same round score), then the first given.
 pub fn best_of(candidates: &[Candidate]) -> Option<usize> {
     candidates
         .iter()
-        .max_by(|a, b| a.score.cmp(&b.score).then(b.index.cmp(&a.index)))
+        .max_by(|a, b| {
+            a.score
+                .cmp(&b.score)
+                .then(a.confidence_ppm().cmp(&b.confidence_ppm()))
+                .then(b.index.cmp(&a.index))
+        })
         .map(|c| c.index)
 }
 
@@ -213,5 +228,25 @@ pub(super) mod tests {
         ];
         assert_eq!(best_of(&outputs), Some(1));
         assert_eq!(best_of(&[]), None);
+    }
+
+    #[test]
+    fn best_of_gives_a_tied_score_to_the_surest_and_never_a_lower_one() {
+        let sure = |index, score, confidence| Candidate {
+            confidence: Some(confidence),
+            ..c(index, "x", Some(score))
+        };
+        // Equal scores: the surer output, though given later.
+        let tied = [sure(0, 90, 0.80), sure(1, 90, 0.95), sure(2, 70, 0.99)];
+        assert_eq!(best_of(&tied), Some(1));
+        // A higher score wins however unsure the model was of it.
+        let scored = [sure(0, 90, 0.10), sure(1, 80, 0.99)];
+        assert_eq!(best_of(&scored), Some(0));
+        // Confidence unknown counts as none: a known one wins the tie.
+        let unknown = [c(0, "x", Some(90)), sure(1, 90, 0.5)];
+        assert_eq!(best_of(&unknown), Some(1));
+        // Out-of-range figures are held to [0, 1], so 1e39 ties with 1.0 and the first stays.
+        let hostile = [sure(0, 90, 1.0), sure(1, 90, 1e39), sure(2, 90, f64::NAN)];
+        assert_eq!(best_of(&hostile), Some(0));
     }
 }

@@ -50,10 +50,13 @@ impl<S: Store, O: Observer> Run<'_, '_, S, O> {
                     None => grammar::for_checks(&spec.verification.checks),
                 },
                 affinity: Some(balance::prefix_key(&spec.task)),
-                // A vote's ties go to the answer the model was surest of.
+                // A vote's ties, and bestOf's equal scores, go to the output the model
+                // was surest of.
                 logprobs: matches!(
                     spec.aggregation.strategy,
-                    AggregationStrategy::Vote | AggregationStrategy::WeightedVote
+                    AggregationStrategy::Vote
+                        | AggregationStrategy::WeightedVote
+                        | AggregationStrategy::BestOf
                 ),
             };
             let mut record = match recorded {

@@ -47,9 +47,7 @@ pub fn vote(candidates: &[Candidate], extract: &Extractor, weighted: bool) -> Op
             continue;
         };
         let score = candidate.score.unwrap_or(0);
-        let confidence = candidate
-            .confidence
-            .map_or(0, |c| (c.clamp(0.0, 1.0) * 1e6).round() as u64);
+        let confidence = candidate.confidence_ppm();
         match groups.iter_mut().find(|g| g.answer == answer) {
             Some(group) => {
                 group.votes += 1;

@@ -352,3 +352,36 @@ aggregation: {strategy: vote, answer: {type: lastNumber}}
             .all(|r| r.get("logprobs").is_none())
     );
 }
+
+#[tokio::test]
+async fn best_of_gives_equal_scores_to_the_output_the_worker_was_surest_of() {
+    let workers = Mock::start("m", apart).await;
+    // A gate that scores every output alike, as gates often do in round numbers.
+    let gate = Mock::start("m", |_, _| verdict(true, 80, &[])).await;
+    let pools = pools(&[
+        ("workers", vec![workers.url.clone()]),
+        ("gate", vec![gate.url.clone()]),
+    ]);
+    let job = r#"
+task: How many pens are in 3 boxes of 4?
+fanOut: {pool: workers, subagents: 4, maxConcurrency: 1}
+verification: {mode: adversarial, pool: gate}
+aggregation: {strategy: bestOf}
+"#;
+    let (result, answer) = run_job(&spec(job), &pools, &Memory::default())
+        .await
+        .result
+        .unwrap();
+    assert_eq!(
+        (result.chosen.as_slice(), answer.as_str()),
+        ([1].as_slice(), "4 * 3 = 12, no: 13")
+    );
+    assert!(
+        workers
+            .requests()
+            .iter()
+            .all(|r| r["logprobs"] == true && r["top_logprobs"] == 0)
+    );
+    // The gate's verdicts are not measured: nothing chooses by them.
+    assert!(gate.requests().iter().all(|r| r.get("logprobs").is_none()));
+}

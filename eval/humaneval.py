@@ -12,6 +12,7 @@ network (`unshare -rn`, where the machine allows it) and a time limit.
 """
 
 import ast
+import builtins
 import gzip
 import importlib.resources
 import json
@@ -71,7 +72,7 @@ def visible_tests(problem):
             j = i + 1
             while j < len(lines) and not lines[j].strip().startswith("Output:"):
                 named = re.match(r"^(\w+)\s*[:=]\s*(.+)$", lines[j].strip())
-                if named and not arguments[:1] == [None]:
+                if named:
                     arguments.append(f"{named.group(1)}={named.group(2)}")
                 elif lines[j].strip():
                     break
@@ -128,7 +129,7 @@ def call_of(entry, text, params):
         return None
     if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name)):
         return None
-    if tree.func.id != entry and (tree.func.id in dir(__builtins__) or not params):
+    if tree.func.id != entry and (hasattr(builtins, tree.func.id) or not params):
         return None
     values = []
     for arg in [*tree.args, *(k.value for k in tree.keywords)]:
